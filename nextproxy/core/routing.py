@@ -1,0 +1,107 @@
+"""RouteTable: SNI -> passthrough or terminate; request target -> path route.
+
+Path policy (why it is strict): the proxy forwards the path unchanged, and upstreams differ in
+how they decode it. A target that could mean one route here and another after an upstream
+normalizes it is refused with 400 instead of guessed at:
+- dot segments (``/.``, ``/..``, also percent-encoded as ``%2e``) are refused;
+- encoded separators ``%2F`` and ``%5C`` and a raw backslash are refused;
+- malformed percent-escapes and non-printable bytes are refused;
+- ``//`` is kept as it is and matched literally (``/ns//sigmai`` is not ``/ns/sigmai``: 404).
+Matching is a prefix on a segment boundary: ``/a`` matches ``/a``, ``/a/x``, ``/a?q``, not ``/ax``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from nextproxy.config import Config, PathRoute, SniAction, SniRoute
+from nextproxy.errors import HttpError
+
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_ENCODED_SEPARATOR = re.compile(rb"%(2[Ff]|5[Cc])")
+# A dot segment, any dot possibly written as %2e: /. /.. followed by / or the end of the path.
+_DOT_SEGMENT = re.compile(rb"(?:^|/)(?:\.|%2[Ee]){1,2}(?:/|$)")
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """Split an origin-form target into path and query (the query keeps its ``?``)."""
+    index = target.find(b"?")
+    if index < 0:
+        return target, b""
+    return target[:index], target[index:]
+
+
+def check_path(target: bytes) -> bytes:
+    """Return the path of a safe origin-form target, or raise HttpError(400)."""
+    if not target.startswith(b"/"):
+        # absolute-form and asterisk-form are for forward proxies and OPTIONS *; not us.
+        raise HttpError(400, "request target must be an absolute path")
+    path, _ = split_target(target)
+    if b"\\" in path or _ENCODED_SEPARATOR.search(path):
+        raise HttpError(400, "encoded or backslash path separators are not allowed")
+    if _BAD_ESCAPE.search(path):
+        raise HttpError(400, "malformed percent-encoding in path")
+    if _DOT_SEGMENT.search(path):
+        raise HttpError(400, "dot segments are not allowed in the path")
+    if any(b < 0x21 or b > 0x7E for b in path):
+        raise HttpError(400, "path must be printable ASCII")
+    return path
+
+
+class RouteTable:
+    """Immutable view of the routing part of a Config; rebuilt on reload."""
+
+    def __init__(self, config: Config) -> None:
+        self._exact: dict[str, SniRoute] = {}
+        self._wildcard: dict[str, SniRoute] = {}
+        for sni in config.sni_routes:
+            for name in sni.server_names:
+                if name.startswith("*."):
+                    self._wildcard[name[2:]] = sni
+                else:
+                    self._exact[name] = sni
+        # Longest prefix first, so /ns/sigmai/x beats /ns/sigmai when both are routed.
+        self.routes: tuple[PathRoute, ...] = tuple(sorted(config.routes, key=lambda r: -len(r.prefix)))
+        self._encoded = [(r.prefix.encode("ascii"), r) for r in self.routes]
+        self._sni_only: dict[str, PathRoute] = {
+            sni.name: PathRoute(name=sni.name, prefix="/", upstream=sni.upstream, allow=sni.allow)
+            for sni in config.sni_routes
+            if sni.action is SniAction.TERMINATE and sni.upstream is not None
+        }
+
+    def match_sni(self, server_name: str | None) -> SniRoute | None:
+        """The SNI route for this name; None means "terminate and route by path"."""
+        if server_name is None:
+            return None
+        route = self._exact.get(server_name)
+        if route is not None:
+            return route
+        _, _, parent = server_name.partition(".")
+        return self._wildcard.get(parent) if parent else None
+
+    def match_path(self, sni_route: SniRoute | None, target: bytes) -> PathRoute | None:
+        """The path route for a request on a terminated connection; None is a 404."""
+        path = check_path(target)
+        if sni_route is not None:
+            only = self._sni_only.get(sni_route.name)
+            if only is not None:
+                return only
+        for prefix, route in self._encoded:
+            if prefix == b"/" or path == prefix or path.startswith(prefix + b"/"):
+                return route
+        return None
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(match, action, target) rows for ``nextproxy check`` and the status page."""
+        rows = []
+        for name, sni in sorted(self._exact.items()) + sorted(("*." + k, v) for k, v in self._wildcard.items()):
+            if sni.action is SniAction.PASSTHROUGH:
+                rows.append((f"sni {name}", "passthrough", f"{sni.upstream}"))
+            else:
+                auth = f", client-auth {sni.client_auth.value}" if sni.client_auth.value != "none" else ""
+                rows.append((f"sni {name}", f"terminate{auth}", f"{sni.upstream or 'path routes'}"))
+        rows.append(("sni (any other or none)", "terminate", "path routes"))
+        for route in sorted(self.routes, key=lambda r: r.prefix):
+            rows.append((f"path {route.prefix}", f"http+websocket ({route.websocket.value})", route.upstream))
+        rows.append(("path (any other)", "404", "-"))
+        return rows

@@ -1,0 +1,86 @@
+"""The error vocabulary. Every error carries what goes on the wire.
+
+A config error names the key; a ClientHello or TLS error names the TLS alert; an HTTP error
+carries the status to answer with. The core raises only these types: anything else escaping
+from ``nextproxy.core`` is a bug (h11's contract).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class TlsAlert(enum.IntEnum):
+    """TLS alert descriptions (RFC 8446 section 6) that we name in logs and metrics."""
+
+    CLOSE_NOTIFY = 0
+    UNEXPECTED_MESSAGE = 10
+    RECORD_OVERFLOW = 22
+    HANDSHAKE_FAILURE = 40
+    BAD_CERTIFICATE = 42
+    CERTIFICATE_EXPIRED = 45
+    UNKNOWN_CA = 48
+    DECODE_ERROR = 50
+    PROTOCOL_VERSION = 70
+    INTERNAL_ERROR = 80
+    UNRECOGNIZED_NAME = 112
+    CERTIFICATE_REQUIRED = 116
+    NO_APPLICATION_PROTOCOL = 120
+
+
+class NextproxyError(Exception):
+    """Base class: lets the shell tell our errors from bugs."""
+
+
+class ConfigError(NextproxyError):
+    """A bad configuration value. ``str()`` is one line naming the key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(key, reason)
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.reason}"
+
+
+class ClientHelloError(NextproxyError):
+    """The first bytes are not a usable TLS ClientHello.
+
+    ``alert`` is what a TLS server would answer; ``plaintext_http`` is set when the bytes look
+    like a clear-text HTTP request, so the shell can answer 400 "use https" instead.
+    """
+
+    def __init__(self, alert: TlsAlert, reason: str, *, plaintext_http: bool = False) -> None:
+        super().__init__(alert, reason)
+        self.alert = alert
+        self.reason = reason
+        self.plaintext_http = plaintext_http
+
+    def __str__(self) -> str:
+        return f"{self.reason} ({self.alert.name.lower()})"
+
+
+class TlsError(NextproxyError):
+    """The TLS engine failed. ``reason`` is a metric label value; any alert is in the out-buffer."""
+
+    def __init__(self, reason: str, detail: str = "", *, alert_sent: bool = False) -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+        self.alert_sent = alert_sent
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+class HttpError(NextproxyError):
+    """A request we refuse; ``status`` is the answer (h11's ``error_status_hint``)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
