@@ -1,0 +1,389 @@
+"""Header policy at the edge: what a request may carry in, and what the proxy adds on the way.
+
+Headers are h11's shape, ``[(name, value), ...]`` with lower-case names. This module refuses
+smuggling-prone requests (Content-Length with Transfer-Encoding, any coding but ``chunked``,
+several Host headers), answers 421 when Host and SNI disagree, strips hop-by-hop headers and
+every client-sent copy of the headers the edge owns (X-Forwarded-*, Forwarded, XFCC,
+Client-Cert...), and adds them afresh from what the connection actually saw.
+
+It must never do I/O, keep time, log, or hand h11 a value it would reject (certificate fields
+come from the client and are escaped to printable ASCII here). It is on every request's path:
+one pass over the headers, frozen sets of normalized names, no regular expressions.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol
+
+from nextproxy.errors import HttpError
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class PeerCertificate(Protocol):
+    """The fields of ``nextproxy.core.tls.PeerCertificate`` this module reads.
+
+    Structural on purpose: the header policy needs facts about a certificate, not the TLS
+    engine, and the tests can hand it any frozen dataclass with these fields.
+    """
+
+    @property
+    def der(self) -> bytes: ...
+    @property
+    def chain(self) -> tuple[bytes, ...]:
+        """Intermediates as sent by the client, DER, leaf excluded."""
+    @property
+    def verified(self) -> bool: ...
+    @property
+    def verify_error(self) -> str | None: ...
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of ``der``."""
+    @property
+    def subject(self) -> str:
+        """RFC 4514."""
+    @property
+    def dns_names(self) -> tuple[str, ...]: ...
+    @property
+    def uris(self) -> tuple[str, ...]: ...
+
+# RFC 9110 section 7.6.1 plus the de-facto ones (Keep-Alive, Proxy-Connection). Proxy-Authorization
+# and Proxy-Authenticate are credentials and challenges for a forward proxy; we are a reverse proxy
+# that authenticates nobody that way, so they stop here rather than leak to the upstream (nginx
+# forwards Proxy-Authorization; we deliberately don't).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+# Headers only the edge may set: a client copy would let it pose as another address or as
+# the holder of a client certificate it never presented.
+EDGE_OWNED = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"forwarded",
+        b"x-real-ip",
+        b"x-forwarded-client-cert",
+        b"client-cert",
+        b"client-cert-chain",
+        b"x-client-cert-verified",
+    }
+)
+# Headers that decide framing or routing. A Connection token may not remove them (a client
+# sending "Connection: content-length" would otherwise turn its body into a second request
+# upstream), and an underscore alias (content_length) is dropped: CGI-style upstreams map '_'
+# and '-' to the same variable, h11 does not.
+_FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding"})
+# No permessage-deflate across the frame relay: the relay re-frames messages, so an extension
+# negotiated end to end would be applied to frames it never sees. Stripped both ways.
+_WS_EXTENSIONS = b"sec-websocket-extensions"
+
+_DROP_REQUEST = HOP_BY_HOP | EDGE_OWNED
+_DROP_REQUEST_UPGRADE = _DROP_REQUEST | {_WS_EXTENSIONS}
+_DROP_RESPONSE = HOP_BY_HOP
+_DROP_RESPONSE_UPGRADE = HOP_BY_HOP | {_WS_EXTENSIONS}
+# Connection tokens that name no header we still carry; seeing only these needs no second pass.
+_PLAIN_TOKENS = HOP_BY_HOP | {b"close"}
+
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+_PEM_LINE = 48  # DER bytes per 64-character PEM line (OpenSSL's and cryptography's width)
+MAX_VERIFY_ERROR = 200  # characters of a verify error we pass on; the rest is noise upstream
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """What the TLS layer learned about the client, for the headers the edge adds."""
+
+    address: str
+    """Client IP as text ("127.0.0.1", "::1"): becomes X-Forwarded-For."""
+    server_name: str | None
+    """SNI from the ClientHello (validated, lower-case, no trailing dot), or None."""
+    certificate: PeerCertificate | None = None
+    """The client certificate, when one was presented (verified or not)."""
+    forward_chain: bool = False
+    """Also send Client-Cert-Chain (RFC 9440) with the intermediates the client sent."""
+
+
+def _normalize(name: bytes) -> bytes:
+    # h11 accepts '_' in field names; upstreams that map both to one variable must not see a
+    # client's "X_Forwarded_For" as the edge's X-Forwarded-For.
+    return name.lower().replace(b"_", b"-")
+
+
+def _tokens(values: Iterable[bytes]) -> Iterator[bytes]:
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip()
+            if token:
+                yield _normalize(token)
+
+
+def _normalize_host(value: bytes) -> str:
+    # bytes.lower() touches ASCII only, so no non-ASCII Host can lower-case into a match.
+    host = value.strip().lower().decode("latin-1")
+    if host.startswith("["):
+        end = host.find("]")
+        rest = host[end + 1 :]
+        if end > 0 and (not rest or (rest[0] == ":" and (len(rest) == 1 or rest[1:].isdigit()))):
+            return host[1:end]
+        return host  # malformed: kept whole, so it matches no SNI
+    colon = host.find(":")
+    if colon >= 0:
+        port = host[colon + 1 :]
+        if port and not (port.isascii() and port.isdigit()):
+            return host
+        host = host[:colon]
+    return host[:-1] if host.endswith(".") else host
+
+
+def request_host(headers: Headers) -> str | None:
+    """The Host value normalized for comparison with SNI: lower-case, no port, no trailing dot."""
+    for name, value in headers:
+        if name.lower() == b"host":
+            return _normalize_host(value)
+    return None
+
+
+def check_request(method: bytes, target: bytes, headers: Headers, client: ClientInfo) -> None:
+    """Raise HttpError for a request that must not be forwarded.
+
+    h11 already refuses some of these, but it accepts Content-Length with Transfer-Encoding and
+    merges duplicates; this is the check that holds whoever parsed the head. ``method`` and
+    ``target`` are the routing module's to judge (dot segments, absolute-form).
+    """
+    host: bytes | None = None
+    hosts = lengths = codings = 0
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"host":
+            hosts += 1
+            host = value
+        elif lname == b"content-length":
+            lengths += 1
+            if not (value.isdigit() and value.isascii()):
+                raise HttpError(400, "invalid content-length")
+        elif lname == b"transfer-encoding":
+            codings += 1
+            # RFC 9112 section 6.1: only chunked is ours to decode; "gzip, chunked" would make
+            # the upstream unzip what we framed, and anything else is a smuggling probe.
+            if value.strip().lower() != b"chunked":
+                raise HttpError(400, "unsupported transfer-encoding")
+    if codings and lengths:
+        # RFC 9112 section 6.3: the classic desync. Refused, never "fixed" and forwarded.
+        raise HttpError(400, "content-length with transfer-encoding")
+    if codings > 1 or lengths > 1:
+        raise HttpError(400, "repeated framing header")
+    if hosts > 1:
+        raise HttpError(400, "several host headers")
+    if client.server_name is not None and host is not None:
+        # RFC 9110 section 15.5.20: a connection authenticated for one name must not serve
+        # another (certificate and client-auth policy were chosen by SNI).
+        if _normalize_host(host) != client.server_name:
+            raise HttpError(421, "misdirected request")
+
+
+def _filter_named(headers: Headers, named: set[bytes]) -> Headers:
+    return [(name, value) for name, value in headers if _normalize(name) not in named]
+
+
+def _forward(headers: Headers, drop: frozenset[bytes]) -> tuple[Headers, bytes | None]:
+    """One pass: keep what may cross, note Host and chunked framing, honour Connection tokens."""
+    out: Headers = []
+    host: bytes | None = None
+    chunked = length = False
+    connection: list[bytes] = []
+    for name, value in headers:
+        lname = name.lower()
+        norm = lname.replace(b"_", b"-")
+        if norm in drop:
+            if lname == b"connection":
+                connection.append(value)
+            elif lname == b"transfer-encoding":
+                # check_request admitted only "chunked": re-declared once, in its place.
+                if not chunked:
+                    out.append((b"transfer-encoding", b"chunked"))
+                chunked = True
+            continue
+        if norm in _FRAMING and norm != lname:
+            continue  # content_length / host alias
+        if lname == b"host":
+            host = value if host is None else host
+        elif lname == b"content-length":
+            length = True
+        out.append((name, value))
+    named = {token for token in _tokens(connection) if token not in _PLAIN_TOKENS}
+    named -= _FRAMING
+    if named:
+        out = _filter_named(out, named)
+    if chunked and length:
+        # RFC 9112 section 6.3: with chunked framing a Content-Length must not be forwarded.
+        out = [(name, value) for name, value in out if name.lower() != b"content-length"]
+    return out, host
+
+
+def upstream_request_headers(headers: Headers, client: ClientInfo, *, upgrade: bool) -> Headers:
+    """The request headers to send upstream (call after ``check_request`` accepted them).
+
+    Order is kept; Host and Content-Length pass as they are; X-Forwarded-* and the client
+    certificate headers are set (never appended to: we are the edge, earlier hops are lies).
+    """
+    out, host = _forward(headers, _DROP_REQUEST_UPGRADE if upgrade else _DROP_REQUEST)
+    if upgrade:
+        out.append((b"connection", b"upgrade"))
+        out.append((b"upgrade", b"websocket"))
+    out.append((b"x-forwarded-for", client.address.encode("ascii", "replace")))
+    out.append((b"x-forwarded-proto", b"https"))
+    if host is not None:
+        out.append((b"x-forwarded-host", host))
+    cert = client.certificate
+    if cert is not None:
+        out.append((b"x-forwarded-client-cert", xfcc(cert)))
+        out.append((b"client-cert", rfc9440(cert.der)))
+        if client.forward_chain and cert.chain:
+            out.append((b"client-cert-chain", b", ".join(rfc9440(der) for der in cert.chain)))
+        out.append((b"x-client-cert-verified", _verified(cert)))
+    return out
+
+
+def response_headers(headers: Headers, *, upgrade: bool) -> Headers:
+    """The upstream response headers to send to the client.
+
+    h11 on the client leg re-frames the body, so Transfer-Encoding is re-declared only when
+    the upstream was chunked; Content-Length passes unchanged.
+    """
+    out, _ = _forward(headers, _DROP_RESPONSE_UPGRADE if upgrade else _DROP_RESPONSE)
+    if upgrade:
+        out.append((b"connection", b"upgrade"))
+        out.append((b"upgrade", b"websocket"))
+    return out
+
+
+def is_upgrade_request(method: bytes, headers: Headers) -> bool:
+    """True for a WebSocket opening handshake (RFC 6455 section 4.2.1)."""
+    if method != b"GET":
+        return False
+    connection: list[bytes] = []
+    upgrade: list[bytes] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"connection":
+            connection.append(value)
+        elif lname == b"upgrade":
+            upgrade.append(value)
+    if b"upgrade" not in set(_tokens(connection)):
+        return False
+    return any(token == b"websocket" for token in _tokens(upgrade))
+
+
+def websocket_accept(key: bytes) -> bytes:
+    """Sec-WebSocket-Accept for ``key`` (RFC 6455 section 4.2.2), to check the upstream's 101."""
+    return base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
+
+
+def rfc9440(der: bytes) -> bytes:
+    """A certificate as an RFC 9440 / RFC 8941 sf-binary item: ``:<base64 DER>:``."""
+    return b":" + base64.b64encode(der) + b":"
+
+
+def _verified(cert: PeerCertificate) -> bytes:
+    if cert.verified:
+        return b"SUCCESS"
+    # nginx's $ssl_client_verify shape. The reason may quote certificate fields: printable only.
+    reason = _printable(cert.verify_error or "unknown")[:MAX_VERIFY_ERROR].strip() or "unknown"
+    return b"FAILED:" + reason.encode("ascii")
+
+
+def _printable(text: str) -> str:
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+
+
+def xfcc(cert: PeerCertificate) -> bytes:
+    """Envoy's X-Forwarded-Client-Cert element for ``cert``.
+
+    ``Hash=<sha256>;Cert="<url-encoded PEM>";Subject="<RFC 4514>";URI=<uri>;DNS=<dns>``, with
+    URI and DNS once per SAN, in Envoy's order. Envoy emits ``URI=`` even without a URI SAN; we
+    leave out keys that have no value. Cached: the same certificate comes back on every
+    request of a keep-alive connection.
+    """
+    return _xfcc(cert.sha256, cert.der, cert.subject, tuple(cert.uris), tuple(cert.dns_names))
+
+
+@lru_cache(maxsize=256)
+def _xfcc(sha256: str, der: bytes, subject: str, uris: tuple[str, ...], dns: tuple[str, ...]) -> bytes:
+    parts = [
+        "Hash=" + _printable(sha256).lower(),
+        'Cert="' + _url_encoded_pem(der) + '"',
+        'Subject="' + _dn_for_header(subject) + '"',
+    ]
+    parts += ["URI=" + _quote_if_needed(_percent_escape(uri)) for uri in uris]
+    parts += ["DNS=" + _quote_if_needed(_percent_escape(name)) for name in dns]
+    return ";".join(parts).encode("ascii")
+
+
+def _url_encoded_pem(der: bytes) -> str:
+    body = "".join(
+        base64.b64encode(der[i : i + _PEM_LINE]).decode("ascii") + "%0A" for i in range(0, len(der), _PEM_LINE)
+    )
+    # Envoy's exact escaping: '\n', ' ', '+', '/', '=' (all a PEM holds besides [A-Za-z0-9-]).
+    body = body.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+    return "-----BEGIN%20CERTIFICATE-----%0A" + body + "-----END%20CERTIFICATE-----%0A"
+
+
+def _dn_for_header(subject: str) -> str:
+    """Make an RFC 4514 string safe inside XFCC's double quotes without changing its meaning.
+
+    RFC 4514 allows any character as ``\\XX`` hex, so the characters that would end or confuse
+    the quoted value (``"``, a backslash escaping itself) and anything h11 cannot send become
+    hex escapes. The result has no '"' at all, so Envoy-style parsers that only unescape ``\\"``
+    and naive ones that cut at the next quote read the same string. Envoy's own output (OpenSSL
+    RFC 2253 flags) hex-escapes non-ASCII bytes the same way.
+    """
+    if '"' not in subject and "\\" not in subject and subject.isascii() and subject.isprintable():
+        return subject
+    # Left to right, every backslash in valid RFC 4514 opens an escape, so replacing the
+    # escaped backslash first tokenizes exactly as an RFC 4514 parser would.
+    text = subject.replace("\\\\", "\\5C").replace('\\"', "\\22").replace('"', "\\22")
+    if text.endswith("\\"):
+        text = text[:-1] + "\\5C"  # a dangling backslash (not valid RFC 4514) would eat our quote
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(
+        ch if " " <= ch <= "~" else "".join(f"\\{byte:02X}" for byte in ch.encode("utf-8")) for ch in text
+    )
+
+
+def _percent_escape(text: str) -> str:
+    # A URI SAN is ASCII by definition, a DNS SAN an A-label; anything else came from a
+    # hand-made certificate. '"' and '\\' are not URI characters either: escaping them means a
+    # quoted value below never needs an inner escape.
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text and " " not in text:
+        return text
+    return "".join(
+        ch if "!" <= ch <= "~" and ch not in '"\\' else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+        for ch in text
+    )
+
+
+def _quote_if_needed(value: str) -> str:
+    # Envoy's rule: a value holding ',', ';' or '=' is double-quoted, '"' escaped as \".
+    if any(ch in value for ch in ',;="'):
+        return '"' + value.replace('"', '\\"') + '"'
+    return value
