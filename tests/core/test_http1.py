@@ -1,0 +1,322 @@
+"""HttpSession fed bytes on both legs; assertions on the exact actions it returns."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import h11
+import pytest
+
+from nextproxy.config import Address, CertificateConfig, Config, Limits, PathRoute, PemSource, Upstream, WebSocketMode
+from nextproxy.core.actions import (
+    AwaitResponse,
+    CloseClient,
+    ConnectUpstream,
+    ReleaseUpstream,
+    RequestCompleted,
+    ResponseStarted,
+    SendToClient,
+    SendToUpstream,
+    StartTunnel,
+    StartWebSocket,
+)
+from nextproxy.core.headers import ClientInfo
+from nextproxy.core.http1 import HttpSession, UpstreamLeg
+from nextproxy.core.routing import RouteTable
+
+PEM = CertificateConfig(PemSource(b"", "c"), PemSource(b"", "k"))
+ROUTES = (
+    PathRoute("ns-sigmai", "/ns/sigmai", "ns"),
+    PathRoute("tunnel", "/t", "ns", websocket=WebSocketMode.TUNNEL),
+)
+CONFIG = Config(Address("127.0.0.1", 0), Address("127.0.0.1", 1), (PEM,), (Upstream("ns", (Address("127.0.0.1", 9),)),), ROUTES)
+CLIENT = ClientInfo(address="192.0.2.7", server_name="edge.test")
+
+
+def session(limits: Limits = Limits(), client: ClientInfo = CLIENT) -> HttpSession:
+    return HttpSession(RouteTable(CONFIG), None, client, limits)
+
+
+def to_client(actions: list[object]) -> bytes:
+    return b"".join(a.data for a in actions if isinstance(a, SendToClient))
+
+
+def to_upstream(actions: list[object]) -> bytes:
+    return b"".join(a.data for a in actions if isinstance(a, SendToUpstream))
+
+
+def kinds(actions: list[object]) -> list[type]:
+    return [type(a) for a in actions if not isinstance(a, (SendToClient, SendToUpstream))]
+
+
+def parse_request(data: bytes) -> tuple[h11.Request, bytes]:
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(data)
+    request = server.next_event()
+    assert isinstance(request, h11.Request)
+    body = b""
+    while True:
+        event = server.next_event()
+        if isinstance(event, h11.Data):
+            body += event.data
+        else:
+            break
+    return request, body
+
+
+def status_of(data: bytes) -> int:
+    return int(data.split(b" ", 2)[1])
+
+
+def connect(s: HttpSession, request: bytes) -> tuple[UpstreamLeg, list[object]]:
+    actions = s.client_data(request)
+    assert isinstance(actions[-1], ConnectUpstream), actions
+    leg = UpstreamLeg("127.0.0.1:9", 65536)
+    return leg, s.upstream_connected(leg)
+
+
+GET = b"GET /ns/sigmai/x?y=1 HTTP/1.1\r\nHost: edge.test\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+
+
+def test_get_round_trip_and_headers_as_upstream_sees_them() -> None:
+    s = session()
+    leg, actions = connect(s, GET)
+    request, _ = parse_request(to_upstream(actions))
+    assert request.target == b"/ns/sigmai/x?y=1"
+    headers = dict(request.headers)
+    assert headers[b"host"] == b"edge.test"
+    assert headers[b"x-forwarded-for"] == b"192.0.2.7"
+    assert headers[b"x-forwarded-proto"] == b"https"
+    assert AwaitResponse in kinds(actions)
+    assert not s.reading_client
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
+    assert kinds(out) == [ResponseStarted, ReleaseUpstream, RequestCompleted]
+    assert to_client(out).startswith(b"HTTP/1.1 200 OK\r\n") and to_client(out).endswith(b"\r\n\r\nok")
+    assert out[[type(a) for a in out].index(ReleaseUpstream)] == ReleaseUpstream(reusable=True)
+    done = next(a for a in out if isinstance(a, RequestCompleted))
+    assert (done.route, done.status, done.bytes_to_client) == ("ns-sigmai", 200, 2)
+    assert s.reading_client and s.idle
+    assert leg.exchanges == 1
+
+
+def test_keep_alive_second_request_on_the_same_connection() -> None:
+    s = session()
+    leg, _ = connect(s, GET)
+    s.upstream_data(b"HTTP/1.1 204 No Content\r\n\r\n")
+    actions = s.client_data(GET)
+    assert isinstance(actions[-1], ConnectUpstream)
+    out = s.upstream_connected(leg)  # the pooled leg, cycled
+    assert to_upstream(out).startswith(b"GET /ns/sigmai/x?y=1 HTTP/1.1")
+
+
+def test_pipelined_requests_are_served_in_order() -> None:
+    s = session()
+    actions = s.client_data(GET + GET.replace(b"/x?y=1", b"/second"))
+    assert [type(a) for a in actions] == [ConnectUpstream]
+    leg = UpstreamLeg("u", 65536)
+    s.upstream_connected(leg)
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(out[-1], ConnectUpstream)  # the second request, only after the first response
+    out = s.upstream_connected(leg)
+    assert b"GET /ns/sigmai/second" in to_upstream(out)
+
+
+@pytest.mark.parametrize(
+    "request_bytes, status",
+    [
+        (b"GET /nope HTTP/1.1\r\nHost: edge.test\r\n\r\n", 404),
+        (b"GET /ns/sigmaix HTTP/1.1\r\nHost: edge.test\r\n\r\n", 404),
+        (b"GET /ns/sigmai/../x HTTP/1.1\r\nHost: edge.test\r\n\r\n", 400),
+        (b"GET /ns/sigmai HTTP/1.1\r\nHost: other.test\r\n\r\n", 421),
+        (b"GET /ns/sigmai HTTP/1.1\r\n\r\n", 400),
+        (b"POST /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n", 431),
+        (b"CONNECT edge.test:443 HTTP/1.1\r\nHost: edge.test\r\n\r\n", 400),
+    ],
+    ids=["no-route", "not-a-segment", "dot-segment", "host-sni", "no-host", "cl-te", "garbage", "huge-head", "connect"],
+)
+def test_refusals(request_bytes: bytes, status: int) -> None:
+    s = session()
+    actions = s.client_data(request_bytes)
+    data = to_client(actions)
+    assert status_of(data) == status
+    assert len([a for a in actions if isinstance(a, SendToClient)]) == 1  # one write
+    assert b"content-type: text/plain" in data.lower()
+    assert not any(isinstance(a, ConnectUpstream) for a in actions)
+    done = next(a for a in actions if isinstance(a, RequestCompleted))
+    assert done.status == status
+
+
+def test_404_keeps_the_connection_but_400_closes_it() -> None:
+    s = session()
+    actions = s.client_data(b"GET /nope HTTP/1.1\r\nHost: edge.test\r\n\r\n")
+    assert CloseClient not in kinds(actions)
+    assert isinstance(s.client_data(GET)[-1], ConnectUpstream)
+    s2 = session()
+    assert CloseClient in kinds(s2.client_data(b"GET /ns/../x HTTP/1.1\r\nHost: edge.test\r\n\r\n"))
+
+
+def test_upstream_unreachable_is_502_and_timeout_504() -> None:
+    s = session()
+    s.client_data(GET)
+    out = s.upstream_failed("upstream unreachable")
+    assert status_of(to_client(out)) == 502
+    s = session()
+    s.client_data(GET)
+    assert status_of(to_client(s.upstream_failed("connect timed out", timeout=True))) == 504
+    s = session()
+    connect(s, GET)
+    out = s.upstream_timeout()
+    assert status_of(to_client(out)) == 504 and ReleaseUpstream(reusable=False) in out
+
+
+def test_broken_upstream_response_is_502() -> None:
+    s = session()
+    connect(s, GET)
+    out = s.upstream_data(b"NOT HTTP\r\n\r\n")
+    assert status_of(to_client(out)) == 502
+
+
+def test_upstream_dying_mid_body_cuts_the_client() -> None:
+    s = session()
+    connect(s, GET)
+    s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    out = s.upstream_data(b"")
+    assert CloseClient in kinds(out) and to_client(out) == b""
+
+
+def test_dead_pooled_connection_is_retried_once_for_idempotent_requests() -> None:
+    s = session()
+    leg, _ = connect(s, GET)
+    s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    s.client_data(GET)
+    s.upstream_connected(leg)  # reused leg (exchanges == 1)
+    out = s.upstream_data(b"")  # the upstream had closed it while idle
+    assert out[-1] == ConnectUpstream(ROUTES[0], fresh=True)
+    fresh = UpstreamLeg("u", 65536)
+    s.upstream_connected(fresh)
+    out = s.upstream_data(b"")
+    assert status_of(to_client(out)) == 502  # a fresh connection failing is not retried
+
+
+def test_request_bodies_stream_content_length_and_chunked() -> None:
+    s = session()
+    head = b"POST /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 10\r\n\r\n"
+    leg, actions = connect(s, head + b"01234")
+    assert s.reading_client
+    first = to_upstream(actions)
+    assert first.endswith(b"01234")
+    out = s.client_data(b"56789")
+    assert to_upstream(out) == b"56789" and AwaitResponse in kinds(out)
+
+    s = session()
+    head = b"POST /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    leg, actions = connect(s, head)
+    out = s.client_data(b"5\r\nhello\r\n0\r\n\r\n")
+    request, body = parse_request(to_upstream(actions) + to_upstream(out))
+    assert body == b"hello" and (b"transfer-encoding", b"chunked") in request.headers
+
+
+def test_read_until_close_response_becomes_chunked_for_the_client() -> None:
+    s = session()
+    connect(s, GET)
+    out = s.upstream_data(b"HTTP/1.0 200 OK\r\n\r\npart1")
+    out += s.upstream_data(b"part2")
+    out += s.upstream_data(b"")
+    data = to_client(out)
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(data)
+    events = []
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            break
+        events.append(event)
+        if isinstance(event, h11.EndOfMessage):
+            break
+    assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == b"part1part2"
+    assert isinstance(events[-1], h11.EndOfMessage)
+
+
+def test_expect_100_continue_is_relayed() -> None:
+    s = session()
+    head = b"PUT /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    leg, actions = connect(s, head)
+    assert b"expect: 100-continue" in to_upstream(actions).lower()
+    out = s.upstream_data(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert to_client(out).startswith(b"HTTP/1.1 100 ")
+    assert to_upstream(s.client_data(b"abc")) == b"abc"
+
+
+def accept_for(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+UPGRADE = (
+    b"GET /ns/sigmai/ws HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+)
+
+
+def test_websocket_upgrade_hands_over_with_leftovers() -> None:
+    s = session()
+    leg, actions = connect(s, UPGRADE + b"\x81\x85early")
+    request, _ = parse_request(to_upstream(actions))
+    headers = dict(request.headers)
+    assert headers[b"upgrade"].lower() == b"websocket" and b"upgrade" in headers[b"connection"].lower()
+    assert b"sec-websocket-extensions" not in headers
+    answer = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_for(b"dGhlIHNhbXBsZSBub25jZQ==") + b"\r\nSec-WebSocket-Protocol: chat\r\n\r\n\x81\x02hi"
+    )
+    out = s.upstream_data(answer)
+    assert to_client(out).startswith(b"HTTP/1.1 101 ")
+    start = out[-1]
+    assert isinstance(start, StartWebSocket)
+    assert (start.from_client, start.from_upstream, start.subprotocol) == (b"\x81\x85early", b"\x81\x02hi", "chat")
+
+
+def test_tunnel_route_and_bad_accept() -> None:
+    s = session()
+    connect(s, UPGRADE.replace(b"/ns/sigmai/ws", b"/t"))
+    good = b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept_for(b"dGhlIHNhbXBsZSBub25jZQ==") + b"\r\n\r\n"
+    assert isinstance(s.upstream_data(good)[-1], StartTunnel)
+    s = session()
+    connect(s, UPGRADE)
+    bad = b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: d3Jvbmc=\r\n\r\n"
+    assert status_of(to_client(s.upstream_data(bad))) == 502
+
+
+def test_upgrade_refused_during_drain_with_503() -> None:
+    s = session()
+    s.draining = True
+    data = to_client(s.client_data(UPGRADE))
+    assert status_of(data) == 503 and b"retry-after" in data.lower()
+
+
+def test_drain_closes_idle_and_marks_busy_responses_close() -> None:
+    s = session()
+    assert kinds(s.drain()) == [CloseClient]
+    s = session()
+    connect(s, GET)
+    assert s.drain() == []
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert b"connection: close" in to_client(out).lower() and CloseClient in kinds(out)
+
+
+def test_client_eof_while_idle_closes() -> None:
+    s = session()
+    assert kinds(s.client_data(b"")) == [CloseClient]
+
+
+def test_byte_at_a_time_request() -> None:
+    s = session()
+    actions: list[object] = []
+    for i in range(len(GET)):
+        actions += s.client_data(GET[i : i + 1])
+    assert isinstance(actions[-1], ConnectUpstream)
