@@ -1,0 +1,344 @@
+"""WebSocketRelay: relays WebSocket frames between the client and the upstream, sans-IO.
+
+After the HTTP layer has checked the upstream's 101, each leg is a frame-level wsproto
+``Connection`` (no handshake): SERVER role toward the client, CLIENT role toward the upstream,
+so wsproto checks the client's masking and masks what we send upstream. No extension is
+negotiated (permessage-deflate is stripped from the forwarded handshake): frames are relayed
+uncompressed on both legs, so there is no per-leg inflate/deflate cost. Messages are streamed
+piece by piece as wsproto decodes them; the only cap is ``RelayLimits.max_message_size``.
+Pings are answered per leg and never forwarded; closes are relayed with their code and reason.
+It must never do I/O, keep time or log: the shell owns sockets and timers, and the only
+exceptions that may escape are bugs (every wsproto error becomes a Close with a code).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import ProtocolError
+
+from nextproxy.core.actions import Action, CloseClient, CloseUpstream, SendToClient, SendToUpstream
+
+# RFC 6455 section 7.4 and the IANA registry. 1014 ("bad gateway") is registered but wsproto
+# 1.3.2 (and other older stacks) reject it on receipt as a reserved code: a wsproto client sees
+# our 1014 as a protocol error (1002). Browsers and websockets/ws accept it.
+NORMAL_CLOSURE = 1000
+GOING_AWAY = 1001
+NO_STATUS_RECEIVED = 1005
+ABNORMAL_CLOSURE = 1006
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+BAD_GATEWAY = 1014
+# Codes that only report local conditions and must never be put in a Close frame.
+LOCAL_ONLY_CODES = frozenset({1005, 1006, 1015})
+
+_OPEN = ConnectionState.OPEN
+_LOCAL_CLOSING = ConnectionState.LOCAL_CLOSING
+
+
+@dataclass(frozen=True, slots=True)
+class RelayLimits:
+    max_message_size: int = 16 * 1024 * 1024
+    """Bytes of payload in one message, counted across fragments (text counted as UTF-8)."""
+
+
+class Side(enum.Enum):
+    CLIENT = "client"
+    UPSTREAM = "upstream"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRelayed:
+    """One complete message went through; ``direction`` is who sent it."""
+
+    direction: Side
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    """Both legs are finished. Emitted exactly once, before the last Close actions.
+
+    ``closed_by`` is who started the end (None: the proxy, for drain, timeout, limit or a
+    protocol error). ``code`` is the close code that started it; 1006 when a leg vanished
+    without a Close frame (EOF, ping timeout, abort). ``bytes_from_*`` count relayed payload.
+    """
+
+    closed_by: Side | None
+    code: int
+    reason: str
+    messages_from_client: int
+    messages_from_upstream: int
+    bytes_from_client: int
+    bytes_from_upstream: int
+
+
+RelayAction = Action | MessageRelayed | SessionClosed
+
+
+class _Leg:
+    """One side's wsproto connection plus what the relay tracks about it."""
+
+    __slots__ = ("side", "conn", "out", "finished", "close_due", "close_sent", "ping_payload",
+                 "message_size", "messages", "bytes")  # fmt: skip
+
+    def __init__(self, side: Side, role: ConnectionType) -> None:
+        self.side = side
+        self.conn = Connection(role)
+        self.out = bytearray()  # bytes for this side produced by the current call
+        self.finished = False  # closing handshake done, transport gone, or failed by us
+        self.close_due = False  # the shell must close this leg's transport
+        self.close_sent = False  # ... and has been told so
+        self.ping_payload: bytes | None = None  # our keepalive ping still unanswered
+        self.message_size = 0  # payload of the message in progress, for the size cap
+        self.messages = 0
+        self.bytes = 0
+
+    @property
+    def writable(self) -> bool:
+        return not self.finished and self.conn.state is _OPEN
+
+
+def _wire_close(code: int, reason: str) -> CloseConnection:
+    """The Close frame to send for ``code``: local-only codes may not go on the wire (7.4.1)."""
+    if code == NO_STATUS_RECEIVED:
+        # wsproto writes an empty Close only for this enum member (it tests identity, not ==).
+        return CloseConnection(code=CloseReason.NO_STATUS_RCVD)
+    if code in LOCAL_ONLY_CODES:
+        return CloseConnection(code=NORMAL_CLOSURE, reason=reason)
+    return CloseConnection(code=code, reason=reason)
+
+
+class WebSocketRelay:
+    """Both legs of one WebSocket session. Feed bytes in, execute the returned actions in order.
+
+    Close actions are per leg: ``CloseClient``/``CloseUpstream`` come at once for a leg that is
+    dead or failed (EOF, timeout, protocol error, size cap), and with ``SessionClosed`` for a
+    leg that finished its closing handshake cleanly. ``closed`` means both transports can go.
+    """
+
+    def __init__(self, limits: RelayLimits) -> None:
+        self._limits = limits
+        self._client = _Leg(Side.CLIENT, ConnectionType.SERVER)
+        self._upstream = _Leg(Side.UPSTREAM, ConnectionType.CLIENT)
+        self._facts: list[MessageRelayed] = []
+        self._ending: tuple[Side | None, int, str] | None = None  # the first cause, kept
+        self._session_closed: SessionClosed | None = None
+        self._closed = False
+        self._pings_sent = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ inputs
+
+    def client_data(self, data: bytes) -> list[RelayAction]:
+        """Bytes from the client; ``b""`` is the client's TCP EOF."""
+        return self._receive(self._client, self._upstream, data)
+
+    def upstream_data(self, data: bytes) -> list[RelayAction]:
+        """Bytes from the upstream; ``b""`` is the upstream's TCP EOF."""
+        return self._receive(self._upstream, self._client, data)
+
+    def ping(self, side: Side) -> list[RelayAction]:
+        """Send a keepalive ping with a payload unique in this session.
+
+        On a leg that already got our Close, wsproto may not send a ping; the Close reply we
+        wait for then plays the pong, so ``pong_outstanding`` and ``peer_timed_out`` also bound
+        a closing handshake that never completes.
+        """
+        leg = self._leg(side)
+        if leg.finished:
+            return []
+        self._pings_sent += 1
+        leg.ping_payload = b"nextproxy-%d" % self._pings_sent
+        if leg.conn.state is _OPEN:
+            leg.out += leg.conn.send(Ping(payload=leg.ping_payload))
+        return self._collect()
+
+    def pong_outstanding(self, side: Side) -> bool:
+        """A ping we sent on this leg (or, while closing, our Close) is not yet answered."""
+        leg = self._leg(side)
+        return not leg.finished and leg.ping_payload is not None
+
+    def peer_timed_out(self, side: Side) -> list[RelayAction]:
+        """No pong in time: drop that leg's transport and close the other leg (1001 or 1014)."""
+        leg = self._leg(side)
+        if leg.finished:
+            return []
+        self._record(None, ABNORMAL_CLOSURE, f"{side.value} ping timeout")
+        self._finish(leg, clean=False)
+        self._close_other(leg)
+        return self._collect()
+
+    def shutdown(self) -> list[RelayAction]:
+        """Drain: Close 1001 to both legs; the session ends when both have answered."""
+        self._record(None, GOING_AWAY, "going away")
+        for leg in (self._client, self._upstream):
+            if leg.writable:
+                leg.out += leg.conn.send(CloseConnection(code=GOING_AWAY, reason="going away"))
+        return self._collect()
+
+    def abort(self) -> list[RelayAction]:
+        """End now without waiting for any reply (drain deadline passed): close what is left."""
+        self._record(None, ABNORMAL_CLOSURE, "aborted")
+        for leg in (self._client, self._upstream):
+            if not leg.finished:
+                self._finish(leg, clean=False)
+        return self._collect()
+
+    # ------------------------------------------------------------------ receiving
+
+    def _leg(self, side: Side) -> _Leg:
+        return self._client if side is Side.CLIENT else self._upstream
+
+    def _receive(self, leg: _Leg, other: _Leg, data: bytes) -> list[RelayAction]:
+        # A finished leg's transport is closing; late bytes (or its EOF) change nothing, and
+        # wsproto raises if fed after its CLOSED state.
+        if leg.finished:
+            return []
+        if not data:
+            self._eof(leg, other)
+            return self._collect()
+        try:
+            leg.conn.receive_data(data)
+            for event in leg.conn.events():
+                self._handle(leg, other, event)
+                if leg.finished:
+                    break
+        except ProtocolError as exc:
+            # Unreachable while the state checks hold; still a Close, not a traceback.
+            self._fail(leg, other, INTERNAL_ERROR, f"relay error: {exc}")
+        return self._collect()
+
+    def _handle(self, leg: _Leg, other: _Leg, event: Event) -> None:
+        if isinstance(event, (TextMessage, BytesMessage)):
+            self._relay_piece(leg, other, event)
+        elif isinstance(event, Ping):
+            # wsproto never answers pings itself (RFC 6455 5.5.2 makes it ours to do).
+            if leg.writable:
+                leg.out += leg.conn.send(event.response())
+        elif isinstance(event, Pong):
+            if event.payload == leg.ping_payload:
+                leg.ping_payload = None
+        elif isinstance(event, CloseConnection):
+            self._on_close(leg, other, event)
+
+    def _relay_piece(self, leg: _Leg, other: _Leg, event: TextMessage | BytesMessage) -> None:
+        # Once either side is closing, data can no longer be delivered (wsproto refuses to send
+        # data after a Close, as RFC 6455 5.5.1 asks): drop it.
+        if not (leg.writable and other.writable):
+            return
+        data = event.data
+        if isinstance(data, str):
+            # isascii() is O(1) on str; encoding only for non-ASCII text keeps the count exact.
+            size = len(data) if data.isascii() else len(data.encode("utf-8"))
+        else:
+            size = len(data)
+        leg.message_size += size
+        if leg.message_size > self._limits.max_message_size:
+            self._fail(leg, other, MESSAGE_TOO_BIG, "message too big")
+            return
+        # An empty non-final piece (e.g. text cut inside a UTF-8 sequence) would cost an empty
+        # frame on the other leg and say nothing.
+        if data or event.message_finished:
+            other.out += other.conn.send(event)
+        leg.bytes += size
+        if event.message_finished:
+            leg.messages += 1
+            self._facts.append(MessageRelayed(leg.side, leg.message_size))
+            leg.message_size = 0
+
+    def _on_close(self, leg: _Leg, other: _Leg, event: CloseConnection) -> None:
+        state = leg.conn.state
+        code, reason = event.code, event.reason or ""
+        if state is _OPEN or state is _LOCAL_CLOSING:
+            # wsproto reports a parse failure (bad frame 1002, bad UTF-8 1007) as a
+            # CloseConnection without changing state; a real Close frame always moves it.
+            self._fail(leg, other, code, reason)
+            return
+        if state is ConnectionState.REMOTE_CLOSING:
+            # The peer started: echo its code (RFC 6455 5.5.1) and pass it on to the other leg.
+            leg.out += leg.conn.send(_wire_close(code, reason))
+            self._record(leg.side, code, reason)
+            if other.writable:
+                other.out += other.conn.send(_wire_close(code, reason))
+        # Otherwise (CLOSED) this was the answer to a Close we sent.
+        self._finish(leg, clean=True)
+
+    def _eof(self, leg: _Leg, other: _Leg) -> None:
+        if leg.conn.state is _OPEN:
+            self._record(leg.side, ABNORMAL_CLOSURE, f"{leg.side.value} EOF")
+        self._finish(leg, clean=False)
+        self._close_other(leg)
+
+    # ------------------------------------------------------------------ ending
+
+    def _fail(self, leg: _Leg, other: _Leg, code: int, reason: str) -> None:
+        """Fail this leg (RFC 6455 7.1.7): our Close, then its transport; 1001 to the other."""
+        if leg.writable:
+            leg.out += leg.conn.send(_wire_close(code, reason))
+        self._record(None, code, reason)
+        self._finish(leg, clean=False)
+        if other.writable:
+            other.out += other.conn.send(CloseConnection(code=GOING_AWAY, reason="peer failed"))
+
+    def _close_other(self, gone: _Leg) -> None:
+        """``gone`` vanished: tell the other side, 1001 toward the upstream, 1014 toward the client."""
+        other = self._upstream if gone is self._client else self._client
+        if other.writable:
+            if other is self._upstream:
+                event = CloseConnection(code=GOING_AWAY, reason="client gone")
+            else:
+                event = CloseConnection(code=BAD_GATEWAY, reason="upstream gone")
+            other.out += other.conn.send(event)
+
+    def _record(self, closed_by: Side | None, code: int, reason: str) -> None:
+        if self._ending is None:
+            # int(): wsproto hands out CloseReason members; logs and metrics want plain numbers.
+            self._ending = (closed_by, int(code), reason)
+
+    def _finish(self, leg: _Leg, *, clean: bool) -> None:
+        if leg.finished:
+            return
+        leg.finished = True
+        # A dead or failed leg's transport goes now; after a clean closing handshake it waits
+        # for the session end, so the shell sees one end of the session, not two.
+        leg.close_due = not clean
+        if self._client.finished and self._upstream.finished and not self._closed:
+            self._closed = True
+            self._client.close_due = self._upstream.close_due = True
+            closed_by, code, reason = self._ending or (None, ABNORMAL_CLOSURE, "")
+            c, u = self._client, self._upstream
+            self._session_closed = SessionClosed(
+                closed_by, code, reason, c.messages, u.messages, c.bytes, u.bytes
+            )
+
+    def _collect(self) -> list[RelayAction]:
+        """This call's output: one send per side, facts, then closes (upstream before client,
+        because a shell may stop at ``CloseClient``)."""
+        actions: list[RelayAction] = []
+        if self._client.out:
+            actions.append(SendToClient(bytes(self._client.out)))
+            self._client.out.clear()
+        if self._upstream.out:
+            actions.append(SendToUpstream(bytes(self._upstream.out)))
+            self._upstream.out.clear()
+        if self._facts:
+            actions += self._facts
+            self._facts.clear()
+        if self._session_closed is not None:
+            actions.append(self._session_closed)
+            self._session_closed = None
+        if self._upstream.close_due and not self._upstream.close_sent:
+            self._upstream.close_sent = True
+            actions.append(CloseUpstream())
+        if self._client.close_due and not self._client.close_sent:
+            self._client.close_sent = True
+            actions.append(CloseClient())
+        return actions
