@@ -1,0 +1,397 @@
+"""The admin port (9613 by default): /livez, /readyz, /metrics and a small HTML status page.
+
+HTTP/1.1 over h11 on an asyncio Protocol, optionally inside TLS (a stdlib ``ssl`` context built
+by ``tlsconfig``). It reads ``AdminState``, which the server owns and mutates, and never changes
+it, except ``last_loop_tick``, which its own heartbeat task advances. Every response is built in
+memory and written at once, so no request waits on another task. It must never serve anything
+but these read-only pages, never block the event loop on I/O, and never let a client hold more
+than a bounded amount of memory or a connection longer than the idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, cast
+
+import h11
+
+from nextproxy import __version__, metrics
+
+SECONDS = 1.0
+KiB = 1024
+
+IDLE_TIMEOUT = 30 * SECONDS
+"""From accepting a connection, or from finishing a response, to the next complete request."""
+TLS_HANDSHAKE_TIMEOUT = 10 * SECONDS
+LINGER = 2 * SECONDS
+"""After an error response and a half-close, how long the client gets to close its side."""
+HEARTBEAT_INTERVAL = 1 * SECONDS
+LIVENESS_STALE_AFTER = 5 * SECONDS
+MAX_REQUEST_HEAD = 8 * KiB
+MAX_REQUEST_BODY = 16 * KiB
+"""Nothing here takes a body; a small one is read and dropped so keep-alive survives."""
+MAX_CONNECTIONS = 128
+CERTIFICATE_WARNING_DAYS = 14
+
+log = logging.getLogger("nextproxy.admin")
+
+
+@dataclass(slots=True)
+class AdminState:
+    """What the server tells the admin port. Shared and mutable: the server updates it in place."""
+
+    ready: bool = False
+    not_ready_reason: str = "starting"
+    """Shown by /readyz while not ready: ``starting``, ``draining``, ``reloading``..."""
+    started_at: float = field(default_factory=time.time)
+    """Wall-clock Unix time, shown as a date; uptime is measured from it."""
+    last_loop_tick: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` of the heartbeat's last run; /livez fails when it grows old."""
+    routes: list[tuple[str, str, str]] = field(default_factory=list)
+    """(match, action, target) rows, as ``RouteTable.describe()`` returns them."""
+    upstreams: dict[str, bool] = field(default_factory=dict)
+    certificates: list[tuple[str, float]] = field(default_factory=list)
+    """(name, notAfter as a Unix timestamp)."""
+    connections_active: int = 0
+    websocket_sessions_active: int = 0
+    version: str = __version__
+    config_source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+HTML_TYPE = "text/html; charset=utf-8"
+# The status page has no script and no external resource; a CSP makes any injection inert.
+HTML_HEADERS = (("content-security-policy", "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"),)
+
+
+async def start_admin(
+    host: str,
+    port: int,
+    state: AdminState,
+    ssl_context: ssl.SSLContext | None = None,
+    *,
+    heartbeat_interval: float = HEARTBEAT_INTERVAL,
+    stale_after: float = LIVENESS_STALE_AFTER,
+) -> asyncio.Server:
+    """Listen on ``host:port`` and serve ``state``; the heartbeat stops after ``server.close()``."""
+    site = _Site(state, stale_after)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: _AdminProtocol(site),
+        host,
+        port,
+        ssl=ssl_context,
+        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if ssl_context is not None else None,
+    )
+    state.last_loop_tick = time.monotonic()
+    task = loop.create_task(_heartbeat(server, state, heartbeat_interval), name="nextproxy-admin-heartbeat")
+    # The loop keeps only weak references to tasks; hold this one until it ends.
+    _HEARTBEATS.add(task)
+    task.add_done_callback(_HEARTBEATS.discard)
+    return server
+
+
+_HEARTBEATS: set[asyncio.Task[None]] = set()
+
+
+async def _heartbeat(server: asyncio.Server, state: AdminState, interval: float) -> None:
+    """Advance ``last_loop_tick`` through the timer queue, which /livez then checks.
+
+    Answering /livez at all proves this loop reads sockets; a loop blocked for good does not
+    answer and the probe's own timeout catches it. The tick adds what an answer cannot show: a
+    heartbeat (or any task machinery) that has died, and timers that no longer fire. On the
+    plain asyncio loop it also reports a stall just after it ends (I/O callbacks run before
+    overdue timers in the same iteration); uvloop runs timers first, so there it does not.
+    With workers this loop is the supervisor's: /livez speaks for the supervisor, and a wedged
+    worker is the supervisor's to detect and replace.
+    """
+    while True:  # start_admin made the first tick
+        await asyncio.sleep(interval)
+        if not server.is_serving():
+            return
+        state.last_loop_tick = time.monotonic()
+
+
+class _Site:
+    """The pages, keyed by path; each builds a complete ``Reply`` from the current state."""
+
+    def __init__(self, state: AdminState, stale_after: float) -> None:
+        self.state = state
+        self.stale_after = stale_after
+        self.connections = 0
+        self.pages: dict[str, Callable[[h11.Request], Reply]] = {
+            "/livez": self.livez,
+            "/readyz": self.readyz,
+            "/metrics": self.metrics_page,
+            "/": self.status_page,
+        }
+
+    def handle(self, request: h11.Request) -> Reply:
+        path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+        page = self.pages.get(path)
+        if page is None:
+            return Reply(404, TEXT, b"not found\n")
+        if request.method not in (b"GET", b"HEAD"):
+            return Reply(405, TEXT, b"method not allowed\n", (("allow", "GET, HEAD"),))
+        return page(request)
+
+    def livez(self, request: h11.Request) -> Reply:
+        age = time.monotonic() - self.state.last_loop_tick
+        if age > self.stale_after:
+            return Reply(503, TEXT, f"stale: event loop timers last ran {age:.1f} s ago\n".encode())
+        return Reply(200, TEXT, b"ok\n")
+
+    def readyz(self, request: h11.Request) -> Reply:
+        if self.state.ready:
+            return Reply(200, JSON, b'{"ready": true}\n')
+        body = {"ready": False, "reason": self.state.not_ready_reason}
+        return Reply(503, JSON, json.dumps(body).encode() + b"\n")
+
+    def metrics_page(self, request: h11.Request) -> Reply:
+        accept = _header(request, b"accept")
+        rendered = metrics.exposition(accept, _header(request, b"accept-encoding"))
+        headers: tuple[tuple[str, str], ...] = (("vary", "accept, accept-encoding"),)
+        if rendered.content_encoding is not None:
+            headers += (("content-encoding", rendered.content_encoding),)
+        return Reply(200, rendered.content_type, rendered.body, headers)
+
+    def status_page(self, request: h11.Request) -> Reply:
+        return Reply(200, HTML_TYPE, render_status(self.state, time.time()).encode(), HTML_HEADERS)
+
+
+def _header(request: h11.Request, name: bytes) -> str:
+    return ", ".join(value.decode("latin-1") for key, value in request.headers if key == name)
+
+
+class _AdminProtocol(asyncio.Protocol):
+    """One admin connection: h11 in, whole responses out, pipelining in order."""
+
+    def __init__(self, site: _Site) -> None:
+        self._site = site
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._request: h11.Request | None = None
+        self._body_size = 0
+        self._writing_paused = False
+        self._closing = False
+        self._counted = False
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it: no isinstance.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        if self._site.connections >= MAX_CONNECTIONS:
+            transport.abort()
+            return
+        self._site.connections += 1
+        self._counted = True
+        metrics.ADMIN_CONNECTIONS.inc()
+        self._arm_timer(IDLE_TIMEOUT)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._counted:
+            self._counted = False
+            self._site.connections -= 1
+            metrics.ADMIN_CONNECTIONS.dec()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # lingering after an error: drain and drop
+        self._h11.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        if not self._closing:
+            self._h11.receive_data(b"")
+            # The client has stopped sending, so finishing its pipelined requests is bounded.
+            self._process(ignore_pause=True)
+        return False  # let the transport close once our responses are flushed
+
+    def pause_writing(self) -> None:
+        # A client that pipelines without reading: stop reading until it catches up.
+        self._writing_paused = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+            self._process()
+
+    # ------------------------------------------------------------------ request handling
+
+    def _process(self, *, ignore_pause: bool = False) -> None:
+        transport = self._transport
+        while transport is not None and not self._closing and not transport.is_closing():
+            if self._writing_paused and not ignore_pause:
+                return
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._fail(exc.error_status_hint, "bad request")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self._request, self._body_size = event, 0
+                if self._h11.they_are_waiting_for_100_continue:
+                    transport.write(self._h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+            elif isinstance(event, h11.Data):
+                self._body_size += len(event.data)
+                if self._body_size > MAX_REQUEST_BODY:
+                    self._fail(413, "request body too large")
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                self._respond()
+            elif isinstance(event, h11.ConnectionClosed):
+                transport.close()
+                return
+
+    def _respond(self) -> None:
+        assert self._transport is not None and self._request is not None
+        request, self._request = self._request, None
+        try:
+            reply = self._site.handle(request)
+        except Exception:  # a bug in a page: log it, answer 500, keep the port up
+            log.exception("admin page %r failed", request.target)
+            reply = Reply(500, TEXT, b"internal error\n")
+        headers = [
+            ("content-type", reply.content_type),
+            ("content-length", str(len(reply.body))),
+            ("cache-control", "no-store"),
+            ("x-content-type-options", "nosniff"),
+            *reply.headers,
+        ]
+        out = self._h11.send(h11.Response(status_code=reply.status, headers=headers))
+        if request.method != b"HEAD":
+            out += self._h11.send(h11.Data(data=reply.body))
+        out += self._h11.send(h11.EndOfMessage())
+        self._transport.write(out)
+        if self._h11.our_state is h11.MUST_CLOSE:
+            self._transport.close()
+            return
+        self._h11.start_next_cycle()
+        self._arm_timer(IDLE_TIMEOUT)
+
+    def _fail(self, status: int, reason: str) -> None:
+        """Answer a broken request in one write, half-close, and give the client LINGER to leave.
+
+        Closing at once, with request bytes still unread, makes the kernel send a reset that can
+        overtake the response, so the client would never see why it was refused.
+        """
+        assert self._transport is not None
+        self._closing = True
+        phrase = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fields Too Large"}
+        body = f"{reason}\n".encode()
+        self._transport.write(
+            f"HTTP/1.1 {status} {phrase.get(status, 'Error')}\r\ncontent-type: {TEXT}\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
+        )
+        if self._transport.can_write_eof():
+            self._transport.write_eof()
+            self._arm_timer(LINGER)
+        else:  # TLS: close() sends close_notify after the buffered response
+            self._transport.close()
+
+    def _arm_timer(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._timed_out)
+
+    def _timed_out(self) -> None:
+        if self._transport is None:
+            return
+        # close() would wait forever for a client that does not read; abort() does not.
+        if self._writing_paused or self._closing:
+            self._transport.abort()
+        else:
+            self._transport.close()
+
+
+# ---------------------------------------------------------------------- status page
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#1d232a;background:#f7f8fa}
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
+table{border-collapse:collapse;background:#fff}td,th{border:1px solid #d5d9de;padding:.3em .7em;text-align:left}
+th{background:#eef0f3}.badge{display:inline-block;padding:0 .6em;border-radius:.8em;color:#fff;font-weight:600}
+.up{background:#1a7f37}.down{background:#cf222e}.warn{background:#bf8700}
+dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
+"""
+
+
+def render_status(state: AdminState, now: float) -> str:
+    """The status page as HTML; every value from the state is escaped."""
+    e = html.escape
+    ready = _badge("ready", "up") if state.ready else _badge(f"not ready: {state.not_ready_reason}", "down")
+    routes = "".join(f"<tr><td>{e(m)}</td><td>{e(a)}</td><td>{e(t)}</td></tr>" for m, a, t in state.routes)
+    upstreams = "".join(
+        f"<tr><td>{e(name)}</td><td>{_badge('up', 'up') if up else _badge('down', 'down')}</td></tr>"
+        for name, up in sorted(state.upstreams.items())
+    )
+    certificates = "".join(_certificate_row(name, not_after, now) for name, not_after in state.certificates)
+    started = datetime.fromtimestamp(state.started_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
+<title>nextproxy status</title><style>{_CSS}</style></head><body>
+<h1>nextproxy {e(state.version)}</h1>
+<dl>
+<dt>Readiness</dt><dd>{ready}</dd>
+<dt>Started</dt><dd>{started} (up {_duration(now - state.started_at)})</dd>
+<dt>Configuration</dt><dd>{e(state.config_source) or "-"}</dd>
+<dt>Active connections</dt><dd>{state.connections_active}</dd>
+<dt>WebSocket sessions</dt><dd>{state.websocket_sessions_active}</dd>
+</dl>
+<h2>Routes</h2>
+<table><tr><th>Match</th><th>Action</th><th>Target</th></tr>{routes}</table>
+<h2>Upstreams</h2>
+<table><tr><th>Upstream</th><th>Health</th></tr>{upstreams}</table>
+<h2>Certificates</h2>
+<table><tr><th>Certificate</th><th>Expires</th><th>Days left</th></tr>{certificates}</table>
+</body></html>
+"""
+
+
+def _badge(text: str, kind: str) -> str:
+    return f'<span class="badge {kind}">{html.escape(text)}</span>'
+
+
+def _certificate_row(name: str, not_after: float, now: float) -> str:
+    expires = datetime.fromtimestamp(not_after, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    days = (not_after - now) / 86400
+    if days < 0:
+        left = _badge(f"expired {int(-days)} days ago", "down")
+    elif days < CERTIFICATE_WARNING_DAYS:
+        left = _badge(f"{int(days)}", "warn")
+    else:
+        left = str(int(days))
+    return f"<tr><td>{html.escape(name)}</td><td>{expires}</td><td>{left}</td></tr>"
+
+
+def _duration(seconds: float) -> str:
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{days}d {hours:02d}h {minutes:02d}m {secs:02d}s" if days else f"{hours:02d}h {minutes:02d}m {secs:02d}s"

@@ -1,0 +1,240 @@
+"""Every Prometheus metric nextproxy exports, defined once, plus cheap hot-path handles.
+
+The names and labels below are a public contract (dashboards and alerts depend on them): change
+them only with a release note. Label values must stay bounded: route, upstream and certificate
+names come from the configuration, never from a request. The request path must not call
+``.labels()``; it uses the children that ``route_metrics()`` resolved once per route.
+
+Multiprocess mode: when ``PROMETHEUS_MULTIPROC_DIR`` is set before this module is first imported,
+prometheus_client keeps every value in per-process files in that directory, and the admin port
+(served once, by the supervisor) merges them through ``registry_for_exposition()``. The directory
+must exist, and should be emptied when the supervisor starts. This module never imports nextproxy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import multiprocess
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.process_collector import ProcessCollector
+
+MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+TLS_HANDSHAKE_RESULTS = ("ok", "protocol_version", "no_client_cert", "bad_client_cert", "timeout", "other")
+LISTENERS = ("edge", "admin")
+CLIENT_TO_UPSTREAM = "client_to_upstream"
+UPSTREAM_TO_CLIENT = "upstream_to_client"
+RELOAD_RESULTS = ("ok", "error")
+
+# Request latencies: sub-millisecond local hops up to the 60 s upstream response timeout.
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# WebSocket sessions live from seconds (a failed page load) to a day (a dashboard left open).
+SESSION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
+
+REQUESTS = Counter(
+    "nextproxy_requests_total", "HTTP responses sent to clients, by route and status code.", ["route", "code"]
+)
+REQUEST_DURATION = Histogram(
+    "nextproxy_request_duration_seconds",
+    "Time from a request head to the end of its response.",
+    ["route"],
+    buckets=REQUEST_BUCKETS,
+)
+# Gauge modes in multiprocess mode ("live*" modes drop a worker's files when it is marked dead):
+# - livesum: a dead worker's connections died with it, so only live workers count.
+CONNECTIONS_ACTIVE = Gauge(
+    "nextproxy_connections_active", "Open client connections, by listener.", ["listener"], multiprocess_mode="livesum"
+)
+TLS_HANDSHAKES = Counter("nextproxy_tls_handshakes_total", "Edge TLS handshakes, by outcome.", ["result"])
+PASSTHROUGH_CONNECTIONS = Counter(
+    "nextproxy_passthrough_connections_total", "Connections spliced to an upstream without terminating TLS.", ["route"]
+)
+WEBSOCKET_SESSIONS_ACTIVE = Gauge(
+    "nextproxy_websocket_sessions_active", "Open WebSocket sessions, by route.", ["route"], multiprocess_mode="livesum"
+)
+WEBSOCKET_MESSAGES = Counter(
+    "nextproxy_websocket_messages_total", "WebSocket messages relayed, by route and direction.", ["route", "direction"]
+)
+WEBSOCKET_SESSION_DURATION = Histogram(
+    "nextproxy_websocket_session_duration_seconds",
+    "WebSocket session lifetimes, by route.",
+    ["route"],
+    buckets=SESSION_BUCKETS,
+)
+BYTES = Counter(
+    "nextproxy_bytes_total", "Payload bytes relayed, by route and direction.", ["route", "direction"]
+)
+# - livemax: an upstream counts as up while any live worker reaches it (each worker probes on its
+#   own, so one worker's failed probe is not an outage); a dead worker's last verdict is dropped.
+UPSTREAM_UP = Gauge(
+    "nextproxy_upstream_up", "1 when the upstream passed its last health check, else 0.", ["upstream"],
+    multiprocess_mode="livemax",
+)  # fmt: skip
+# - livemin: during a reload workers may briefly serve different certificates; the earliest expiry
+#   still served is the one to alert on. Plain "min" would keep a replaced certificate's expiry
+#   (from a dead worker's file) forever and fire a false alert after every renewal.
+CERTIFICATE_EXPIRY = Gauge(
+    "nextproxy_certificate_expiry_timestamp_seconds",
+    "notAfter of each served certificate, as a Unix timestamp.",
+    ["name"],
+    multiprocess_mode="livemin",
+)
+CONFIG_RELOADS = Counter("nextproxy_config_reloads_total", "Configuration reloads, by result.", ["result"])
+AUTHORIZATION_DENIED = Counter(
+    "nextproxy_authorization_denied_total", "Requests refused by a client-certificate allow list.", ["route", "reason"]
+)
+
+CONTRACT_METRIC_NAMES = (
+    "nextproxy_requests_total",
+    "nextproxy_request_duration_seconds",
+    "nextproxy_connections_active",
+    "nextproxy_tls_handshakes_total",
+    "nextproxy_passthrough_connections_total",
+    "nextproxy_websocket_sessions_active",
+    "nextproxy_websocket_messages_total",
+    "nextproxy_websocket_session_duration_seconds",
+    "nextproxy_bytes_total",
+    "nextproxy_upstream_up",
+    "nextproxy_certificate_expiry_timestamp_seconds",
+    "nextproxy_config_reloads_total",
+    "nextproxy_authorization_denied_total",
+)
+
+# Children for the fixed label sets, resolved at import so that every series exists (at 0) from
+# the first scrape; rate() and absent() alerts misbehave on series that appear late.
+EDGE_CONNECTIONS = CONNECTIONS_ACTIVE.labels(listener="edge")
+ADMIN_CONNECTIONS = CONNECTIONS_ACTIVE.labels(listener="admin")
+TLS_HANDSHAKE_BY_RESULT: dict[str, Counter] = {r: TLS_HANDSHAKES.labels(result=r) for r in TLS_HANDSHAKE_RESULTS}
+CONFIG_RELOAD_BY_RESULT: dict[str, Counter] = {r: CONFIG_RELOADS.labels(result=r) for r in RELOAD_RESULTS}
+
+
+def tls_handshake(result: str) -> None:
+    """Count one edge handshake; an unknown result is counted as ``other`` to keep labels bounded."""
+    TLS_HANDSHAKE_BY_RESULT.get(result, TLS_HANDSHAKE_BY_RESULT["other"]).inc()
+
+
+def config_reload(ok: bool) -> None:
+    CONFIG_RELOAD_BY_RESULT["ok" if ok else "error"].inc()
+
+
+def set_upstream_up(upstream: str, up: bool) -> None:
+    UPSTREAM_UP.labels(upstream=upstream).set(1 if up else 0)
+
+
+def set_certificate_expiry(name: str, not_after: float) -> None:
+    CERTIFICATE_EXPIRY.labels(name=name).set(not_after)
+
+
+@dataclass(slots=True, eq=False)
+class RouteMetrics:
+    """The label children of one route, resolved once; per-request use is attribute access.
+
+    ``requests(code)`` and ``denied(reason)`` cache a child per value on first use, so a request
+    costs one dict lookup instead of ``.labels()`` (a lock, label validation and tuple building).
+    """
+
+    route: str
+    duration: Histogram = field(init=False)
+    bytes_client_to_upstream: Counter = field(init=False)
+    bytes_upstream_to_client: Counter = field(init=False)
+    passthrough_connections: Counter = field(init=False)
+    websocket_sessions_active: Gauge = field(init=False)
+    websocket_messages_client_to_upstream: Counter = field(init=False)
+    websocket_messages_upstream_to_client: Counter = field(init=False)
+    websocket_session_duration: Histogram = field(init=False)
+    _requests: dict[int, Counter] = field(init=False, default_factory=dict)
+    _denied: dict[str, Counter] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        route = self.route
+        self.duration = REQUEST_DURATION.labels(route=route)
+        self.bytes_client_to_upstream = BYTES.labels(route=route, direction=CLIENT_TO_UPSTREAM)
+        self.bytes_upstream_to_client = BYTES.labels(route=route, direction=UPSTREAM_TO_CLIENT)
+        self.passthrough_connections = PASSTHROUGH_CONNECTIONS.labels(route=route)
+        self.websocket_sessions_active = WEBSOCKET_SESSIONS_ACTIVE.labels(route=route)
+        self.websocket_messages_client_to_upstream = WEBSOCKET_MESSAGES.labels(route=route, direction=CLIENT_TO_UPSTREAM)
+        self.websocket_messages_upstream_to_client = WEBSOCKET_MESSAGES.labels(route=route, direction=UPSTREAM_TO_CLIENT)
+        self.websocket_session_duration = WEBSOCKET_SESSION_DURATION.labels(route=route)
+
+    def requests(self, code: int) -> Counter:
+        child = self._requests.get(code)
+        if child is None:
+            child = self._requests[code] = REQUESTS.labels(route=self.route, code=str(code))
+        return child
+
+    def denied(self, reason: str) -> Counter:
+        """``reason`` must come from a fixed vocabulary (e.g. ``no_certificate``, ``not_allowed``)."""
+        child = self._denied.get(reason)
+        if child is None:
+            child = self._denied[reason] = AUTHORIZATION_DENIED.labels(route=self.route, reason=reason)
+        return child
+
+
+_ROUTES: dict[str, RouteMetrics] = {}
+
+
+def route_metrics(route: str) -> RouteMetrics:
+    """The shared ``RouteMetrics`` for a configured route name (created on first call)."""
+    metrics = _ROUTES.get(route)
+    if metrics is None:
+        metrics = _ROUTES[route] = RouteMetrics(route)
+    return metrics
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_DIR_VARIABLE) or None
+
+
+def registry_for_exposition() -> CollectorRegistry:
+    """What ``/metrics`` serves: the default registry, or a merge of every worker's files.
+
+    In multiprocess mode a fresh registry per scrape is prometheus_client's documented pattern:
+    ``MultiProcessCollector`` re-reads the directory on each collect and holds no state. Process
+    metrics (``process_*``) then describe the supervisor only: prometheus_client cannot merge
+    them across processes, and each worker's are not exported.
+    """
+    path = multiprocess_dir()
+    if path is None:
+        return REGISTRY
+    registry = CollectorRegistry()
+    # prometheus_client's multiprocess module has no annotations (hence the ignores below).
+    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def mark_process_dead(pid: int) -> None:
+    """Forget a worker that exited (its live* gauges vanish); a no-op outside multiprocess mode.
+
+    Counters and histograms of dead workers stay in the directory on purpose: dropping them
+    would make totals go backwards, which Prometheus reads as a counter reset.
+    """
+    path = multiprocess_dir()
+    if path is not None:
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True, slots=True)
+class Exposition:
+    body: bytes
+    content_type: str
+    content_encoding: str | None
+
+
+def exposition(accept: str, accept_encoding: str = "") -> Exposition:
+    """Render ``registry_for_exposition()`` as the scraper asked.
+
+    The Prometheus text format by default, OpenMetrics when ``Accept`` names
+    ``application/openmetrics-text`` (prometheus_client's own negotiation, so name escaping and
+    versions follow the library), gzip when ``Accept-Encoding`` allows it (Prometheus always does).
+    """
+    encoder, content_type = choose_encoder(accept)
+    body = encoder(registry_for_exposition())
+    if gzip_accepted(accept_encoding):
+        # Level 6: most of level 9's saving on repetitive metric text at a fraction of the CPU.
+        return Exposition(gzip.compress(body, compresslevel=6), content_type, "gzip")
+    return Exposition(body, content_type, None)

@@ -1,0 +1,527 @@
+"""The admin port over real loopback sockets: probes, metrics, status page, limits and TLS 1.3.
+
+Each test starts the admin server on 127.0.0.1 port 0 inside ``asyncio.run`` with a timeout, and
+talks to it with ``http.client`` or a raw socket in a thread. Multiprocess metrics run in real
+subprocesses, because prometheus_client picks its storage when it is first imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import http.client
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Awaitable, Callable, Iterator, TypeVar
+
+import pytest
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client import REGISTRY
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from nextproxy import admin, metrics
+from nextproxy.admin import AdminState, start_admin
+
+T = TypeVar("T")
+TIMEOUT = 20.0
+REPO = Path(__file__).resolve().parent.parent
+
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+loop_factory = LOOPS["asyncio"]
+
+
+@pytest.fixture(autouse=True, params=sorted(LOOPS))
+def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Production runs on uvloop; the plain loop keeps us honest about uvloop quirks."""
+    global loop_factory
+    loop_factory = LOOPS[request.param]
+    yield
+    loop_factory = LOOPS["asyncio"]
+
+
+def run(coro: Awaitable[T], timeout: float = TIMEOUT) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(bounded())
+
+
+def serve(
+    state: AdminState,
+    client: Callable[[int], T],
+    ssl_context: ssl.SSLContext | None = None,
+    send_buffer: int | None = None,
+    **options: float,
+) -> T:
+    """Start the admin port, run the blocking ``client(port)`` in a thread, then close the server."""
+
+    async def main() -> T:
+        server = await start_admin("127.0.0.1", 0, state, ssl_context, **options)
+        port = server.sockets[0].getsockname()[1]
+        if send_buffer is not None:
+            server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        try:
+            return await asyncio.to_thread(client, port)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    return run(main())
+
+
+def get(
+    port: int, path: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data``, half-close, and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+# ---------------------------------------------------------------------------------- probes
+
+
+def test_livez_is_ok_while_the_heartbeat_runs() -> None:
+    assert serve(AdminState(), lambda port: get(port, "/livez"))[::2] == (200, b"ok\n")
+
+
+def test_livez_fails_when_loop_timers_stop_running() -> None:
+    state = AdminState()
+
+    def client(port: int) -> tuple[int, bytes]:
+        # The heartbeat runs once at start and then sleeps an hour: the tick ages like a starved timer.
+        state.last_loop_tick = time.monotonic() - 10
+        status, _, body = get(port, "/livez")
+        return status, body
+
+    status, body = serve(state, client, heartbeat_interval=3600, stale_after=5)
+    assert status == 503
+    assert body.startswith(b"stale: event loop timers last ran 1")
+
+
+def test_heartbeat_advances_the_tick() -> None:
+    state = AdminState()
+    state.last_loop_tick = 0.0
+
+    def client(port: int) -> list[float]:
+        ticks = []
+        for _ in range(3):
+            time.sleep(0.15)
+            ticks.append(state.last_loop_tick)
+        return ticks
+
+    ticks = serve(state, client, heartbeat_interval=0.05)
+    assert 0 < ticks[0] < ticks[1] < ticks[2]
+
+
+def test_readyz_reports_reason_then_ready() -> None:
+    state = AdminState()
+
+    def client(port: int) -> list[tuple[int, str, object]]:
+        results = []
+        for ready in (False, True):
+            state.ready = ready
+            status, headers, body = get(port, "/readyz")
+            results.append((status, headers["content-type"], json.loads(body)))
+        return results
+
+    before, after = serve(state, client)
+    assert before == (503, "application/json", {"ready": False, "reason": "starting"})
+    assert after == (200, "application/json", {"ready": True})
+
+
+def test_head_sends_headers_without_body() -> None:
+    state = AdminState(ready=True)
+    status, headers, body = serve(state, lambda port: get(port, "/readyz", method="HEAD"))
+    assert (status, body) == (200, b"")
+    assert headers["content-length"] == str(len(b'{"ready": true}\n'))
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def touch_every_metric() -> str:
+    """Give every contract metric one sample; returns the route name used."""
+    route = metrics.route_metrics("admin-test-route")
+    route.requests(200).inc()
+    route.duration.observe(0.01)
+    route.passthrough_connections.inc()
+    route.websocket_sessions_active.inc()
+    route.websocket_sessions_active.dec()
+    route.websocket_messages_client_to_upstream.inc()
+    route.websocket_messages_upstream_to_client.inc(2)
+    route.websocket_session_duration.observe(42)
+    route.bytes_client_to_upstream.inc(100)
+    route.bytes_upstream_to_client.inc(200)
+    route.denied("not_allowed").inc()
+    metrics.EDGE_CONNECTIONS.inc()
+    metrics.EDGE_CONNECTIONS.dec()
+    metrics.tls_handshake("ok")
+    metrics.tls_handshake("unheard-of")  # folded into "other"
+    metrics.config_reload(ok=True)
+    metrics.set_upstream_up("admin-test-upstream", True)
+    metrics.set_certificate_expiry("admin-test-cert", 1_900_000_000)
+    return route.route
+
+
+def test_metrics_text_format_has_every_contract_metric() -> None:
+    touch_every_metric()
+    status, headers, body = serve(AdminState(), lambda port: get(port, "/metrics"))
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = list(text_string_to_metric_families(body.decode()))
+    names = {f.name for f in families} | {s.name for f in families for s in f.samples}
+    assert set(metrics.CONTRACT_METRIC_NAMES) <= names
+    assert "process_cpu_seconds_total" in names
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+    assert values[("nextproxy_upstream_up", (("upstream", "admin-test-upstream"),))] == 1
+    assert values[("nextproxy_certificate_expiry_timestamp_seconds", (("name", "admin-test-cert"),))] == 1.9e9
+    assert values[("nextproxy_tls_handshakes_total", (("result", "other"),))] >= 1
+    # Every fixed-label series exists from the first scrape, even at zero.
+    for result in metrics.TLS_HANDSHAKE_RESULTS:
+        assert ("nextproxy_tls_handshakes_total", (("result", result),)) in values
+    # The scrape's own connection is open while the page is rendered.
+    assert values[("nextproxy_connections_active", (("listener", "admin"),))] >= 1
+
+
+def test_route_metrics_children_are_cached_and_counted() -> None:
+    route = metrics.route_metrics("admin-cache-route")
+    assert metrics.route_metrics("admin-cache-route") is route
+    assert route.requests(404) is route.requests(404)
+    labels = {"route": "admin-cache-route", "code": "404"}
+    before = REGISTRY.get_sample_value("nextproxy_requests_total", labels) or 0.0
+    route.requests(404).inc(3)
+    assert REGISTRY.get_sample_value("nextproxy_requests_total", labels) == before + 3
+
+
+def test_metrics_openmetrics_when_asked() -> None:
+    touch_every_metric()
+    accept = {"Accept": "application/openmetrics-text; version=1.0.0, text/plain;q=0.5"}
+    status, headers, body = serve(AdminState(), lambda port: get(port, "/metrics", headers=accept))
+    assert status == 200
+    assert headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith(b"# EOF\n")
+    names = {f.name for f in parse_openmetrics(body.decode())}  # type: ignore[no-untyped-call]
+    # OpenMetrics names counter families without the _total suffix.
+    expected = {name.removesuffix("_total") for name in metrics.CONTRACT_METRIC_NAMES}
+    assert expected <= names
+
+
+def test_metrics_gzip_when_accepted() -> None:
+    touch_every_metric()
+    status, headers, body = serve(AdminState(), lambda port: get(port, "/metrics", headers={"Accept-Encoding": "gzip"}))
+    assert (status, headers["content-encoding"]) == (200, "gzip")
+    assert b"nextproxy_requests_total" in gzip.decompress(body)
+
+
+# ---------------------------------------------------------------------------------- HTTP behaviour
+
+
+def test_unknown_path_404_and_wrong_method_405_keep_the_connection() -> None:
+    def client(port: int) -> list[tuple[int, str | None]]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        results = []
+        try:
+            for method, path, body in (("GET", "/nope", None), ("POST", "/livez", b"x" * 100), ("GET", "/livez", None)):
+                conn.request(method, path, body=body)
+                response = conn.getresponse()
+                response.read()
+                results.append((response.status, response.getheader("allow")))
+                sock = conn.sock
+            assert sock is conn.sock is not None
+        finally:
+            conn.close()
+        return results
+
+    assert serve(AdminState(), client) == [(404, None), (405, "GET, HEAD"), (200, None)]
+
+
+def test_keep_alive_serves_two_requests_on_one_connection() -> None:
+    state = AdminState(ready=True)
+
+    def client(port: int) -> tuple[bytes, bytes, int]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/livez")
+            first = conn.getresponse().read()
+            sock = conn.sock
+            conn.request("GET", "/readyz")
+            second = conn.getresponse().read()
+            # http.client would silently reconnect had the server closed; the socket must be the same.
+            assert sock is not None and conn.sock is sock
+            # Two pipelined requests in one write are answered in order on the same socket.
+            pipelined = raw_exchange(port, b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\nGET /readyz HTTP/1.1\r\nHost: a\r\n\r\n")
+            return first, second, pipelined.count(b"HTTP/1.1 200 ")
+        finally:
+            conn.close()
+
+    assert serve(state, client) == (b"ok\n", b'{"ready": true}\n', 2)
+
+
+def test_pipelined_requests_from_a_slow_reader_are_all_answered_in_order() -> None:
+    # Far more response bytes than the socket buffers hold: the server must pause reading while
+    # its writes back up, then resume, and still answer every request once, in order. Loopback
+    # buffers absorb megabytes, so the listener's send buffer (inherited by accepted sockets on
+    # Linux) is shrunk; with it the transport buffer passes its 64 KiB high-water mark.
+    touch_every_metric()
+    count = 200
+    requests = b"".join(b"GET /metrics?n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(count - 1))
+    requests += b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n"
+
+    def client(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(requests)
+            time.sleep(0.2)  # let the server fill the window and pause before we read
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    data = serve(AdminState(), client, send_buffer=8192)
+    assert len(data) > 1_000_000
+    assert data.count(b"HTTP/1.1 200 ") == count
+    assert data.endswith(b"\r\n\r\nok\n")
+
+
+def test_bad_request_400_and_huge_head_431() -> None:
+    def client(port: int) -> tuple[bytes, bytes]:
+        bad = raw_exchange(port, b"NOT HTTP AT ALL\r\n\r\n")
+        huge = raw_exchange(port, b"GET /livez HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (admin.MAX_REQUEST_HEAD + 10))
+        return bad, huge
+
+    bad, huge = serve(AdminState(), client)
+    assert bad.startswith(b"HTTP/1.1 400 ")
+    assert huge.startswith(b"HTTP/1.1 431 ")
+
+
+def test_idle_connection_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admin, "IDLE_TIMEOUT", 0.3)
+
+    def client(port: int) -> tuple[bytes, float]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            started = time.monotonic()
+            # A slow client dribbling a request does not extend its deadline.
+            for byte in b"GET /livez HTTP/1.1\r\n":
+                try:
+                    sock.send(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.05)
+            data = sock.recv(1024)
+            return data, time.monotonic() - started
+
+    data, elapsed = serve(AdminState(), client)
+    assert data == b""
+    assert 0.25 < elapsed < 3
+
+
+def test_connections_over_the_cap_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admin, "MAX_CONNECTIONS", 1)
+
+    def client(port: int) -> tuple[bytes, bool]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as first:
+            first.sendall(b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert first.recv(1024).startswith(b"HTTP/1.1 200 ")  # so the server has counted it
+            try:
+                refused = raw_exchange(port, b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n")
+            except ConnectionResetError:
+                refused = b""
+        # Once the first one has gone, a new connection is served again (bounded retries: the
+        # server sees the first close asynchronously).
+        for _ in range(50):
+            if _livez_ok(port):
+                return refused, True
+            time.sleep(0.02)
+        return refused, False
+
+    assert serve(AdminState(), client) == (b"", True)
+
+
+def _livez_ok(port: int) -> bool:
+    try:
+        return get(port, "/livez")[0] == 200
+    except (ConnectionError, http.client.HTTPException):
+        return False
+
+
+# ---------------------------------------------------------------------------------- status page
+
+
+def test_status_page_lists_routes_and_escapes_everything() -> None:
+    now = time.time()
+    state = AdminState(
+        ready=False,
+        not_ready_reason="draining",
+        routes=[("path /ns/sigmai", "http+websocket (frames)", "ns"), ("sni <script>x</script>", "passthrough", "a&b")],
+        upstreams={"ns": True, "mc": False},
+        certificates=[("edge", now + 90 * 86400 + 60), ("old", now - 3 * 86400)],
+        connections_active=7,
+        websocket_sessions_active=3,
+        config_source="/etc/nextproxy.toml",
+    )
+    status, headers, body = serve(state, lambda port: get(port, "/"))
+    page = body.decode()
+    assert status == 200
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in headers["content-security-policy"]
+    assert "<td>path /ns/sigmai</td><td>http+websocket (frames)</td><td>ns</td>" in page
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "<script>" not in page
+    assert "<td>a&amp;b</td>" in page
+    assert '<td>ns</td><td><span class="badge up">up</span>' in page
+    assert '<td>mc</td><td><span class="badge down">down</span>' in page
+    assert "not ready: draining" in page
+    assert "<td>90</td>" in page and "expired 3 days ago" in page
+    assert "<dd>7</dd>" in page and "<dd>3</dd>" in page and "/etc/nextproxy.toml" in page
+
+
+# ---------------------------------------------------------------------------------- TLS
+
+
+def self_signed() -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nextproxy admin test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_admin_over_tls13(tmp_path: Path) -> None:
+    cert_pem, key_pem = self_signed()
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key_pem)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.minimum_version = ssl.TLSVersion.TLSv1_3
+    server_context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    client_context = ssl.create_default_context(cadata=cert_pem.decode())
+
+    def client(port: int) -> tuple[str | None, list[int], bytes]:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=client_context)
+        try:
+            statuses = []
+            for path in ("/livez", "/metrics"):
+                conn.request("GET", path)
+                response = conn.getresponse()
+                body = response.read()
+                statuses.append(response.status)
+            assert isinstance(conn.sock, ssl.SSLSocket)
+            version = conn.sock.version()
+        finally:
+            conn.close()
+        # A TLS 1.2-only client is refused by the TLS 1.3 floor.
+        old = ssl.create_default_context(cadata=cert_pem.decode())
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises(ssl.SSLError):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                old.wrap_socket(raw, server_hostname="127.0.0.1")
+        # A malformed request inside TLS still gets its 400 before the close.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with client_context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"NOT HTTP\r\n\r\n")
+                assert tls.recv(1024).startswith(b"HTTP/1.1 400 ")
+        return version, statuses, body
+
+    version, statuses, body = serve(AdminState(), client, server_context)
+    assert version == "TLSv1.3"
+    assert statuses == [200, 200]
+    assert b"nextproxy_connections_active" in body
+
+
+# ---------------------------------------------------------------------------------- multiprocess
+
+WORKER = """
+import os, sys
+from nextproxy import metrics
+edge, up, expiry = int(sys.argv[1]), sys.argv[2] == "1", float(sys.argv[3])
+for _ in range(edge):
+    metrics.EDGE_CONNECTIONS.inc()
+metrics.set_upstream_up("ns", up)
+metrics.set_certificate_expiry("edge", expiry)
+metrics.route_metrics("ns-sigmai").requests(200).inc()
+print(os.getpid())
+"""
+
+COLLECT = """
+import json, sys
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from nextproxy import metrics
+for pid in sys.argv[1:]:
+    metrics.mark_process_dead(int(pid))
+text = generate_latest(metrics.registry_for_exposition()).decode()
+out = {}
+for family in text_string_to_metric_families(text):
+    for s in family.samples:
+        out[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
+print(json.dumps(out))
+"""
+
+
+def test_multiprocess_merge_and_gauge_modes(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+
+    def python(script: str, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(script), *args],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    python(WORKER, "2", "1", "2000000000")
+    worker_b = python(WORKER, "3", "0", "1800000000")
+    both = json.loads(python(COLLECT))
+    after = json.loads(python(COLLECT, worker_b))
+
+    edge = 'nextproxy_connections_active{"listener": "edge"}'
+    up = 'nextproxy_upstream_up{"upstream": "ns"}'
+    expiry = 'nextproxy_certificate_expiry_timestamp_seconds{"name": "edge"}'
+    requests = 'nextproxy_requests_total{"code": "200", "route": "ns-sigmai"}'
+    assert (both[edge], both[up], both[expiry], both[requests]) == (5, 1, 1.8e9, 2)
+    # Worker B is gone: its live gauges vanish, its counted requests do not.
+    assert (after[edge], after[up], after[expiry], after[requests]) == (2, 1, 2e9, 2)
+    assert "process_cpu_seconds_total{}" in after
