@@ -1,0 +1,352 @@
+"""TlsEngine: the server side of TLS 1.3 over OpenSSL memory BIOs (pyOpenSSL), bytes in, bytes out.
+
+The shell feeds ciphertext with ``receive()`` and gets plaintext back; whatever OpenSSL wants
+to write (handshake flights, records, alerts, session tickets) waits in ``data_to_send()``.
+After the handshake the engine describes the client certificate (``PeerCertificate``) and
+verifies its chain in-process with ``cryptography.x509.verification`` at the time the shell
+passes in. Every pyOpenSSL failure becomes a ``TlsError`` whose alert, if any, is already
+queued. This module must never touch sockets, files, clocks, the event loop or logging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+from OpenSSL import SSL
+
+from nextproxy.config import ClientAuth
+from nextproxy.errors import TlsError
+
+__all__ = ["PeerCertificate", "TlsEngine", "TlsServerContext"]
+
+# One TLS record carries at most 16 KiB of plaintext (RFC 8446 section 5.1) and SSL_read
+# returns at most one record, so a bigger buffer would only cost allocation.
+READ_CHUNK = 16384
+# The outgoing BIO is drained in chunks this size; a handshake flight fits in one.
+DRAIN_CHUNK = 65536
+
+_T = TypeVar("_T")
+
+# Client certificates often carry only a subject CN; the WebPKI default policy would refuse
+# them for lacking a SAN, which is a server-certificate rule, not a client-certificate one.
+_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+    x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+)
+_CA_POLICY = ExtensionPolicy.webpki_defaults_ca()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TlsServerContext:
+    """One edge TLS configuration, chosen per SNI before the handshake (built by ``tlsconfig``).
+
+    ``context`` is immutable once a connection used it (pyOpenSSL >= 26.2), so a reload builds
+    new ones. ``client_cas`` are the configured client CA certificates, used for the verdict in
+    ``PeerCertificate.verified`` whatever the client-auth mode.
+    """
+
+    context: SSL.Context
+    client_auth: ClientAuth = ClientAuth.NONE
+    client_cas: tuple[x509.Certificate, ...] = ()
+    name: str = "default"
+    """Which certificate and SNI route this context serves (logs only)."""
+    store: Store | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The store is parsed once per context, not per handshake; the verifier itself must be
+        # built per handshake because the verification time is part of it.
+        object.__setattr__(self, "store", Store(list(self.client_cas)) if self.client_cas else None)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    """The client certificate as presented, and our verdict on it."""
+
+    der: bytes
+    chain: tuple[bytes, ...]
+    """Intermediates as the client sent them, DER, leaf excluded."""
+    verified: bool
+    """The chain leads to a configured client CA at the verification time."""
+    verify_error: str | None
+    """Why not verified: unknown_ca, expired, not_yet_valid, no_ca_configured, unparsable,
+    no_verification_time or invalid (anything else the policy refuses, e.g. a wrong EKU)."""
+    sha256: str
+    """Hex SHA-256 of ``der``."""
+    spki_sha256: str
+    """Hex SHA-256 of the DER SubjectPublicKeyInfo (the pin that survives re-issuance)."""
+    subject: str
+    """RFC 4514."""
+    common_name: str | None
+    dns_names: tuple[str, ...]
+    uris: tuple[str, ...]
+
+
+class TlsEngine:
+    """One server-side TLS connection. Not thread-safe; one per client connection."""
+
+    def __init__(self, context: TlsServerContext, initial: bytes = b"", now: datetime | None = None) -> None:
+        self._context = context
+        self._now = now
+        self.handshake_complete = False
+        self.peer_certificate: PeerCertificate | None = None
+        self.peer_closed = False
+        self.alpn: bytes | None = None
+        self.server_name: str | None = None
+        self.tls_version = ""
+        self.group: str | None = None
+        self._closed = False
+        # Bytes already taken out of the BIO (to learn whether an alert was queued) but not yet
+        # handed to the shell.
+        self._stash = b""
+        self._conn = self._call(lambda: SSL.Connection(context.context, None))
+        self._conn.set_accept_state()
+        if initial:
+            self.receive(initial)
+
+    # ------------------------------------------------------------------ bytes in
+
+    def receive(self, ciphertext: bytes) -> bytes:
+        """Feed bytes from the client; return the plaintext they complete (maybe b"").
+
+        ``b""`` feeds nothing (the shell's EOF convention) and only returns what is buffered.
+        """
+        if self.peer_closed:
+            return b""
+        conn = self._conn
+        if ciphertext:
+            self._call(lambda: conn.bio_write(ciphertext))
+        if not self.handshake_complete:
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                return b""
+            except Exception as exc:  # every pyOpenSSL failure; see _fail
+                raise self._fail(exc) from None
+            self._handshake_done()
+        # The client may send its Finished and its first request in one segment: read on.
+        return self._read_all()
+
+    def _read_all(self) -> bytes:
+        conn = self._conn
+        parts: list[bytes] = []
+        while True:
+            try:
+                parts.append(conn.recv(READ_CHUNK))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                # close_notify: from now on reads return b"", and the shell answers with ours.
+                self.peer_closed = True
+                break
+            except Exception as exc:
+                raise self._fail(exc) from None
+        return b"".join(parts)
+
+    # ------------------------------------------------------------------ bytes out
+
+    def send(self, plaintext: bytes) -> None:
+        """Encrypt application data; the records wait in ``data_to_send()``."""
+        if not self.handshake_complete:
+            raise TlsError("other", "send before the handshake completed")
+        if self._closed:
+            raise TlsError("other", "send after close")
+        view = memoryview(plaintext)
+        conn = self._conn
+        # The memory BIO never pushes back, but SSL_write may still take less than all: loop.
+        while view:
+            sent = self._call(lambda: conn.send(view))
+            view = view[sent:]
+
+    def data_to_send(self) -> bytes:
+        """Every pending outgoing byte: handshake flights, records, alerts, session tickets."""
+        conn = self._conn
+        parts: list[bytes] = [self._stash]
+        self._stash = b""
+        while True:
+            try:
+                parts.append(conn.bio_read(DRAIN_CHUNK))
+            except SSL.WantReadError:
+                return b"".join(parts)
+            except Exception as exc:
+                raise self._fail(exc) from None
+
+    def close(self) -> None:
+        """Queue our close_notify. Idempotent; before the handshake there is nothing to close.
+
+        OpenSSL refuses SSL_shutdown during a handshake; the shell just closes the socket then.
+        """
+        if self._closed or not self.handshake_complete:
+            return
+        self._closed = True
+        try:
+            self._conn.shutdown()
+        except Exception:  # a dead connection has nothing left to say; closing must not fail
+            pass
+
+    # ------------------------------------------------------------------ internals
+
+    def _call(self, operation: Callable[[], _T]) -> _T:
+        try:
+            return operation()
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    def _fail(self, exc: Exception) -> TlsError:
+        """Turn a pyOpenSSL exception into a TlsError, noting whether an alert is queued."""
+        text = str(exc).lower()
+        reason = error_reason(text)
+        received_alert = "alert" in text and reason != "protocol_version"
+        # OpenSSL writes its fatal alert into the BIO before raising; a peer's alert gets no answer.
+        queued = self._drain_into_stash() if hasattr(self, "_conn") else False
+        detail = _short(exc) if isinstance(exc, SSL.Error) else f"{type(exc).__name__}: {exc}"
+        return TlsError(reason, detail, alert_sent=queued and not received_alert)
+
+    def _drain_into_stash(self) -> bool:
+        # There is no public BIO_ctrl_pending: a queued alert is observable only by reading it.
+        parts = [self._stash]
+        while True:
+            try:
+                parts.append(self._conn.bio_read(DRAIN_CHUNK))
+            except Exception:
+                break
+        grew = len(parts) > 1
+        self._stash = b"".join(parts)
+        return grew
+
+    def _handshake_done(self) -> None:
+        conn = self._conn
+        self.handshake_complete = True
+        self.alpn = conn.get_alpn_proto_negotiated() or None
+        name = conn.get_servername()
+        self.server_name = name.decode("ascii", "replace").lower() if name else None
+        self.tls_version = conn.get_protocol_version_name()
+        self.group = conn.get_group_name()
+        if self._context.client_auth is not ClientAuth.NONE:
+            self.peer_certificate = self._describe_peer()
+
+    def _describe_peer(self) -> PeerCertificate | None:
+        try:
+            leaf = self._conn.get_peer_certificate(as_cryptography=True)
+            chain = self._conn.get_peer_cert_chain(as_cryptography=True) or []
+        except Exception:  # OpenSSL accepted what cryptography cannot parse
+            return None
+        if leaf is None:
+            return None
+        return describe_certificate(leaf, chain, self._context, self._now)
+
+
+def describe_certificate(
+    leaf: x509.Certificate,
+    intermediates: list[x509.Certificate],
+    context: TlsServerContext,
+    now: datetime | None,
+) -> PeerCertificate:
+    """The facts about a client certificate, and whether it chains to ``context``'s CAs at ``now``."""
+    der = leaf.public_bytes(Encoding.DER)
+    spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    dns_names: tuple[str, ...] = ()
+    uris: tuple[str, ...] = ()
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = tuple(san.get_values_for_type(x509.DNSName))
+        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+        names_ok = True
+    except x509.ExtensionNotFound:
+        names_ok = True
+    except ValueError:  # malformed or duplicated extensions: facts unknown, never verified
+        names_ok = False
+    common_names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = common_names[0].value if common_names else None
+    verified, error = (False, "unparsable") if not names_ok else _verify(leaf, intermediates, context, now)
+    return PeerCertificate(
+        der=der,
+        chain=tuple(c.public_bytes(Encoding.DER) for c in intermediates),
+        verified=verified,
+        verify_error=error,
+        sha256=hashlib.sha256(der).hexdigest(),
+        spki_sha256=hashlib.sha256(spki).hexdigest(),
+        subject=leaf.subject.rfc4514_string(),
+        common_name=common_name if isinstance(common_name, str) else None,
+        dns_names=dns_names,
+        uris=uris,
+    )
+
+
+def _verify(
+    leaf: x509.Certificate, intermediates: list[x509.Certificate], context: TlsServerContext, now: datetime | None
+) -> tuple[bool, str | None]:
+    if context.store is None:
+        return False, "no_ca_configured"
+    if now is None:
+        # The core has no clock; without a time no validity period can be judged.
+        return False, "no_verification_time"
+    verifier = (
+        PolicyBuilder()
+        .store(context.store)
+        .time(now)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(leaf, intermediates)
+    except VerificationError as exc:
+        return False, _verify_error(str(exc), leaf, now)
+    except ValueError:
+        return False, "unparsable"
+    return True, None
+
+
+def _verify_error(message: str, leaf: x509.Certificate, now: datetime) -> str:
+    """A short, bounded label for a failed verification (metrics and headers use it)."""
+    if "not valid at validation time" in message:
+        # cryptography names the offending certificate only in prose; judge the leaf ourselves.
+        if now < leaf.not_valid_before_utc:
+            return "not_yet_valid"
+        return "expired"
+    if "candidates exhausted" in message:
+        return "unknown_ca"
+    return "invalid"
+
+
+# OpenSSL reason strings, lower-cased, in the order they are tried. A received alert reads
+# "tlsv1 alert unknown ca": the peer refused *us*, so it must not count as a bad client cert.
+_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("protocol_version", ("unsupported protocol", "wrong version number", "protocol version",
+                          "no protocols available", "version too low")),
+    ("other", ("alert",)),
+    ("no_client_cert", ("peer did not return a certificate",)),
+    ("bad_client_cert", ("certificate verify failed", "unknown ca", "certificate expired",
+                         "bad certificate", "unsupported certificate")),
+)  # fmt: skip
+
+
+def error_reason(text: str) -> str:
+    """Map an OpenSSL error text to protocol_version, no_client_cert, bad_client_cert or other."""
+    for reason, needles in _REASONS:
+        if any(needle in text for needle in needles):
+            return reason
+    return "other"
+
+
+def _short(exc: SSL.Error) -> str:
+    """The OpenSSL reason strings of an error, without the library and function noise."""
+    parts: list[str] = []
+    for arg in exc.args:
+        if isinstance(arg, list):
+            parts += [str(entry[-1]) for entry in arg if isinstance(entry, tuple) and entry]
+        else:
+            parts.append(str(arg))
+    return "; ".join(parts) or type(exc).__name__
