@@ -210,7 +210,7 @@ class HttpSession:
             elif isinstance(event, h11.Data):
                 actions += self._forward_body(event)
             elif isinstance(event, h11.EndOfMessage):
-                actions += self._end_request(event.headers)
+                actions += self._end_request(list(event.headers))
             elif isinstance(event, h11.ConnectionClosed):
                 if self._exchange is None:
                     self._closed = True
@@ -320,7 +320,7 @@ class HttpSession:
                     exchange.bytes_out += len(event.data)
                     actions.append(SendToClient(self._client.send(h11.Data(data=event.data)) or b""))
             elif isinstance(event, h11.EndOfMessage):
-                actions += self._finish_exchange(leg, event.headers)
+                actions += self._finish_exchange(leg, list(event.headers))
             elif isinstance(event, h11.ConnectionClosed):
                 actions += self._upstream_broken("upstream closed the connection")
                 break

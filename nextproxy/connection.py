@@ -1,0 +1,612 @@
+"""One edge connection: read the ClientHello, then passthrough, or TLS + HTTP/WebSocket.
+
+This is the shell around the sans-IO core: it moves bytes between the transports and the core
+objects, runs the actions they return, owns every timeout (one lazy deadline per connection,
+so the hot path never re-arms a timer) and applies backpressure: the client is read only while
+the session wants bytes and the upstream's write buffer is below its high-water mark, and the
+upstream is read only while the client's write buffer is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ssl
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import cast, TYPE_CHECKING, Sequence
+
+from nextproxy.config import Config, PathRoute, SniAction, SniRoute
+from nextproxy.core.actions import (
+    AuthorizationDenied,
+    AwaitResponse,
+    CloseClient,
+    CloseUpstream,
+    ConnectUpstream,
+    ReleaseUpstream,
+    RequestCompleted,
+    ResponseStarted,
+    SendToClient,
+    SendToUpstream,
+    StartTunnel,
+    StartWebSocket,
+)
+from nextproxy.core.clienthello import ClientHello, ClientHelloReader
+from nextproxy.core.headers import ClientInfo
+from nextproxy.core.http1 import HttpSession
+from nextproxy.core.routing import RouteTable
+from nextproxy.core.tls import TlsEngine
+from nextproxy.core.websocket import MessageRelayed, RelayLimits, SessionClosed, Side, WebSocketRelay
+from nextproxy.errors import ClientHelloError, TlsError
+from nextproxy.passthrough import Splice
+from nextproxy.upstream import UpstreamConnection, UpstreamPool
+
+if TYPE_CHECKING:
+    from nextproxy.observe import Observer
+    from nextproxy.tlsconfig import ServerContexts
+
+READ_CHUNK_LIMIT = 256 * 1024
+"""High-water mark of each transport's write buffer before the other side is paused."""
+USE_HTTPS = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 42\r\nconnection: close\r\n\r\n"
+    b"This port speaks TLS: use https:// instead\n"
+)
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything a connection needs, swapped as a whole on reload (old connections keep theirs)."""
+
+    config: Config
+    routes: RouteTable
+    contexts: ServerContexts
+    pool: UpstreamPool
+    observer: Observer
+    connections: set[EdgeConnection] = field(default_factory=set)
+    passthroughs: set[Splice] = field(default_factory=set)
+    draining: bool = False
+
+
+class Phase(enum.Enum):
+    HELLO = "hello"
+    HANDSHAKE = "handshake"
+    HTTP = "http"
+    TUNNEL = "tunnel"
+    WEBSOCKET = "websocket"
+    CLOSED = "closed"
+
+
+class EdgeConnection(asyncio.Protocol):
+    """The protocol for one accepted connection on the edge listener."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.phase = Phase.HELLO
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self._reader: ClientHelloReader | None = ClientHelloReader(runtime.config.limits.max_client_hello)
+        self._hello: ClientHello | None = None
+        self._sni_route: SniRoute | None = None
+        self._engine: TlsEngine | None = None
+        self._session: HttpSession | None = None
+        self._relay: WebSocketRelay | None = None
+        self._route: PathRoute | None = None
+        self._up: UpstreamConnection | None = None
+        self._reading = True
+        self._upstream_write_paused = False
+        self._client_write_paused = False
+        self._deadline = 0.0
+        self._deadline_kind = "hello"
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = 0.0
+        self._request_started = 0.0
+        self._ping_sent: dict[Side, float] = {}
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else "-"
+        self.rt.connections.add(self)
+        self.rt.observer.connection_opened()
+        loop = asyncio.get_running_loop()
+        self._started = loop.time()
+        self._set_deadline(self.rt.config.timeouts.client_hello, "hello")
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.phase is Phase.HELLO:
+                self._hello_data(data)
+            else:
+                self._tls_data(data)
+        except Exception as exc:  # the one catch-all: a bug; log it, close this connection only
+            self.rt.observer.bug(exc, self.peer)
+            self._close(abort=True)
+
+    def eof_received(self) -> bool:
+        if self.phase is Phase.HELLO or self._engine is None:
+            self._close()
+            return False
+        self.data_received(b"")
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        relay = self._relay
+        if self.phase is Phase.WEBSOCKET and relay is not None and not relay.closed:
+            self.transport = None  # let the relay finish the upstream's closing handshake
+            self._run(relay.client_data(b""))
+            return
+        self._close()
+
+    def pause_writing(self) -> None:
+        self._client_write_paused = True
+        if self._up is not None and self._up.transport is not None:
+            self._up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._client_write_paused = False
+        if self._up is not None and self._up.transport is not None:
+            self._up.transport.resume_reading()
+
+    # ------------------------------------------------------------------ upstream callbacks
+
+    def upstream_data(self, data: bytes) -> None:
+        try:
+            if self.phase is Phase.HTTP and self._session is not None:
+                self._touch()
+                self._run(self._session.upstream_data(data))
+            elif self.phase is Phase.TUNNEL:
+                if data:
+                    self._send_client(data)
+                    self._flush()
+                else:
+                    self._close()
+            elif self.phase is Phase.WEBSOCKET and self._relay is not None:
+                self._touch()
+                self._run(self._relay.upstream_data(data))
+        except Exception as exc:
+            self.rt.observer.bug(exc, self.peer)
+            self._close(abort=True)
+
+    def upstream_lost(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self._up = None
+        if self._session is not None and self.phase is Phase.HTTP:
+            self.upstream_data_eof()
+        elif self.phase is Phase.TUNNEL:
+            self._close()
+        elif self.phase is Phase.WEBSOCKET and self._relay is not None and not self._relay.closed:
+            self._run(self._relay.upstream_data(b""))
+
+    def upstream_data_eof(self) -> None:
+        if self._session is not None:
+            self._run(self._session.upstream_data(b""))
+
+    def upstream_writing(self, paused: bool) -> None:
+        self._upstream_write_paused = paused
+        self._update_reading()
+
+    # ------------------------------------------------------------------ ClientHello
+
+    def _hello_data(self, data: bytes) -> None:
+        assert self._reader is not None and self.transport is not None
+        try:
+            hello = self._reader.feed(data)
+        except ClientHelloError as exc:
+            self.rt.observer.bad_hello(exc, self.peer)
+            if exc.plaintext_http:
+                self.transport.write(USE_HTTPS)
+            self._close()
+            return
+        if hello is None:
+            return
+        self._reader = None
+        self._hello = hello
+        route = self.rt.routes.match_sni(hello.server_name)
+        self._sni_route = route
+        if route is not None and route.action is SniAction.PASSTHROUGH:
+            self._start_passthrough(route, hello)
+        else:
+            self._start_tls(route, hello)
+
+    def _start_passthrough(self, route: SniRoute, hello: ClientHello) -> None:
+        assert self.transport is not None
+        self._cancel_timer()
+        self.rt.connections.discard(self)
+        self.phase = Phase.CLOSED  # this protocol object is done; the splice owns the transport
+        splice = Splice(self.transport, self.rt.config.timeouts.passthrough_idle, self._passthrough_closed)
+        self.rt.passthroughs.add(splice)
+        self.rt.observer.passthrough_opened(route.name)
+        self.transport = None
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._passthrough_connect(splice, route, hello))
+
+    async def _passthrough_connect(self, splice: Splice, route: SniRoute, hello: ClientHello) -> None:
+        assert route.upstream is not None
+        upstream = self.rt.config.upstream(route.upstream)
+        last: BaseException | None = None
+        for server in upstream.servers:
+            try:
+                await splice.connect(server, hello.raw, self.rt.config.timeouts.connect)
+                self.rt.pool.mark(upstream.name, True)
+                return
+            except (OSError, TimeoutError) as exc:
+                last = exc
+        self.rt.pool.mark(upstream.name, False)
+        self.rt.observer.upstream_error(route.name, f"passthrough connect failed: {last!r}", self.peer)
+        splice.close()
+
+    def _passthrough_closed(self, splice: Splice) -> None:
+        self.rt.passthroughs.discard(splice)
+        name = self._sni_route.name if self._sni_route else "-"
+        self.rt.observer.passthrough_closed(name, splice.client.bytes, splice.upstream.bytes, self.peer)
+        self.rt.observer.connection_closed()
+
+    # ------------------------------------------------------------------ TLS + HTTP
+
+    def _start_tls(self, route: SniRoute | None, hello: ClientHello) -> None:
+        assert self.transport is not None
+        self.phase = Phase.HANDSHAKE
+        context = self.rt.contexts.select(route, hello.server_name)
+        self._set_deadline(self.rt.config.timeouts.handshake, "handshake")
+        try:
+            self._engine = TlsEngine(context, now=datetime.now(timezone.utc))
+        except TlsError as exc:
+            self._tls_failed(exc)
+            return
+        # Fed through the normal path (not the constructor) so a refusal's alert gets flushed.
+        self._tls_data(hello.raw)
+
+    def _tls_data(self, data: bytes) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        try:
+            plaintext = engine.receive(data)
+        except TlsError as exc:
+            self._tls_failed(exc)
+            return
+        self._after_tls_input(plaintext, eof=not data)
+
+    def _after_tls_input(self, plaintext: bytes = b"", eof: bool = False) -> None:
+        engine = self._engine
+        assert engine is not None
+        if self.phase is Phase.HANDSHAKE:
+            if not engine.handshake_complete:
+                self._flush()
+                if eof:
+                    self.rt.observer.handshake("other")
+                    self._close()
+                return
+            self._handshake_done(engine)
+        self._flush()  # session tickets go out right after the handshake
+        if plaintext:
+            self._from_client(plaintext)
+        if engine.peer_closed or eof:
+            self._from_client(b"")
+
+    def _handshake_done(self, engine: TlsEngine) -> None:
+        self.rt.observer.handshake("ok")
+        self.phase = Phase.HTTP
+        hello = self._hello
+        info = ClientInfo(
+            address=self.peer,
+            server_name=hello.server_name if hello else None,
+            certificate=engine.peer_certificate,
+        )
+        self._session = HttpSession(self.rt.routes, self._sni_route, info, self.rt.config.limits)
+        if self.rt.draining:
+            self._session.draining = True
+        self._set_deadline(self.rt.config.timeouts.client_idle, "idle")
+
+    def _tls_failed(self, exc: TlsError) -> None:
+        self.rt.observer.handshake(exc.reason if self.phase is Phase.HANDSHAKE else "other", str(exc), self.peer)
+        # The alert is already in the engine's out-buffer: flush it, then half-close and linger
+        # briefly, or the kernel answers the client's in-flight bytes with a reset and the client
+        # never sees the alert.
+        self._flush()
+        self._close(linger=True)
+
+    def _from_client(self, plaintext: bytes) -> None:
+        if self.phase is Phase.HTTP and self._session is not None:
+            self._touch()
+            self._run(self._session.client_data(plaintext))
+        elif self.phase is Phase.TUNNEL:
+            self._tunnel_plain(plaintext)
+        elif self.phase is Phase.WEBSOCKET and self._relay is not None:
+            self._touch()
+            self._run(self._relay.client_data(plaintext))
+
+    def _tunnel_plain(self, data: bytes) -> None:
+        up = self._up
+        if up is None:
+            return
+        self._touch()
+        if data:
+            up.write(data)
+        elif up.transport is not None and up.transport.can_write_eof():
+            up.transport.write_eof()
+
+    # ------------------------------------------------------------------ running actions
+
+    def _run(self, actions: Sequence[object]) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is SendToClient:
+                self._send_client(action.data)  # type: ignore[attr-defined]
+            elif kind is SendToUpstream:
+                if self._up is not None:
+                    self._up.write(action.data)  # type: ignore[attr-defined]
+            elif kind is ConnectUpstream:
+                self._connect(action)  # type: ignore[arg-type]
+            elif kind is ReleaseUpstream:
+                self._release(action.reusable)  # type: ignore[attr-defined]
+            elif kind is AwaitResponse:
+                self._set_deadline(self.rt.config.timeouts.upstream_response, "response")
+            elif kind is ResponseStarted:
+                self._set_deadline(self.rt.config.timeouts.client_idle, "idle")
+            elif kind is RequestCompleted:
+                self.rt.observer.request(action, self._request_started, self.peer)  # type: ignore[arg-type]
+            elif kind is CloseClient:
+                self._flush()
+                if self.phase is Phase.WEBSOCKET and self._relay is not None and not self._relay.closed:
+                    self._close_client_leg()  # the upstream may still owe its close reply
+                    continue
+                self._close()
+                return
+            elif kind is CloseUpstream:
+                self._release(False)
+            elif kind is StartTunnel:
+                self._start_tunnel(action)  # type: ignore[arg-type]
+            elif kind is StartWebSocket:
+                self._start_websocket(action)  # type: ignore[arg-type]
+            elif kind is AuthorizationDenied:
+                self.rt.observer.denied(action, self.peer)  # type: ignore[arg-type]
+            elif kind is MessageRelayed:
+                self.rt.observer.ws_message(self._route_name(), action)  # type: ignore[arg-type]
+            elif kind is SessionClosed:
+                duration = asyncio.get_running_loop().time() - self._request_started
+                self.rt.observer.ws_closed(self._route_name(), action, self.peer, duration)  # type: ignore[arg-type]
+        self._flush()
+        self._update_reading()
+        if self._relay is not None and self._relay.closed:
+            self._close()
+
+    def _close_client_leg(self) -> None:
+        """WebSocket: the client leg is finished or dead; the session ends when the relay says so."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+    def _route_name(self) -> str:
+        return self._route.name if self._route is not None else "-"
+
+    def _send_client(self, data: bytes) -> None:
+        if self._engine is not None and data:
+            self._engine.send(data)
+
+    def _flush(self) -> None:
+        engine, transport = self._engine, self.transport
+        if engine is not None and transport is not None and not transport.is_closing():
+            out = engine.data_to_send()
+            if out:
+                transport.write(out)
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.phase is Phase.CLOSED:
+            return
+        want = not self._upstream_write_paused
+        if self.phase is Phase.HTTP and self._session is not None:
+            want = want and self._session.reading_client
+        if want != self._reading:
+            self._reading = want
+            if want:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    def _connect(self, action: ConnectUpstream) -> None:
+        self._request_started = asyncio.get_running_loop().time()
+        self._route = action.route
+        upstream = self.rt.config.upstream(action.route.upstream)
+        asyncio.get_running_loop().create_task(self._connect_task(upstream, action.fresh))
+
+    async def _connect_task(self, upstream: object, fresh: bool) -> None:
+        from nextproxy.config import Upstream
+
+        assert isinstance(upstream, Upstream)
+        session = self._session
+        if session is None:
+            return
+        try:
+            conn = await self.rt.pool.acquire(upstream, self, fresh=fresh)
+        except ssl.SSLError as exc:
+            self.rt.observer.upstream_error(upstream.name, f"TLS to upstream failed: {exc}", self.peer)
+            actions = session.upstream_failed("upstream TLS verification failed")
+        except TimeoutError:
+            actions = session.upstream_failed("upstream connect timed out", timeout=True)
+        except OSError as exc:
+            self.rt.observer.upstream_error(upstream.name, f"connect failed: {exc}", self.peer)
+            actions = session.upstream_failed("upstream unreachable")
+        else:
+            if self.phase is Phase.CLOSED:
+                self.rt.pool.release(conn, False)
+                return
+            self._up = conn
+            if conn.transport is not None and self._client_write_paused:
+                conn.transport.pause_reading()
+            actions = session.upstream_connected(conn.leg)
+        if self.phase is not Phase.CLOSED:
+            self._run(actions)
+
+    def _release(self, reusable: bool) -> None:
+        up, self._up = self._up, None
+        self._upstream_write_paused = False
+        if up is not None:
+            if up.transport is not None:
+                up.transport.resume_reading()
+            self.rt.pool.release(up, reusable and not self.rt.draining)
+
+    def _start_tunnel(self, action: StartTunnel) -> None:
+        self.phase = Phase.TUNNEL
+        self._session = None
+        self._route = action.route
+        self._set_deadline(self.rt.config.timeouts.passthrough_idle, "idle")
+        if action.to_client:
+            self._send_client(action.to_client)
+        if action.to_upstream and self._up is not None:
+            self._up.write(action.to_upstream)
+        self._reading = True
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def _start_websocket(self, action: StartWebSocket) -> None:
+        route = action.route
+        self.phase = Phase.WEBSOCKET
+        self._session = None
+        self._route = route
+        self._relay = WebSocketRelay(RelayLimits(max_message_size=route.max_message_size))
+        self.rt.observer.ws_opened(route.name)
+        self._set_deadline(route.ping_interval, "ping")
+        actions: list[object] = []
+        if action.from_client:
+            actions += self._relay.client_data(action.from_client)
+        if action.from_upstream:
+            actions += self._relay.upstream_data(action.from_upstream)
+        self._reading = True
+        if self.transport is not None:
+            self.transport.resume_reading()
+        if actions:
+            self._run(actions)
+
+    # ------------------------------------------------------------------ timers
+
+    def _set_deadline(self, seconds: float, kind: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + seconds
+        self._deadline_kind = kind
+        # The armed timer may fire late (it re-arms itself then), never early: move it earlier only.
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(self._deadline, self._on_timer)
+
+    def _touch(self) -> None:
+        """Activity: push the current deadline out (idle and ping kinds only)."""
+        kind = self._deadline_kind
+        if kind == "idle":
+            self._deadline = asyncio.get_running_loop().time() + self._idle_seconds()
+        elif kind == "ping" and self._route is not None:
+            self._deadline = asyncio.get_running_loop().time() + self._route.ping_interval
+
+    def _idle_seconds(self) -> float:
+        timeouts = self.rt.config.timeouts
+        return timeouts.passthrough_idle if self.phase is Phase.TUNNEL else timeouts.client_idle
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.phase is Phase.CLOSED:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline - 0.001:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
+            return
+        try:
+            self._deadline_passed(self._deadline_kind)
+        except Exception as exc:
+            self.rt.observer.bug(exc, self.peer)
+            self._close(abort=True)
+
+    def _deadline_passed(self, kind: str) -> None:
+        if kind == "hello":
+            self.rt.observer.handshake("timeout")
+            self._close()
+        elif kind == "handshake":
+            self.rt.observer.handshake("timeout")
+            self._flush()
+            self._close()
+        elif kind == "response" and self._session is not None:
+            self._run(self._session.upstream_timeout())
+            if self.phase is not Phase.CLOSED:
+                self._set_deadline(self.rt.config.timeouts.client_idle, "idle")
+        elif kind == "ping" and self._relay is not None and self._route is not None:
+            self._keepalive(self._route)
+        else:
+            self._close()
+
+    def _keepalive(self, route: PathRoute) -> None:
+        """Ping both legs after ping_interval of silence; a leg that misses ping_timeout is dead."""
+        relay = self._relay
+        assert relay is not None
+        for side in (Side.CLIENT, Side.UPSTREAM):
+            if relay.pong_outstanding(side):
+                self._run(relay.peer_timed_out(side))
+                return
+        actions = relay.ping(Side.CLIENT) + relay.ping(Side.UPSTREAM)
+        self._run(actions)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + route.ping_timeout
+        self._deadline_kind = "ping-wait"
+        self._timer = loop.call_at(self._deadline, self._on_pong_deadline)
+
+    def _on_pong_deadline(self) -> None:
+        self._timer = None
+        relay, route = self._relay, self._route
+        if relay is None or route is None or self.phase is not Phase.WEBSOCKET:
+            return
+        for side in (Side.CLIENT, Side.UPSTREAM):
+            if relay.pong_outstanding(side):
+                self._run(relay.peer_timed_out(side))
+                return
+        self._set_deadline(route.ping_interval, "ping")
+
+    # ------------------------------------------------------------------ drain and close
+
+    def drain(self) -> None:
+        """Graceful shutdown: finish what is in flight, refuse what is new."""
+        if self.phase in (Phase.HELLO, Phase.HANDSHAKE):
+            self._close()
+        elif self.phase is Phase.HTTP and self._session is not None:
+            self._run(self._session.drain())
+        elif self.phase is Phase.WEBSOCKET and self._relay is not None:
+            self._run(self._relay.shutdown())
+
+    def _close(self, *, abort: bool = False, linger: bool = False) -> None:
+        if self.phase is Phase.CLOSED and self.transport is None:
+            return
+        was = self.phase
+        self.phase = Phase.CLOSED
+        self._cancel_timer()
+        if self._up is not None:
+            self._release(False)
+        if self._relay is not None and self._route is not None:
+            self.rt.observer.ws_gone(self._route.name)
+            self._relay = None
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            if abort:
+                transport.abort()
+            elif linger and transport.can_write_eof():
+                transport.write_eof()
+                asyncio.get_running_loop().call_later(0.5, transport.close)
+            else:
+                if self._engine is not None and was in (Phase.HTTP, Phase.TUNNEL, Phase.WEBSOCKET):
+                    self._engine.close()
+                    out = self._engine.data_to_send()
+                    if out and not transport.is_closing():
+                        transport.write(out)
+                transport.close()
+        if self in self.rt.connections:
+            self.rt.connections.discard(self)
+            self.rt.observer.connection_closed()

@@ -1,0 +1,185 @@
+"""One serving process from start to exit: listeners, admin port, signals, reload, drain.
+
+SIGTERM/SIGINT: readiness fails at once; after ``shutdown_delay`` the listener stops accepting,
+in-flight requests finish, WebSocket sessions get Close 1001, and the process exits 0 once all
+is done or the drain timeout passes. SIGHUP (or a changed certificate file, polled) reloads:
+the new configuration is validated completely before it replaces the old one, and a bad one is
+logged in one line and counted, while the last good one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Callable
+
+from nextproxy import __version__, metrics
+from nextproxy.config import Config, load
+from nextproxy.errors import ConfigError
+from nextproxy.logs import Logger
+from nextproxy.observe import Observer
+from nextproxy.server import ProxyServer, bind, build_runtime
+from nextproxy.tlsconfig import ServerContexts, admin_ssl_context
+
+CERT_POLL_INTERVAL = 2.0
+"""Seconds between checks of certificate files; a change is reloaded after one quiet interval."""
+
+
+def watched_files(config: Config) -> list[str]:
+    paths = []
+    for pair in (*config.certificates, *( [config.admin_tls] if config.admin_tls else [])):
+        for source in (pair.certificate, pair.key):
+            if source.path:
+                paths.append(source.path)
+    return paths
+
+
+def _stamp(paths: list[str]) -> tuple[tuple[str, float, int], ...]:
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            out.append((path, st.st_mtime, st.st_size))
+        except OSError:
+            out.append((path, -1.0, -1))
+    return tuple(out)
+
+
+@dataclass
+class Process:
+    """The state of this serving process, shared with the admin port."""
+
+    config: Config
+    logger: Logger
+    config_path: str | None = None
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    server: ProxyServer | None = None
+    admin_state: object | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def publish_certificates(self, contexts: ServerContexts) -> None:
+        for cert in contexts.certificates:
+            metrics.set_certificate_expiry(cert.name, cert.not_after)
+        state = self.admin_state
+        if state is not None:
+            state.certificates = [(c.name, c.not_after) for c in contexts.certificates]  # type: ignore[attr-defined]
+
+    def reload(self) -> bool:
+        """Load, validate and swap in a new configuration; keep the old one on any error."""
+        assert self.server is not None
+        try:
+            config = load(self.env, self.config_path)
+            runtime_config = config
+            if (config.listen, config.admin_listen) != (self.config.listen, self.config.admin_listen):
+                self.logger.log("warning", "reload_listen_changed", detail="listen addresses change only on restart")
+            contexts = ServerContexts.build(runtime_config)
+            self.server.reload(runtime_config, self.server.runtime.observer, contexts)
+        except ConfigError as exc:
+            metrics.config_reload(False)
+            self.logger.log("error", "reload_failed", error=str(exc))
+            return False
+        self.config = runtime_config
+        self.publish_certificates(contexts)
+        metrics.config_reload(True)
+        self.logger.log("info", "reloaded", source=config.source)
+        return True
+
+
+async def serve(
+    config: Config,
+    logger: Logger,
+    *,
+    config_path: str | None = None,
+    edge_socket: socket.socket | None = None,
+    serve_admin: bool = True,
+    ready: Callable[[ProxyServer], None] | None = None,
+) -> int:
+    """Run until a stop signal; returns the exit code."""
+    from nextproxy.admin import AdminState, start_admin  # the admin port is optional for workers
+
+    loop = asyncio.get_running_loop()
+    observer = Observer(logger)
+    contexts = ServerContexts.build(config)
+    runtime = build_runtime(config, observer, contexts)
+    proc = Process(config=config, logger=logger, config_path=config_path)
+    state = AdminState()
+    state.version = __version__
+    state.config_source = config.source
+    proc.admin_state = state
+    edge = edge_socket or bind(config.listen, "NEXTPROXY_LISTEN" if config.source.startswith("environment") else "listen")
+    admin_server = None
+    if serve_admin:
+        admin_tls: ssl.SSLContext | None = admin_ssl_context(config.admin_tls) if config.admin_tls else None
+        admin_server = await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)
+    server = ProxyServer(runtime)
+    proc.server = server
+    await server.start(edge)
+    proc.publish_certificates(contexts)
+    state.routes = runtime.routes.describe()
+    state.upstreams = runtime.pool.health
+    state.ready = True
+    state.not_ready_reason = ""
+    logger.log("info", "started", listen=str(config.listen), admin=str(config.admin_listen), pid=os.getpid(), source=config.source, version=__version__)
+    if ready is not None:
+        ready(server)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, proc.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, proc.reload_requested.set)
+    watcher = loop.create_task(_watch_certificates(proc))
+    reloader = loop.create_task(_reload_loop(proc, state))
+    stats = loop.create_task(_publish_stats(proc, state))
+    await proc.stopping.wait()
+
+    state.ready = False
+    state.not_ready_reason = "draining"
+    timeouts = proc.config.timeouts
+    logger.log("info", "draining", shutdown_delay=timeouts.shutdown_delay, drain_timeout=timeouts.drain)
+    if timeouts.shutdown_delay > 0:
+        await asyncio.sleep(timeouts.shutdown_delay)
+    clean = await server.drain(timeouts.drain)
+    for task in (watcher, reloader, stats):
+        task.cancel()
+    if admin_server is not None:
+        admin_server.close()
+    logger.log("info", "stopped", clean=clean)
+    return 0
+
+
+async def _reload_loop(proc: Process, state: object) -> None:
+    while True:
+        await proc.reload_requested.wait()
+        proc.reload_requested.clear()
+        if proc.reload() and proc.server is not None:
+            state.routes = proc.server.runtime.routes.describe()  # type: ignore[attr-defined]
+            state.upstreams = proc.server.runtime.pool.health  # type: ignore[attr-defined]
+
+
+async def _watch_certificates(proc: Process) -> None:
+    """Poll certificate files; reload after a change has been quiet for one interval (debounce)."""
+    last = _stamp(watched_files(proc.config))
+    pending = None
+    while True:
+        await asyncio.sleep(CERT_POLL_INTERVAL)
+        now = _stamp(watched_files(proc.config))
+        if now != last:
+            last, pending = now, now
+            continue
+        if pending is not None:
+            pending = None
+            proc.logger.log("info", "certificate_files_changed")
+            proc.reload_requested.set()
+
+
+async def _publish_stats(proc: Process, state: object) -> None:
+    while True:
+        server = proc.server
+        if server is not None:
+            state.connections_active = server.active()  # type: ignore[attr-defined]
+            state.websocket_sessions_active = server.websocket_sessions()  # type: ignore[attr-defined]
+        await asyncio.sleep(1.0)

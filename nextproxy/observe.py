@@ -1,0 +1,112 @@
+"""Logs and metrics for what the connections report: one place that turns facts into output.
+
+Logs are JSON lines on stdout (``NEXTPROXY_LOG_FORMAT=text`` for humans): one per request,
+passthrough connection and WebSocket session, plus lifecycle events. Nothing is formatted when
+its level is disabled, and metric label children are resolved once per route, not per request.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+from nextproxy import metrics
+from nextproxy.core.actions import AuthorizationDenied, RequestCompleted
+from nextproxy.core.websocket import MessageRelayed, SessionClosed, Side
+from nextproxy.errors import ClientHelloError
+from nextproxy.logs import Logger
+
+class Observer:
+    """Receives the shell's facts; owns the per-route metric children."""
+
+    def __init__(self, logger: Logger, listener: str = "edge") -> None:
+        self.log = logger
+        self._active = metrics.CONNECTIONS_ACTIVE.labels(listener=listener)
+
+    def route(self, name: str) -> metrics.RouteMetrics:
+        return metrics.route_metrics(name)
+
+    # connections and TLS
+    def connection_opened(self) -> None:
+        self._active.inc()
+
+    def connection_closed(self) -> None:
+        self._active.dec()
+
+    def bad_hello(self, exc: ClientHelloError, peer: str) -> None:
+        metrics.tls_handshake("other")
+        if self.log.enabled("debug"):
+            self.log.log("debug", "client_hello_rejected", client=peer, reason=str(exc))
+
+    def handshake(self, result: str, detail: str = "", peer: str = "-") -> None:
+        metrics.tls_handshake(result)
+        if result != "ok" and self.log.enabled("info"):
+            self.log.log("info", "tls_handshake_failed", client=peer, result=result, detail=detail)
+
+    # passthrough
+    def passthrough_opened(self, route: str) -> None:
+        self.route(route).passthrough_connections.inc()
+
+    def passthrough_closed(self, route: str, to_upstream: int, to_client: int, peer: str) -> None:
+        children = self.route(route)
+        children.bytes_client_to_upstream.inc(to_upstream)
+        children.bytes_upstream_to_client.inc(to_client)
+        self.log.log("info", "passthrough", route=route, client=peer, bytes_to_upstream=to_upstream, bytes_to_client=to_client)
+
+    # HTTP
+    def request(self, done: RequestCompleted, started: float, peer: str) -> None:
+        import asyncio
+
+        duration = asyncio.get_running_loop().time() - started if started else 0.0
+        children = self.route(done.route)
+        children.requests(done.status).inc()
+        children.duration.observe(duration)
+        if done.bytes_from_client:
+            children.bytes_client_to_upstream.inc(done.bytes_from_client)
+        if done.bytes_to_client:
+            children.bytes_upstream_to_client.inc(done.bytes_to_client)
+        if self.log.threshold <= 20:
+            self.log.log(
+                "info", "request", route=done.route, client=peer, method=done.method, path=done.target[:512],
+                status=done.status, duration_ms=round(duration * 1000, 2), bytes_in=done.bytes_from_client,
+                bytes_out=done.bytes_to_client, **({"reason": done.reason} if done.reason else {}),
+            )  # fmt: skip
+
+    def denied(self, denied: AuthorizationDenied, peer: str) -> None:
+        self.route(denied.route).denied(denied.reason).inc()
+        self.log.log("warning", "authorization_denied", route=denied.route, client=peer, reason=denied.reason, fingerprint=denied.fingerprint)
+
+    def upstream_error(self, name: str, detail: str, peer: str) -> None:
+        self.log.log("warning", "upstream_error", upstream=name, client=peer, detail=detail)
+
+    def upstream_health(self, name: str, up: bool) -> None:
+        metrics.set_upstream_up(name, up)
+
+    # WebSocket
+    def ws_opened(self, route: str) -> None:
+        self.route(route).websocket_sessions_active.inc()
+
+    def ws_message(self, route: str, message: MessageRelayed) -> None:
+        children = self.route(route)
+        if message.direction is Side.CLIENT:
+            children.websocket_messages_client_to_upstream.inc()
+        else:
+            children.websocket_messages_upstream_to_client.inc()
+
+    def ws_gone(self, route: str) -> None:
+        self.route(route).websocket_sessions_active.dec()
+
+    def ws_closed(self, route: str, closed: SessionClosed, peer: str, duration: float = 0.0) -> None:
+        children = self.route(route)
+        children.websocket_session_duration.observe(duration)
+        children.bytes_client_to_upstream.inc(closed.bytes_from_client)
+        children.bytes_upstream_to_client.inc(closed.bytes_from_upstream)
+        self.log.log(
+            "info", "websocket_session", route=route, client=peer, duration_s=round(duration, 3),
+            closed_by=closed.closed_by.value if closed.closed_by else "proxy", code=closed.code, reason=closed.reason,
+            messages_from_client=closed.messages_from_client, messages_from_upstream=closed.messages_from_upstream,
+            bytes_from_client=closed.bytes_from_client, bytes_from_upstream=closed.bytes_from_upstream,
+        )  # fmt: skip
+
+    # bugs
+    def bug(self, exc: BaseException, peer: str) -> None:
+        self.log.log("error", "internal_error", client=peer, error=repr(exc), traceback="".join(traceback.format_exception(exc))[-4000:])

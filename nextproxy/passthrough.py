@@ -1,0 +1,131 @@
+"""Passthrough: raw TCP between the client and an upstream that does its own TLS.
+
+The ClientHello bytes already read are replayed first, then both directions are spliced with
+backpressure (a side whose write buffer is above its high-water mark pauses reading on the other),
+half-close is propagated, and an idle timer closes connections that moved no byte either way.
+The client transport is handed over with ``set_protocol`` so the hot loop is one callback and
+one write per chunk, with no delegation layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast, Callable
+
+from nextproxy.config import Address
+
+
+class _Side(asyncio.Protocol):
+    """One direction's reader; writes what it reads to the other side's transport."""
+
+    def __init__(self, pipe: Splice, direction: int) -> None:
+        self.pipe = pipe
+        self.direction = direction
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side | None = None
+        self.eof = False
+        self.bytes = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is None or peer.transport is None or peer.eof:
+            self.pipe.close()
+            return False
+        if peer.transport.can_write_eof():
+            peer.transport.write_eof()  # half-close: the other direction keeps flowing
+            return True
+        self.pipe.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pipe.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.eof:
+            self.peer.transport.resume_reading()
+
+
+class Splice:
+    """Both directions of one passthrough connection."""
+
+    CLIENT_TO_UPSTREAM = 0
+    UPSTREAM_TO_CLIENT = 1
+
+    def __init__(
+        self,
+        client: asyncio.Transport,
+        idle_timeout: float,
+        on_close: Callable[[Splice], None],
+    ) -> None:
+        self.client = _Side(self, self.CLIENT_TO_UPSTREAM)
+        self.client.transport = client
+        self.upstream = _Side(self, self.UPSTREAM_TO_CLIENT)
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+        self._idle_timeout = idle_timeout
+        self._on_close = on_close
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_total = 0
+        self._last_change = 0.0
+        self.closed = False
+        client.pause_reading()
+        client.set_protocol(self.client)
+
+    async def connect(self, server: Address, initial: bytes, connect_timeout: float) -> None:
+        """Connect, replay ``initial``, start splicing. Raises OSError/TimeoutError."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(connect_timeout):
+            await loop.create_connection(lambda: self.upstream, server.host, server.port)
+        if self.closed:
+            assert self.upstream.transport is not None
+            self.upstream.transport.close()
+            return
+        assert self.upstream.transport is not None and self.client.transport is not None
+        self.upstream.transport.write(initial)
+        self.client.transport.resume_reading()
+        self._last_change = loop.time()
+        self._timer = loop.call_later(self._idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        # Lazy timer: counting bytes is free on the hot path; re-arming a timer per chunk is not.
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        total = self.client.bytes + self.upstream.bytes
+        if total != self._last_total:
+            self._last_total, self._last_change = total, now
+        elif now - self._last_change >= self._idle_timeout:
+            self.close()
+            return
+        self._timer = loop.call_at(self._last_change + self._idle_timeout, self._check_idle)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for side in (self.client, self.upstream):
+            if side.transport is not None:
+                side.transport.close()
+        self._on_close(self)
+
+    def abort(self) -> None:
+        """Drain timeout: cut both sides now."""
+        for side in (self.client, self.upstream):
+            if side.transport is not None:
+                side.transport.abort()
+        self.close()

@@ -1,0 +1,123 @@
+"""The edge listener of one process: bind, accept, drain on SIGTERM, reload on SIGHUP.
+
+Binding happens only after the whole configuration (certificates included) has been validated,
+so a bad configuration never holds the port. Sockets use SO_REUSEPORT so that workers (and a
+restarted process) can share the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Callable
+
+from nextproxy.config import Address, Config
+from nextproxy.connection import EdgeConnection, Runtime
+from nextproxy.core.routing import RouteTable
+from nextproxy.errors import ConfigError
+from nextproxy.observe import Observer
+from nextproxy.tlsconfig import ServerContexts, upstream_ssl_context
+from nextproxy.upstream import UpstreamPool
+
+BACKLOG = 1024
+
+
+def bind(address: Address, key: str) -> socket.socket:
+    """A listening socket, or ConfigError naming the key (port in use, bad address)."""
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(key, f"cannot resolve {address.host!r}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(key, f"cannot listen on {address}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def build_runtime(config: Config, observer: Observer, contexts: ServerContexts | None = None) -> Runtime:
+    """Everything derived from one Config; raises ConfigError before anything is bound."""
+    contexts = contexts or ServerContexts.build(config)
+    tls = {u.name: upstream_ssl_context(u.tls) for u in config.upstreams if u.tls is not None}
+    pool = UpstreamPool(config, tls, on_health=observer.upstream_health)
+    return Runtime(config=config, routes=RouteTable(config), contexts=contexts, pool=pool, observer=observer)
+
+
+class ProxyServer:
+    """One process's edge listener and the runtime it serves with."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._server: asyncio.Server | None = None
+        self._old: list[Runtime] = []
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        sockname = self._server.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        sock = sock or bind(self.runtime.config.listen, "listen")
+        self.runtime.pool.start()
+        self._server = await loop.create_server(self._protocol, sock=sock, backlog=BACKLOG)
+
+    def _protocol(self) -> EdgeConnection:
+        return EdgeConnection(self.runtime)
+
+    def reload(self, config: Config, observer: Observer, contexts: ServerContexts | None = None) -> None:
+        """Swap in a new runtime; established connections keep the one they started with."""
+        new = build_runtime(config, observer, contexts)
+        new.pool.start()
+        old, self.runtime = self.runtime, new
+        self._old.append(old)
+        asyncio.get_running_loop().call_later(max(config.timeouts.pool_idle, 1.0) + 1, self._retire, old)
+
+    def _retire(self, old: Runtime) -> None:
+        if not old.connections and not old.passthroughs:
+            old.pool.stop()
+            if old in self._old:
+                self._old.remove(old)
+        else:
+            asyncio.get_running_loop().call_later(5.0, self._retire, old)
+
+    def _runtimes(self) -> list[Runtime]:
+        return [self.runtime, *self._old]
+
+    def websocket_sessions(self) -> int:
+        return sum(1 for rt in self._runtimes() for conn in rt.connections if conn.phase.value == "websocket")
+
+    def active(self) -> int:
+        return sum(len(rt.connections) + len(rt.passthroughs) for rt in self._runtimes())
+
+    async def drain(self, timeout: float, on_step: Callable[[str], None] = lambda s: None) -> bool:
+        """Stop accepting, let in-flight work finish, close idle connections. True if all ended."""
+        if self._server is not None:
+            self._server.close()
+        for rt in self._runtimes():
+            rt.draining = True
+            for conn in list(rt.connections):
+                conn.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.active() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        clean = not self.active()
+        for rt in self._runtimes():
+            for conn in list(rt.connections):
+                conn._close(abort=True)
+            for splice in list(rt.passthroughs):
+                splice.abort()
+            rt.pool.stop()
+        return clean

@@ -1,0 +1,211 @@
+"""Upstream connections: connect (plain or TLS), a keep-alive pool, and health.
+
+A pooled connection keeps its ``UpstreamLeg`` (the h11 client state) so reuse only cycles it. A
+connection is checked before reuse: anything the upstream sent while idle (bytes or EOF) marks it
+dead, and idle connections are dropped after ``timeouts.pool_idle``, which stays below the 5 s
+after which Python servers close idle keep-alive connections: reusing a connection at the moment
+the upstream closes it is the classic source of spurious 502s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import ssl
+from typing import cast, Callable, Protocol
+
+from nextproxy.config import Address, Config, Upstream
+from nextproxy.core.http1 import UpstreamLeg
+
+HEALTH_INTERVAL = 10.0
+"""Seconds between TCP probes of every upstream server (nextproxy_upstream_up)."""
+SWEEP_INTERVAL = 1.0
+
+
+class UpstreamOwner(Protocol):
+    """Whoever currently uses an upstream connection (a client connection's shell)."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_lost(self) -> None: ...
+    def upstream_writing(self, paused: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP (or TLS) connection to an upstream server."""
+
+    def __init__(self, upstream: Upstream, server: Address, max_header_size: int) -> None:
+        self.upstream = upstream
+        self.server = server
+        self.leg = UpstreamLeg(str(server), max_header_size)
+        self.transport: asyncio.Transport | None = None
+        self.owner: UpstreamOwner | None = None
+        self.alive = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
+        self.transport = cast(asyncio.Transport, transport)
+        self.alive = True
+
+    def data_received(self, data: bytes) -> None:
+        if self.owner is not None:
+            self.owner.upstream_data(data)
+        else:
+            self.close()  # bytes from an idle connection: its state is unknown, never reuse it
+
+    def eof_received(self) -> bool:
+        self.alive = False
+        if self.owner is not None:
+            self.owner.upstream_data(b"")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.upstream_lost()
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_writing(True)
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_writing(False)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and self.alive:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.alive = False
+        self.owner = None
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def reusable_now(self) -> bool:
+        return self.alive and self.transport is not None and not self.transport.is_closing()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per upstream server, connect timeouts, and health state."""
+
+    def __init__(
+        self,
+        config: Config,
+        tls_contexts: dict[str, ssl.SSLContext],
+        on_health: Callable[[str, bool], None] = lambda name, up: None,
+    ) -> None:
+        self._config = config
+        self._tls = tls_contexts
+        self._idle: dict[Address, list[UpstreamConnection]] = {}
+        self._round_robin = {u.name: itertools.cycle(u.servers) for u in config.upstreams}
+        self._on_health = on_health
+        self.health: dict[str, bool] = {u.name: True for u in config.upstreams}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._prober: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._prober = loop.create_task(self._probe_forever())
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._prober is not None:
+            self._prober.cancel()
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    def mark(self, name: str, up: bool) -> None:
+        if self.health.get(name) != up:
+            self.health[name] = up
+        self._on_health(name, up)
+
+    async def acquire(self, upstream: Upstream, owner: UpstreamOwner, *, fresh: bool = False) -> UpstreamConnection:
+        """A connection to one of ``upstream``'s servers; raises OSError or TimeoutError."""
+        server = next(self._round_robin[upstream.name])
+        if not fresh:
+            idle = self._idle.get(server)
+            loop_time = asyncio.get_running_loop().time()
+            while idle:
+                conn = idle.pop()
+                if conn.reusable_now and loop_time - conn.idle_since < self._config.timeouts.pool_idle:
+                    conn.owner = owner
+                    return conn
+                conn.close()
+        conn = await self._connect(upstream, server)
+        conn.owner = owner
+        return conn
+
+    async def _connect(self, upstream: Upstream, server: Address) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        tls = self._tls.get(upstream.name)
+        server_hostname = None
+        if tls is not None:
+            server_hostname = (upstream.tls.server_name if upstream.tls else None) or server.host
+        try:
+            async with asyncio.timeout(self._config.timeouts.connect):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(upstream, server, self._config.limits.max_upstream_header_size),
+                    server.host,
+                    server.port,
+                    ssl=tls,
+                    server_hostname=server_hostname,
+                    ssl_handshake_timeout=self._config.timeouts.connect if tls else None,
+                )
+        except ssl.SSLError:
+            self.mark(upstream.name, True)  # it answered: reachable, but its TLS is refused
+            raise
+        except (OSError, TimeoutError):
+            self.mark(upstream.name, False)
+            raise
+        self.mark(upstream.name, True)
+        return conn
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        conn.owner = None
+        if not reusable or not conn.reusable_now:
+            conn.close()
+            return
+        idle = self._idle.setdefault(conn.server, [])
+        if len(idle) >= self._config.limits.pool_size:
+            conn.close()
+            return
+        conn.idle_since = asyncio.get_running_loop().time()
+        idle.append(conn)
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        limit = self._config.timeouts.pool_idle
+        for server, idle in self._idle.items():
+            keep = [c for c in idle if c.reusable_now and now - c.idle_since < limit]
+            for conn in idle:
+                if conn not in keep:
+                    conn.close()
+            self._idle[server] = keep
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.gather(*(self._probe(u) for u in self._config.upstreams), return_exceptions=True)
+            await asyncio.sleep(HEALTH_INTERVAL)
+
+    async def _probe(self, upstream: Upstream) -> None:
+        """A TCP connect to each server; up if any answers (TLS is not checked here)."""
+        up = False
+        for server in upstream.servers:
+            try:
+                async with asyncio.timeout(self._config.timeouts.connect):
+                    _, writer = await asyncio.open_connection(server.host, server.port)
+                writer.close()
+                up = True
+                break
+            except (OSError, TimeoutError):
+                continue
+        self.mark(upstream.name, up)

@@ -1,0 +1,181 @@
+"""NEXTPROXY_WORKERS=N: a supervisor process and N worker processes sharing the edge port.
+
+Each worker binds the edge address itself with SO_REUSEPORT, so the kernel spreads new
+connections across workers and a worker's death never closes the others' listeners. The
+supervisor serves the admin port once, aggregates metrics from every worker through
+prometheus-client's multiprocess mode, restarts a worker that dies, and forwards SIGTERM and
+SIGHUP. Workers are started with ``spawn`` (never ``fork`` from a process that runs a loop).
+The multiprocess directory must be set before prometheus_client is imported anywhere, which is
+why this module imports the metrics and admin modules only inside functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+from multiprocessing.context import SpawnProcess
+from typing import Any
+
+from nextproxy.config import Config
+from nextproxy.logs import Logger
+
+RESTART_DELAY = 1.0
+"""Seconds before a dead worker is replaced, so a crash loop cannot spin the CPU."""
+
+
+def worker_main(config: Config, config_path: str | None, events: Any) -> None:
+    """Entry point of one worker process (spawned: imports happen here, after the env is set)."""
+    from nextproxy.cli import run_loop
+    from nextproxy.lifecycle import serve
+
+    logger = Logger(config.log_level, config.log_format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which forwards SIGTERM
+    code = run_loop(
+        serve(config, logger, config_path=config_path, serve_admin=False, ready=lambda _server: events.put(("ready", os.getpid())))
+    )
+    raise SystemExit(code)
+
+
+class Supervisor:
+    def __init__(self, config: Config, logger: Logger, config_path: str | None) -> None:
+        self.config = config
+        self.logger = logger
+        self.config_path = config_path
+        self.context = multiprocessing.get_context("spawn")
+        self.events = self.context.Queue()
+        self.workers: dict[int, SpawnProcess] = {}
+        self.ready: set[int] = set()
+        self.stopping = False
+
+    def spawn(self) -> None:
+        process = self.context.Process(
+            target=worker_main, args=(self.config, self.config_path, self.events), name="nextproxy-worker", daemon=False
+        )
+        process.start()
+        assert process.pid is not None
+        self.workers[process.pid] = process
+        self.logger.log("info", "worker_started", pid=process.pid)
+
+    def signal_all(self, signum: int) -> None:
+        for process in self.workers.values():
+            if process.is_alive() and process.pid is not None:
+                try:
+                    os.kill(process.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def reap(self) -> list[int]:
+        """Pids of workers that exited since the last call."""
+        dead = [pid for pid, p in self.workers.items() if not p.is_alive()]
+        for pid in dead:
+            process = self.workers.pop(pid)
+            process.join(0)
+            self.ready.discard(pid)
+            if not self.stopping:
+                self.logger.log("error", "worker_died", pid=pid, exitcode=process.exitcode)
+        return dead
+
+    def drain_events(self) -> None:
+        while True:
+            try:
+                kind, pid = self.events.get_nowait()
+            except Exception:  # queue.Empty, or a half-written item from a killed worker
+                return
+            if kind == "ready":
+                self.ready.add(pid)
+
+
+def supervise(config: Config, logger: Logger, config_path: str | None) -> int:
+    """Run the supervisor until SIGTERM/SIGINT; returns the exit code."""
+    directory = tempfile.mkdtemp(prefix="nextproxy-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    try:
+        from nextproxy.cli import run_loop
+
+        return run_loop(_supervise(config, logger, config_path))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _supervise(config: Config, logger: Logger, config_path: str | None) -> int:
+    from nextproxy import __version__, metrics
+    from nextproxy.admin import AdminState, start_admin
+    from nextproxy.core.routing import RouteTable
+    from nextproxy.tlsconfig import admin_ssl_context
+
+    loop = asyncio.get_running_loop()
+    supervisor = Supervisor(config, logger, config_path)
+    state = AdminState()
+    state.version = __version__
+    state.config_source = config.source
+    state.routes = RouteTable(config).describe()
+    state.upstreams = {u.name: True for u in config.upstreams}
+    admin_tls = admin_ssl_context(config.admin_tls) if config.admin_tls else None
+    admin = await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: supervisor.signal_all(signal.SIGHUP))
+    for _ in range(config.workers):
+        supervisor.spawn()
+    logger.log("info", "supervisor_started", pid=os.getpid(), workers=config.workers, admin=str(config.admin_listen))
+
+    while not stop.is_set():
+        supervisor.drain_events()
+        for pid in supervisor.reap():
+            metrics.mark_process_dead(pid)
+            await asyncio.sleep(RESTART_DELAY)
+            supervisor.spawn()
+        state.ready = len(supervisor.ready) >= config.workers
+        state.not_ready_reason = "" if state.ready else "starting workers"
+        _refresh(state)
+        try:
+            await asyncio.wait_for(stop.wait(), 0.25)
+        except TimeoutError:
+            pass
+
+    supervisor.stopping = True
+    state.ready = False
+    state.not_ready_reason = "draining"
+    logger.log("info", "supervisor_draining", workers=len(supervisor.workers))
+    supervisor.signal_all(signal.SIGTERM)
+    deadline = loop.time() + config.timeouts.shutdown_delay + config.timeouts.drain + 5
+    while supervisor.workers and loop.time() < deadline:
+        for pid in supervisor.reap():
+            metrics.mark_process_dead(pid)
+        await asyncio.sleep(0.1)
+    if supervisor.workers:
+        supervisor.signal_all(signal.SIGKILL)
+        supervisor.reap()
+    admin.close()
+    logger.log("info", "supervisor_stopped")
+    return 0
+
+
+def _refresh(state: Any) -> None:
+    """Status-page numbers from the workers' aggregated metrics (the supervisor serves no traffic)."""
+    from nextproxy.metrics import registry_for_exposition
+
+    connections = sessions = 0.0
+    upstreams: dict[str, bool] = {}
+    certificates: dict[str, float] = {}
+    for family in registry_for_exposition().collect():
+        for sample in family.samples:
+            if sample.name == "nextproxy_connections_active" and sample.labels.get("listener") == "edge":
+                connections += sample.value
+            elif sample.name == "nextproxy_websocket_sessions_active":
+                sessions += sample.value
+            elif sample.name == "nextproxy_upstream_up":
+                upstreams[sample.labels["upstream"]] = sample.value >= 1
+            elif sample.name == "nextproxy_certificate_expiry_timestamp_seconds":
+                certificates[sample.labels["name"]] = sample.value
+    state.connections_active = int(connections)
+    state.websocket_sessions_active = int(sessions)
+    if upstreams:
+        state.upstreams = upstreams
+    if certificates:
+        state.certificates = sorted(certificates.items())

@@ -1,0 +1,239 @@
+"""A real proxy and real stand-in upstreams on loopback, driven from blocking test code.
+
+The proxy and the stand-ins run on an event loop in a background thread (uvloop, as in
+production, or asyncio's own loop); tests use ordinary blocking clients (http.client, ssl
+sockets, curl), so nothing in a test can accidentally block the loop it is testing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import io
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+
+from nextproxy.config import (
+    Address,
+    CertificateConfig,
+    ClientAuth,
+    Config,
+    Limits,
+    PathRoute,
+    PemSource,
+    SniAction,
+    SniRoute,
+    Timeouts,
+    Upstream,
+    UpstreamTls,
+    WebSocketMode,
+)
+from nextproxy.demo import DemoPki, Pem, server_ssl_context
+from nextproxy.logs import Logger
+from nextproxy.observe import Observer
+from nextproxy.server import ProxyServer, bind, build_runtime
+from nextproxy.standins import StandIn, start_http_ws, start_tls_api
+
+T = TypeVar("T")
+SERVER_NAME = "localhost"
+API_NAME = "ns-api.localhost"
+TERMINATED_API_NAME = "mc-api.localhost"
+PATH_ROUTES = (
+    ("ns-websocket", "/ns/websocket"),
+    ("ns-sigmai", "/ns/sigmai"),
+    ("mc-sigmai", "/mc/sigmai"),
+    ("sfs-sigmai", "/sfs/sigmai"),
+)
+
+
+class LoopThread:
+    """An event loop running in a daemon thread; ``call`` runs a coroutine there and waits."""
+
+    def __init__(self, use_uvloop: bool = True) -> None:
+        if use_uvloop:
+            import uvloop
+
+            self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 15.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.call(cancel_all(), timeout=5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+            self.loop.close()
+
+
+def pem_source(data: bytes, origin: str) -> PemSource:
+    return PemSource(data, origin)
+
+
+@dataclass
+class Edge:
+    """A running proxy with its stand-ins. Build with ``Edge.start(...)``; ``close()`` when done."""
+
+    thread: LoopThread
+    pki: DemoPki
+    config: Config
+    server: ProxyServer
+    standins: dict[str, StandIn]
+    log: io.StringIO
+    port: int = 0
+    stopped: dict[str, StandIn] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def start(
+        cls,
+        pki: DemoPki,
+        *,
+        use_uvloop: bool = True,
+        client_auth: ClientAuth = ClientAuth.NONE,
+        client_ca_file: str | None = None,
+        timeouts: Timeouts | None = None,
+        limits: Limits | None = None,
+        websocket: WebSocketMode = WebSocketMode.FRAMES,
+        route_options: dict[str, Any] | None = None,
+        upstream_tls: UpstreamTls | None = None,
+        certificates: tuple[CertificateConfig, ...] | None = None,
+        mutate: Callable[[Config], Config] | None = None,
+    ) -> Edge:
+        thread = LoopThread(use_uvloop)
+        log = io.StringIO()
+
+        async def boot() -> tuple[Config, ProxyServer, dict[str, StandIn]]:
+            standins: dict[str, StandIn] = {}
+            http_tls = server_ssl_context(pki.upstream, pki.ca.certificate, require_client_cert=upstream_tls is not None and upstream_tls.client_certificate is not None) if upstream_tls else None
+            for name, _ in PATH_ROUTES:
+                standins[name] = await start_http_ws("127.0.0.1", 0, name, http_tls)
+            api_tls = server_ssl_context(pki.upstream, pki.ca.certificate, require_client_cert=False)
+            standins["ns-api"] = await start_tls_api("127.0.0.1", 0, "ns-api", api_tls)
+            standins["mc-api"] = await start_http_ws("127.0.0.1", 0, "mc-api", http_tls)
+            upstreams = [
+                Upstream(name, (Address(*standins[name].address),), upstream_tls if name != "ns-api" else None)
+                for name in standins
+            ]
+            options = route_options or {}
+            routes = tuple(
+                PathRoute(name=name, prefix=prefix, upstream=name, websocket=websocket, **options)
+                for name, prefix in PATH_ROUTES
+            )
+            sni = (
+                SniRoute("ns-api", (API_NAME,), SniAction.PASSTHROUGH, "ns-api"),
+                SniRoute("mc-api", (TERMINATED_API_NAME,), SniAction.TERMINATE, "mc-api", client_auth, client_ca_file),
+            )  # fmt: skip
+            config = Config(
+                listen=Address("127.0.0.1", 0),
+                admin_listen=Address("127.0.0.1", 0),
+                certificates=certificates or (CertificateConfig(pem_source(pki.edge.certificate, "edge.pem"), pem_source(pki.edge.key, "edge.key")),),
+                upstreams=tuple(upstreams),
+                routes=routes,
+                sni_routes=sni,
+                timeouts=timeouts or Timeouts(connect=2, upstream_response=10, client_idle=10),
+                limits=limits or Limits(),
+                source="tests",
+            )
+            if mutate is not None:
+                config = mutate(config)
+            observer = Observer(Logger("info", "json", stream=log))
+            server = ProxyServer(build_runtime(config, observer))
+            await server.start(bind(config.listen, "listen"))
+            return config, server, standins
+
+        config, server, standins = thread.call(boot())
+        edge = cls(thread, pki, config, server, standins, log)
+        edge.port = server.address[1]
+        return edge
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            await self.server.drain(0.5)
+            for standin in list(self.standins.values()):
+                await standin.close()
+
+        try:
+            self.thread.call(shutdown(), timeout=10)
+        finally:
+            self.thread.stop()
+
+    # ----------------------------------------------------------------- upstream control
+
+    def stop_upstream(self, name: str) -> tuple[str, int]:
+        standin = self.standins[name]
+        self.thread.call(standin.close())
+        return standin.address
+
+    def restart_upstream(self, name: str) -> None:
+        host, port = self.standins[name].address
+
+        async def again() -> StandIn:
+            return await start_http_ws(host, port, name)
+
+        self.standins[name] = self.thread.call(again())
+
+    # ----------------------------------------------------------------- clients
+
+    def client_context(self, client: Pem | None = None, *, alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
+        context = ssl.create_default_context(cadata=self.pki.ca.certificate.decode())
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        if alpn:
+            context.set_alpn_protocols(list(alpn))
+        if client is not None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                cert, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
+                cert.write_bytes(client.certificate)
+                key.write_bytes(client.key)
+                context.load_cert_chain(cert, key)
+        return context
+
+    def https(self, server_name: str = SERVER_NAME, context: ssl.SSLContext | None = None, timeout: float = 10) -> http.client.HTTPSConnection:
+        """An HTTPS connection to the proxy on 127.0.0.1, sending ``server_name`` as SNI and Host."""
+        conn = http.client.HTTPSConnection(server_name, self.port, context=context or self.client_context(), timeout=timeout)
+        port = self.port
+
+        def connect() -> None:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            conn.sock = conn._context.wrap_socket(sock, server_hostname=server_name)  # type: ignore[attr-defined]
+
+        conn.connect = connect  # type: ignore[method-assign]
+        return conn
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                server_name: str = SERVER_NAME) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+        conn = self.https(server_name)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            conn.close()
+
+    def tls_socket(self, server_name: str | None = SERVER_NAME, context: ssl.SSLContext | None = None, timeout: float = 10) -> ssl.SSLSocket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        return (context or self.client_context()).wrap_socket(sock, server_hostname=server_name)
+
+    def raw_socket(self, timeout: float = 10) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+
+    def logs(self) -> str:
+        return self.log.getvalue()

@@ -1,0 +1,244 @@
+"""Terminated TLS: real TLS clients through the proxy to real upstream servers on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from nextproxy.config import Timeouts
+from nextproxy.demo import DemoPki
+from nextproxy.standins import pattern_sha256
+from tests.integration.harness import PATH_ROUTES, Edge
+
+MiB = 1024 * 1024
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True when the proxy closes the connection (EOF or reset) within 5 s, sending nothing."""
+    sock.settimeout(5)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.close()
+
+
+def echo(edge: Edge, path: str, **kwargs: object) -> dict[str, object]:
+    status, _, body = edge.request("GET", path, **kwargs)  # type: ignore[arg-type]
+    assert status == 200, body
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("route, prefix", PATH_ROUTES)
+def test_each_path_reaches_its_upstream(edge: Edge, route: str, prefix: str) -> None:
+    report = echo(edge, prefix + "/hello?x=1")
+    assert report["service"] == route
+    assert report["path"] == prefix + "/hello?x=1"  # forwarded unchanged
+
+
+def test_headers_as_the_upstream_received_them(edge: Edge) -> None:
+    spoofed = {
+        "X-Forwarded-For": "6.6.6.6",
+        "X-Forwarded-Proto": "http",
+        "X-Forwarded-Host": "evil.example",
+        "Forwarded": "for=6.6.6.6",
+        "X-Client-Cert-Verified": "SUCCESS",
+        "X-Forwarded-Client-Cert": "Hash=00",
+        "Connection": "keep-alive, X-Hop",
+        "X-Hop": "drop me",
+        "X-Custom": "kept",
+    }
+    report = echo(edge, "/ns/sigmai/h", headers=spoofed)
+    headers = report["headers"]
+    assert isinstance(headers, list)
+    names = [name for name, _ in headers]
+    values = dict(headers)
+    assert values["host"] == f"localhost:{edge.port}"
+    assert values["x-forwarded-for"] == "127.0.0.1"
+    assert values["x-forwarded-proto"] == "https"
+    assert values["x-forwarded-host"] == f"localhost:{edge.port}"
+    assert values["x-custom"] == "kept"
+    for gone in ("forwarded", "x-client-cert-verified", "x-forwarded-client-cert", "x-hop"):
+        assert gone not in names
+    assert names.count("x-forwarded-for") == 1
+
+
+def test_underscore_and_case_spoofing_is_removed(edge: Edge) -> None:
+    report = echo(edge, "/ns/sigmai", headers={"X_Forwarded_For": "6.6.6.6", "x-forwarded-PROTO": "http"})
+    headers = report["headers"]
+    assert isinstance(headers, list)
+    names = [n for n, _ in headers]
+    assert "x_forwarded_for" not in names and names.count("x-forwarded-for") == 1
+    assert dict(headers)["x-forwarded-proto"] == "https" and names.count("x-forwarded-proto") == 1
+
+
+def test_keep_alive_several_requests_one_connection(edge: Edge) -> None:
+    standin = edge.standins["mc-sigmai"]
+    before = standin.connections
+    conn = edge.https()
+    try:
+        for i in range(5):
+            conn.request("GET", f"/mc/sigmai/{i}")
+            response = conn.getresponse()
+            assert response.status == 200
+            assert json.loads(response.read())["path"] == f"/mc/sigmai/{i}"
+    finally:
+        conn.close()
+    assert standin.connections - before <= 2  # the upstream connection was pooled and reused
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_8_mib_response_byte_exact(edge: Edge, chunked: bool) -> None:
+    size = 8 * MiB
+    status, headers, body = edge.request("GET", f"/sfs/sigmai/big?bytes={size}&chunked={int(chunked)}")
+    assert status == 200 and len(body) == size
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(size) == headers["x-body-sha256"]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_1_mib_request_body_streams_byte_exact(edge: Edge, chunked: bool) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    conn = edge.https()
+    try:
+        if chunked:
+            conn.putrequest("POST", "/ns/sigmai/echo")
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            for i in range(0, len(payload), 100_000):
+                piece = payload[i : i + 100_000]
+                conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+            conn.send(b"0\r\n\r\n")
+        else:
+            conn.request("POST", "/ns/sigmai/echo", body=payload)
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.read() == payload
+    finally:
+        conn.close()
+    report = echo(edge, "/ns/sigmai/after")  # and the proxy is fine afterwards
+    assert report["service"] == "ns-sigmai"
+
+
+def test_curl_through_the_proxy(edge: Edge, pki_files: dict[str, object]) -> None:
+    curl = shutil.which("curl")
+    assert curl, "curl is installed by .ci/run"
+    result = subprocess.run(
+        [curl, "-sS", "-v", "--max-time", "10", "--cacert", str(pki_files["ca.pem"]),
+         "--resolve", f"localhost:{edge.port}:127.0.0.1", "-w", "\n%{http_code}",
+         f"https://localhost:{edge.port}/mc/sigmai/curl"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    body, _, trailer = result.stdout.rpartition("\n")
+    assert trailer == "200"
+    assert "SSL connection using TLSv1.3" in result.stderr
+    assert json.loads(body)["service"] == "mc-sigmai"
+
+
+def test_tls_1_2_is_refused_with_protocol_version(edge: Edge) -> None:
+    context = ssl.create_default_context(cadata=edge.pki.ca.certificate.decode())
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError) as info:
+        edge.tls_socket(context=context)
+    assert "PROTOCOL_VERSION" in str(info.value).upper() or "VERSION" in str(info.value).upper()
+    assert echo(edge, "/ns/sigmai")["service"] == "ns-sigmai"
+
+
+def test_alpn_is_http11(edge: Edge) -> None:
+    sock = edge.tls_socket(context=edge.client_context(alpn=("h2", "http/1.1")))
+    try:
+        assert sock.selected_alpn_protocol() == "http/1.1"
+        assert sock.version() == "TLSv1.3"
+    finally:
+        sock.close()
+
+
+def test_no_route_404_and_misdirected_421(edge: Edge) -> None:
+    status, _, body = edge.request("GET", "/nowhere")
+    assert status == 404 and body.endswith(b"\n")
+    status, _, _ = edge.request("GET", "/ns/sigmai", headers={"Host": "other.example"})
+    assert status == 421
+    status, _, _ = edge.request("GET", "/ns/sigmai/%2e%2e/x")
+    assert status == 400
+
+
+def test_content_length_with_transfer_encoding_is_400_and_never_forwarded(edge: Edge) -> None:
+    standin = edge.standins["ns-sigmai"]
+    before = standin.requests
+    sock = edge.tls_socket()
+    sock.sendall(b"POST /ns/sigmai HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    data = sock.recv(65536)
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert standin.requests == before
+
+
+def test_huge_headers_get_431(edge: Edge) -> None:
+    status, _, _ = edge.request("GET", "/ns/sigmai", headers={"X-Big": "a" * 40_000})
+    assert status == 431
+
+
+def test_upstream_down_gives_502_quickly_then_recovers(edge: Edge) -> None:
+    edge.stop_upstream("sfs-sigmai")
+    started = time.monotonic()
+    status, _, _ = edge.request("GET", "/sfs/sigmai/down")
+    assert status == 502
+    assert time.monotonic() - started < edge.config.timeouts.connect + 1
+    edge.restart_upstream("sfs-sigmai")
+    assert echo(edge, "/sfs/sigmai/up")["service"] == "sfs-sigmai"
+
+
+def test_garbage_cleartext_and_silent_clients_do_not_hurt(edge: Edge) -> None:
+    garbage = edge.raw_socket()
+    garbage.sendall(b"\x16\x03\x01\x00\x05hello-not-tls" * 3)
+    assert closed_by_peer(garbage)
+
+    plain = edge.raw_socket()
+    plain.sendall(b"GET /ns/sigmai HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    answer = plain.recv(1000)
+    plain.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"https" in answer
+
+    random_bytes = edge.raw_socket()
+    random_bytes.sendall(bytes(range(256)))
+    assert closed_by_peer(random_bytes)  # closed, not hung
+
+    silent = edge.raw_socket()  # never sends; the hello timeout is 10 s by default: just leave it
+    assert echo(edge, "/ns/sigmai/still-serving")["service"] == "ns-sigmai"
+    silent.close()
+    assert "Traceback" not in edge.logs() and "internal_error" not in edge.logs()
+
+
+def test_silent_client_is_dropped_after_the_hello_timeout(pki: DemoPki) -> None:
+    edge = Edge.start(pki, timeouts=Timeouts(client_hello=0.5, handshake=0.5))
+    try:
+        silent = edge.raw_socket()
+        started = time.monotonic()
+        silent.settimeout(5)
+        assert silent.recv(10) == b""
+        assert 0.4 < time.monotonic() - started < 3
+        half = edge.raw_socket()  # half a ClientHello, then nothing
+        half.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        half.settimeout(5)
+        assert half.recv(10) == b""
+        assert echo(edge, "/ns/sigmai")["service"] == "ns-sigmai"
+    finally:
+        edge.close()
+
+
+def test_smoke_on_the_plain_asyncio_loop(pki: DemoPki) -> None:
+    edge = Edge.start(pki, use_uvloop=False)
+    try:
+        assert echo(edge, "/mc/sigmai/asyncio")["service"] == "mc-sigmai"
+        status, _, body = edge.request("GET", f"/sfs/sigmai/x?bytes={MiB}")
+        assert status == 200 and len(body) == MiB
+    finally:
+        edge.close()

@@ -1,0 +1,148 @@
+"""wss through the proxy, frame relay and tunnel: real clients, real TLS, real upstream servers."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+
+import pytest
+
+from nextproxy.config import WebSocketMode
+from nextproxy.demo import DemoPki
+from nextproxy.wsclient import WsClient, connect
+from tests.integration.harness import PATH_ROUTES, SERVER_NAME, Edge
+
+
+def open_ws(edge: Edge, path: str, **kwargs: object) -> WsClient:
+    return connect(
+        f"wss://{SERVER_NAME}:{edge.port}{path}",
+        address=("127.0.0.1", edge.port),
+        context=edge.client_context(),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("route, prefix", PATH_ROUTES)
+def test_text_and_binary_round_trip_on_every_route(edge: Edge, route: str, prefix: str) -> None:
+    ws = open_ws(edge, prefix + "/ws", subprotocols=["chat.v1", "chat.v2"])
+    try:
+        assert ws.subprotocol == "chat.v1"
+        ws.send("hello")
+        assert ws.recv().data == "hello"
+        ws.send(b"\x00\x01binary\xff")
+        assert ws.recv().data == b"\x00\x01binary\xff"
+        ws.send("info")
+        info = json.loads(ws.recv().data)  # type: ignore[arg-type]
+        assert info["service"] == route
+        names = [n for n, _ in info["headers"]]
+        assert "sec-websocket-extensions" not in names  # no permessage-deflate across the relay
+        assert dict(info["headers"])["x-forwarded-for"] == "127.0.0.1"
+    finally:
+        closed = ws.close(1000, "bye")
+    assert closed.close_code == 1000
+
+
+def test_fragmented_message_is_relayed(edge: Edge) -> None:
+    ws = open_ws(edge, "/ns/websocket")
+    try:
+        ws.send("frag-", final=False)
+        ws.send("mented", final=True)
+        assert ws.recv().data == "frag-mented"
+    finally:
+        ws.close()
+
+
+def test_close_code_and_reason_from_the_upstream(edge: Edge) -> None:
+    ws = open_ws(edge, "/mc/sigmai")
+    ws.send("close:4000:custom reason")
+    received = ws.recv()
+    assert (received.close_code, received.close_reason) == (4000, "custom reason")
+    ws.sock.close()
+
+
+def test_large_message_round_trip(edge: Edge) -> None:
+    ws = open_ws(edge, "/sfs/sigmai")
+    payload = bytes(range(256)) * 4096 * 4  # 4 MiB
+    try:
+        ws.send(payload)
+        assert ws.recv().data == payload
+    finally:
+        ws.close()
+
+
+def test_many_concurrent_sessions_keep_order(edge: Edge) -> None:
+    sessions, messages = 40, 25
+    errors: list[str] = []
+
+    def one(index: int) -> None:
+        try:
+            ws = open_ws(edge, f"/ns/sigmai/{index}")
+            for i in range(messages):
+                ws.send(f"{index}:{i}")
+            for i in range(messages):
+                got = ws.recv().data
+                if got != f"{index}:{i}":
+                    errors.append(f"{index}: expected {index}:{i}, got {got!r}")
+                    break
+            ws.close()
+        except Exception as exc:  # collected and asserted below
+            errors.append(f"{index}: {exc!r}")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors[:5]
+
+
+def test_tunnel_mode(pki: DemoPki) -> None:
+    edge = Edge.start(pki, websocket=WebSocketMode.TUNNEL)
+    try:
+        ws = open_ws(edge, "/ns/sigmai/tunnel")
+        ws.send("through the tunnel")
+        assert ws.recv().data == "through the tunnel"
+        assert ws.close(1000).close_code == 1000
+    finally:
+        edge.close()
+
+
+def test_upstream_killed_mid_session_closes_the_client(pki: DemoPki) -> None:
+    edge = Edge.start(pki)
+    try:
+        ws = open_ws(edge, "/ns/websocket")
+        ws.send("before")
+        assert ws.recv().data == "before"
+        edge.stop_upstream("ns-websocket")
+        ws.sock.settimeout(10)
+        # Read the Close frame raw: wsproto (as a client) rejects 1014 as a reserved code, though
+        # RFC 6455's registry assigns it ("bad gateway") and browsers accept it.
+        frame = ws.sock.recv(1024)
+        assert frame[0] == 0x88  # FIN + Close, unmasked from the server
+        code = int.from_bytes(frame[2:4], "big")
+        assert code == 1014
+    finally:
+        edge.close()
+
+
+def test_silent_client_is_detected_by_ping(pki: DemoPki) -> None:
+    edge = Edge.start(pki, route_options={"ping_interval": 0.3, "ping_timeout": 0.3})
+    try:
+        ws = open_ws(edge, "/ns/sigmai")
+        ws.send("hi")
+        assert ws.recv().data == "hi"
+        # Stop answering: read nothing, so our pings go unanswered (wsproto answers only when read).
+        started = time.monotonic()
+        deadline = started + 5
+        while time.monotonic() < deadline:
+            if "websocket_session" in edge.logs():
+                break
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        assert "websocket_session" in edge.logs()
+        assert elapsed < 0.3 + 0.3 + 1.0
+        ws.sock.close()
+    finally:
+        edge.close()
