@@ -315,6 +315,8 @@ class EdgeConnection(asyncio.Protocol):
     def _from_client(self, plaintext: bytes) -> None:
         if self.phase is Phase.HTTP and self._session is not None:
             self._touch()
+            if self._session.idle:
+                self._request_started = asyncio.get_running_loop().time()
             self._run(self._session.client_data(plaintext))
         elif self.phase is Phase.TUNNEL:
             self._tunnel_plain(plaintext)
@@ -412,7 +414,6 @@ class EdgeConnection(asyncio.Protocol):
                 transport.pause_reading()
 
     def _connect(self, action: ConnectUpstream) -> None:
-        self._request_started = asyncio.get_running_loop().time()
         self._route = action.route
         upstream = self.rt.config.upstream(action.route.upstream)
         asyncio.get_running_loop().create_task(self._connect_task(upstream, action.fresh))

@@ -115,7 +115,12 @@ async def serve(
     admin_server = None
     if serve_admin:
         admin_tls: ssl.SSLContext | None = admin_ssl_context(config.admin_tls) if config.admin_tls else None
-        admin_server = await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)
+        try:
+            admin_server = await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)
+        except OSError as exc:
+            edge.close()
+            key = "NEXTPROXY_ADMIN_LISTEN" if config.source.startswith("environment") else "admin_listen"
+            raise ConfigError(key, f"cannot listen on {config.admin_listen}: {exc.strerror or exc}") from None
     server = ProxyServer(runtime)
     proc.server = server
     await server.start(edge)
@@ -124,7 +129,11 @@ async def serve(
     state.upstreams = runtime.pool.health
     state.ready = True
     state.not_ready_reason = ""
-    logger.log("info", "started", listen=str(config.listen), admin=str(config.admin_listen), pid=os.getpid(), source=config.source, version=__version__)
+    admin_address = admin_server.sockets[0].getsockname()[:2] if admin_server is not None else None
+    logger.log(
+        "info", "started", listen="%s:%d" % server.address, admin="%s:%d" % admin_address if admin_address else "-",
+        pid=os.getpid(), source=config.source, version=__version__,
+    )  # fmt: skip
     if ready is not None:
         ready(server)
 

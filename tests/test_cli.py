@@ -1,0 +1,113 @@
+"""The command line as a user runs it: `nextproxy check`, and bad configuration failing cleanly."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nextproxy.demo import DemoPki
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTPROXY_")}
+    return subprocess.run([sys.executable, "-m", "nextproxy", *args], env={**clean, **env}, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def preset(pki_files: dict[str, Path]) -> dict[str, str]:
+    return {
+        "NEXTPROXY_TLS_CERTIFICATE_FILE": str(pki_files["edge.pem"]),
+        "NEXTPROXY_TLS_KEY_FILE": str(pki_files["edge.key"]),
+        "NEXTPROXY_NS_API_SNI": "api.ns.example",
+        "NEXTPROXY_LISTEN": f"127.0.0.1:{free_port()}",
+        "NEXTPROXY_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+
+
+def test_check_prints_the_routing_table(preset: dict[str, str]) -> None:
+    result = run(["check"], preset)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for needle in ("sni api.ns.example", "passthrough", "ns-api (ns:8080)", "/ns/websocket", "ns-websocket (ns:9999)",
+                   "/ns/sigmai", "/mc/sigmai", "mc-sigmai (mc:8888)", "/sfs/sigmai", "sfs-sigmai (sfs:8888)", "404"):  # fmt: skip
+        assert needle in out, out
+
+
+def test_check_with_a_toml_file(preset: dict[str, str], pki_files: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / "nextproxy.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:0"\n[tls]\ncertificates = [{{certificate_file = "{pki_files["edge.pem"]}", key_file = "{pki_files["edge.key"]}"}}]\n'
+        '[upstreams.app]\nservers = ["127.0.0.1:9"]\n[[routes]]\nname = "app"\npath = "/app"\nupstream = "app"\n'
+    )
+    result = run(["check", "--config", str(config)], {})
+    assert result.returncode == 0, result.stderr
+    assert "path /app" in result.stdout and "app (127.0.0.1:9)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"NEXTPROXY_TLS_KEY_FILE": None}, "NEXTPROXY_TLS_KEY: missing"),
+        ({"NEXTPROXY_TLS_KEY": "x"}, "NEXTPROXY_TLS_KEY: set either"),
+        ({"NEXTPROXY_TLS_CERTIFICATE_FILE": "/nonexistent.pem"}, "NEXTPROXY_TLS_CERTIFICATE_FILE: cannot read"),
+        ({"NEXTPROXY_API_MODE": "maybe"}, "NEXTPROXY_API_MODE: expected passthrough|terminate, got 'maybe'"),
+        ({"NEXTPROXY_LISTEN": "localhost"}, "NEXTPROXY_LISTEN: expected host:port"),
+        ({"NEXTPROXY_TLS_KEY_FILE": "client.key"}, "NEXTPROXY_TLS_KEY_FILE"),
+        ({"NEXTPROXY_TLS_CERTIFICATE_FILE": "client.key"}, "NEXTPROXY_TLS_CERTIFICATE_FILE"),
+    ],
+    ids=["missing", "both-forms", "unreadable", "unknown-mode", "bad-address", "key-mismatch", "not-a-certificate"],
+)
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_bad_configuration_is_one_line_and_exit_2_before_binding(
+    preset: dict[str, str], pki_files: dict[str, Path], change: dict[str, str | None], message: str, command: str
+) -> None:
+    env = dict(preset)
+    for key, value in change.items():
+        if value is None:
+            env.pop(key)
+        else:
+            env[key] = str(pki_files[value]) if value in pki_files else value
+    result = run([command], env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nextproxy: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    host, port = preset["NEXTPROXY_LISTEN"].rsplit(":", 1)
+    with socket.socket() as sock:  # nothing was left bound
+        sock.bind((host, int(port)))
+
+
+def test_port_in_use_is_a_clean_error(preset: dict[str, str]) -> None:
+    host, port = preset["NEXTPROXY_LISTEN"].rsplit(":", 1)
+    with socket.socket() as holder:
+        holder.bind((host, int(port)))
+        holder.listen()
+        result = run(["run"], preset)
+    assert result.returncode == 2
+    assert "NEXTPROXY_LISTEN: cannot listen on" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_version_and_help() -> None:
+    assert run(["--version"], {}).stdout.startswith("nextproxy ")
+    assert "demo" in run(["--help"], {}).stdout
+
+
+def test_admin_port_in_use_is_a_clean_error(preset: dict[str, str]) -> None:
+    host, port = preset["NEXTPROXY_ADMIN_LISTEN"].rsplit(":", 1)
+    with socket.socket() as holder:
+        holder.bind((host, int(port)))
+        holder.listen()
+        result = run(["run"], preset)
+    assert result.returncode == 2
+    assert "NEXTPROXY_ADMIN_LISTEN: cannot listen on" in result.stderr and "Traceback" not in result.stderr
