@@ -1,0 +1,362 @@
+"""`python -m nextproxy` as a real process: metrics after traffic, SIGTERM drain, SIGHUP reload, workers."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client.parser import text_string_to_metric_families
+
+from nextproxy.demo import DemoPki, make_pki
+from nextproxy.standins import StandIn, start_http_ws, start_tls_api
+from nextproxy.demo import server_ssl_context
+from nextproxy.wsclient import WsClient, connect
+from tests.integration.harness import LoopThread
+
+NAME = "localhost"
+API = "ns-api.localhost"
+DENIED = "mc-api.localhost"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Upstreams:
+    """Stand-ins on a background loop, shared by every process test in this module."""
+
+    def __init__(self, pki: DemoPki) -> None:
+        self.thread = LoopThread()
+
+        async def boot() -> dict[str, StandIn]:
+            return {
+                "app": await start_http_ws("127.0.0.1", 0, "app"),
+                "api": await start_tls_api("127.0.0.1", 0, "api", server_ssl_context(pki.upstream, pki.ca.certificate)),
+            }
+
+        self.standins = self.thread.call(boot())
+
+    def address(self, name: str) -> str:
+        host, port = self.standins[name].address
+        return f"{host}:{port}"
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for standin in self.standins.values():
+                await standin.close()
+
+        self.thread.call(stop())
+        self.thread.stop()
+
+
+@pytest.fixture(scope="module")
+def upstreams(pki: DemoPki) -> Iterator[Upstreams]:
+    running = Upstreams(pki)
+    yield running
+    running.close()
+
+
+class Proxy:
+    """A `python -m nextproxy run` subprocess with its own config folder and collected stdout."""
+
+    def __init__(self, folder: Path, pki: DemoPki, upstreams: Upstreams, *, workers: int = 1, drain: float = 10) -> None:
+        self.folder = folder
+        self.cert, self.key = folder / "edge.pem", folder / "edge.key"
+        self.cert.write_bytes(pki.edge.certificate)
+        self.key.write_bytes(pki.edge.key)
+        self.port, self.admin = free_port(), free_port()
+        config = folder / "nextproxy.toml"
+        config.write_text(f"""
+listen = "127.0.0.1:{self.port}"
+admin_listen = "127.0.0.1:{self.admin}"
+[tls]
+certificates = [{{ certificate_file = "{self.cert}", key_file = "{self.key}" }}]
+[upstreams.app]
+servers = ["{upstreams.address('app')}"]
+[upstreams.api]
+servers = ["{upstreams.address('api')}"]
+[[routes]]
+name = "app"
+path = "/app"
+upstream = "app"
+[[sni_routes]]
+name = "api"
+server_names = ["{API}"]
+action = "passthrough"
+upstream = "api"
+[[sni_routes]]
+name = "guarded"
+server_names = ["{DENIED}"]
+action = "terminate"
+upstream = "app"
+allow = ["cn:nobody"]
+[timeouts]
+drain = {drain}
+""")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTPROXY_")}
+        env.update(NEXTPROXY_CONFIG=str(config), NEXTPROXY_WORKERS=str(workers), NEXTPROXY_LOG_FORMAT="json")
+        self.process = subprocess.Popen([sys.executable, "-m", "nextproxy", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.context = ssl.create_default_context(cadata=pki.ca.certificate.decode())
+        self.wait_for(lambda: self.get("/readyz")[0] == 200, 20, "ready")
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in list(self.lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == name:
+                found.append(record)
+        return found
+
+    def wait_for(self, check: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if check():
+                    return
+            except OSError:
+                pass
+            assert self.process.poll() is None or what == "exit", "".join(self.lines)[-3000:]
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}:\n" + "".join(self.lines)[-3000:])
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=5)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        _, body = self.get("/metrics")
+        samples = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
+
+    def https(self, path: str, server_name: str = NAME, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        tls = (context or self.context).wrap_socket(sock, server_hostname=server_name)
+        conn = http.client.HTTPSConnection(server_name, self.port, timeout=10)
+        conn.sock = tls
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def peer_certificate(self) -> bytes:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            with context.wrap_socket(sock, server_hostname=NAME) as tls:
+                der = tls.getpeercert(binary_form=True)
+                assert der is not None
+                return der
+
+    def websocket(self) -> WsClient:
+        return connect(f"wss://{NAME}:{self.port}/app/ws", address=("127.0.0.1", self.port), context=self.context)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self._reader.join(5)
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> Iterator[Proxy]:
+    running = Proxy(tmp_path, pki, upstreams)
+    yield running
+    running.stop()
+
+
+def der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and all((k, w) in ls for k, w in labels.items()))
+
+
+def test_every_metric_moves_after_real_traffic(proxy: Proxy, pki: DemoPki) -> None:
+    assert proxy.https("/app/x")[0] == 200
+    assert proxy.https("/nowhere")[0] == 404
+    assert proxy.https("/", server_name=DENIED)[0] == 403
+    api = ssl.create_default_context(cadata=pki.ca.certificate.decode())
+    api.check_hostname = False
+    assert proxy.https("/", server_name=API, context=api)[0] == 200
+    ws = proxy.websocket()
+    ws.send("hello")
+    assert ws.recv().data == "hello"
+    open_samples = proxy.metrics()
+    assert value(open_samples, "nextproxy_websocket_sessions_active", route="app") == 1
+    assert value(open_samples, "nextproxy_connections_active", listener="edge") >= 1
+    ws.close()
+    proxy.wait_for(lambda: value(proxy.metrics(), "nextproxy_websocket_session_duration_seconds_count", route="app") == 1, 5, "session end")
+    bad = ssl.create_default_context(cadata=pki.ca.certificate.decode())
+    bad.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError):
+        proxy.https("/app", context=bad)
+
+    samples = proxy.metrics()
+    assert value(samples, "nextproxy_requests_total", route="app", code="200") == 1
+    assert value(samples, "nextproxy_requests_total", route="-", code="404") == 1
+    assert value(samples, "nextproxy_requests_total", route="guarded", code="403") == 1
+    assert value(samples, "nextproxy_authorization_denied_total", route="guarded", reason="no_certificate") == 1
+    assert value(samples, "nextproxy_request_duration_seconds_count", route="app") >= 2
+    assert value(samples, "nextproxy_tls_handshakes_total", result="ok") >= 4
+    assert value(samples, "nextproxy_tls_handshakes_total", result="protocol_version") == 1
+    assert value(samples, "nextproxy_passthrough_connections_total", route="api") == 1
+    assert value(samples, "nextproxy_websocket_messages_total", route="app", direction="client_to_upstream") == 1
+    assert value(samples, "nextproxy_websocket_messages_total", route="app", direction="upstream_to_client") == 1
+    assert value(samples, "nextproxy_websocket_sessions_active", route="app") == 0
+    assert value(samples, "nextproxy_bytes_total", route="app", direction="upstream_to_client") > 0
+    assert value(samples, "nextproxy_bytes_total", route="api", direction="client_to_upstream") > 0
+    assert value(samples, "nextproxy_upstream_up", upstream="app") == 1
+    expiry = value(samples, "nextproxy_certificate_expiry_timestamp_seconds")
+    assert expiry == x509.load_pem_x509_certificate(pki.edge.certificate).not_valid_after_utc.timestamp()
+    assert ("nextproxy_config_reloads_total", (("result", "ok"),)) in samples
+    assert value(samples, "process_resident_memory_bytes") > 0
+    access = proxy.events("request")
+    assert {r["status"] for r in access} >= {200, 404, 403, 101}
+    assert proxy.events("passthrough") and proxy.events("websocket_session")
+
+
+def test_sigterm_drains_in_flight_work(proxy: Proxy) -> None:
+    ws = proxy.websocket()
+    ws.send("hi")
+    assert ws.recv().data == "hi"
+    slow: dict[str, Any] = {}
+
+    def slow_request() -> None:
+        slow["result"] = proxy.https("/app/slow?delay=1.5")
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    time.sleep(0.3)  # the slow request is in flight
+    proxy.process.send_signal(signal.SIGTERM)
+    proxy.wait_for(lambda: proxy.get("/readyz")[0] == 503, 5, "readiness 503")
+    assert json.loads(proxy.get("/readyz")[1])["reason"] == "draining"
+    closed = ws.recv()
+    assert closed.close_code == 1001
+    thread.join(10)
+    assert slow["result"][0] == 200  # not cut short
+    assert proxy.process.wait(15) == 0
+    assert proxy.events("stopped")[0]["clean"] is True
+
+
+def test_sighup_reloads_a_new_certificate_and_keeps_sessions(proxy: Proxy) -> None:
+    first = proxy.peer_certificate()
+    ws = proxy.websocket()
+    fresh = make_pki()
+    proxy.cert.write_bytes(fresh.edge.certificate)
+    proxy.key.write_bytes(fresh.edge.key)
+    proxy.process.send_signal(signal.SIGHUP)
+    proxy.wait_for(lambda: proxy.events("reloaded"), 10, "reload")
+    assert proxy.peer_certificate() == der(fresh.edge.certificate) != first
+    ws.send("still here")
+    assert ws.recv().data == "still here"  # the open session was untouched
+    ws.close()
+    assert value(proxy.metrics(), "nextproxy_config_reloads_total", result="ok") == 1
+
+
+def test_a_broken_certificate_on_reload_keeps_the_old_one(proxy: Proxy, pki: DemoPki) -> None:
+    proxy.cert.write_text("-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    proxy.wait_for(lambda: proxy.events("reload_failed"), 10, "reload failure")
+    assert "NEXTPROXY" in proxy.events("reload_failed")[0]["error"] or "tls.certificates" in proxy.events("reload_failed")[0]["error"]
+    assert proxy.peer_certificate() == der(pki.edge.certificate)
+    assert proxy.https("/app/ok")[0] == 200
+    assert value(proxy.metrics(), "nextproxy_config_reloads_total", result="error") == 1
+
+
+def test_certificate_file_change_is_picked_up_without_a_signal(proxy: Proxy) -> None:
+    fresh = make_pki()
+    proxy.key.write_bytes(fresh.edge.key)
+    proxy.cert.write_bytes(fresh.edge.certificate)
+    proxy.wait_for(lambda: proxy.peer_certificate() == der(fresh.edge.certificate), 15, "polled reload")
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Children of the supervisor that are spawned workers (not multiprocessing's resource tracker)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def test_two_workers_serve_aggregate_and_survive_a_death(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    proxy = Proxy(tmp_path, pki, upstreams, workers=2)
+    try:
+        for i in range(20):
+            assert proxy.https(f"/app/{i}")[0] == 200
+        assert value(proxy.metrics(), "nextproxy_requests_total", route="app", code="200") == 20
+        pids = worker_pids(proxy.process.pid)
+        assert len(pids) == 2, pids
+        os.kill(pids[0], signal.SIGKILL)
+        proxy.wait_for(lambda: len(proxy.events("worker_started")) >= 3, 15, "replacement worker")
+        proxy.wait_for(lambda: proxy.get("/readyz")[0] == 200, 15, "ready again")
+        for i in range(10):
+            assert proxy.https(f"/app/after/{i}")[0] == 200
+        assert value(proxy.metrics(), "nextproxy_requests_total", route="app", code="200") == 30
+        assert proxy.stop() == 0
+    finally:
+        proxy.stop()
+
+
+def test_status_page_in_headless_chromium(proxy: Proxy, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is installed by .ci/run"
+    assert proxy.https("/app/x")[0] == 200
+    shot = Path(__file__).resolve().parents[1] / "artifacts" / "status-page.png"
+    shot.parent.mkdir(exist_ok=True)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}"]  # fmt: skip
+    url = f"http://127.0.0.1:{proxy.admin}/"
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=60)
+    assert "/app" in dom.stdout and "localhost" in dom.stdout, dom.stderr[-2000:]
+    subprocess.run([chromium, *flags, "--window-size=1280,1000", f"--screenshot={shot}", url], capture_output=True, timeout=60)
+    assert shot.exists() and shot.stat().st_size > 10_000
