@@ -78,6 +78,24 @@ class WsClient:
     def ping(self, payload: bytes = b"") -> None:
         self._send(Ping(payload=payload))
 
+    def recv_piece(self) -> tuple[str | bytes | None, bool]:
+        """The next piece of a message as it arrives, and whether it ends the message.
+
+        For messages too large to hold: ``(None, True)`` means the peer closed instead.
+        """
+        while True:
+            event = self._next_event()
+            if isinstance(event, (TextMessage, BytesMessage)):
+                data = event.data if isinstance(event.data, str) else bytes(event.data)
+                return data, event.message_finished
+            if isinstance(event, Ping):
+                self._send(event.response())
+            elif isinstance(event, CloseConnection):
+                if self.ws.state is ConnectionState.REMOTE_CLOSING:
+                    self._send(event.response())
+                self.closed = Received(None, int(event.code), event.reason or "")
+                return None, True
+
     def recv(self) -> Received:
         """The next whole message (fragments joined), or the peer's close."""
         while True:

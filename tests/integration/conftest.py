@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from nextproxy.demo import DemoPki
 from tests.integration.harness import Edge
+from tests.integration.process import Proxy, Upstreams
 
 
 @pytest.fixture(scope="module")
@@ -17,3 +19,17 @@ def edge(pki: DemoPki) -> Iterator[Edge]:
         yield running
     finally:
         running.close()
+
+
+@pytest.fixture(scope="module")
+def upstreams(pki: DemoPki) -> Iterator[Upstreams]:
+    running = Upstreams(pki)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> Iterator[Proxy]:
+    running = Proxy(tmp_path, pki, upstreams)
+    yield running
+    running.stop()

@@ -115,18 +115,31 @@ class Edge:
         upstream_tls: UpstreamTls | None = None,
         certificates: tuple[CertificateConfig, ...] | None = None,
         mutate: Callable[[Config], Config] | None = None,
+        upstream_requires_client_cert: bool | None = None,
+        upstream_reports_tls: bool = False,
     ) -> Edge:
+        """Start a proxy and its stand-ins.
+
+        With ``upstream_tls`` the HTTP stand-ins speak TLS (``pki.upstream``, client CA ``pki.ca``);
+        they require a client certificate when ``upstream_requires_client_cert`` is true (default:
+        exactly when ``upstream_tls.client_certificate`` is set), and with ``upstream_reports_tls``
+        their JSON carries a ``tls`` object (version, SNI, client certificate hash).
+        """
         thread = LoopThread(use_uvloop)
         log = io.StringIO()
 
         async def boot() -> tuple[Config, ProxyServer, dict[str, StandIn]]:
             standins: dict[str, StandIn] = {}
-            http_tls = server_ssl_context(pki.upstream, pki.ca.certificate, require_client_cert=upstream_tls is not None and upstream_tls.client_certificate is not None) if upstream_tls else None
+            require_cert = upstream_requires_client_cert
+            if require_cert is None:
+                require_cert = upstream_tls is not None and upstream_tls.client_certificate is not None
+            http_tls = server_ssl_context(pki.upstream, pki.ca.certificate, require_client_cert=require_cert) if upstream_tls else None
+            start_http = start_tls_api if http_tls is not None and upstream_reports_tls else start_http_ws
             for name, _ in PATH_ROUTES:
-                standins[name] = await start_http_ws("127.0.0.1", 0, name, http_tls)
+                standins[name] = await start_http("127.0.0.1", 0, name, http_tls)  # type: ignore[arg-type]
             api_tls = server_ssl_context(pki.upstream, pki.ca.certificate, require_client_cert=False)
             standins["ns-api"] = await start_tls_api("127.0.0.1", 0, "ns-api", api_tls)
-            standins["mc-api"] = await start_http_ws("127.0.0.1", 0, "mc-api", http_tls)
+            standins["mc-api"] = await start_http("127.0.0.1", 0, "mc-api", http_tls)  # type: ignore[arg-type]
             upstreams = [
                 Upstream(name, (Address(*standins[name].address),), upstream_tls if name != "ns-api" else None)
                 for name in standins
