@@ -1,4 +1,4 @@
-"""Command line: ``nextproxy [run] | check | demo``, and ``python -m nextproxy``.
+"""Command line: ``nextproxy [run] | check | demo | pki | standins``, and ``python -m nextproxy``.
 
 Exit codes: 0 success, 2 bad configuration (one line on stderr naming the key, printed before
 anything is bound). Never a traceback for a configuration problem.
@@ -9,12 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
+import ssl
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from nextproxy import __version__
 from nextproxy.config import Config, load, unknown_variables
 from nextproxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nextproxy.tlsconfig import ServerContexts
 
 EXIT_CONFIG = 2
 
@@ -31,12 +36,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8443, help="edge port on 127.0.0.1 (default 8443)")
     demo.add_argument("--admin-port", type=int, default=9613, help="admin port on 127.0.0.1 (default 9613)")
     demo.add_argument("--dir", default=None, help="where to write the demo PKI (default: a temp dir)")
+    pki = sub.add_parser("pki", help="write a throwaway demo PKI (CA, edge, upstream, client) into DIR")
+    pki.add_argument("dir", metavar="DIR")
+    standins = sub.add_parser("standins", help="serve the preset's stand-in upstreams for one service")
+    standins.add_argument("--service", choices=("ns", "mc", "sfs", "all"), default="all")
+    standins.add_argument(
+        "--host", default=None, help="address to listen on (default 0.0.0.0; with all: one loopback IP per service)"
+    )
+    standins.add_argument("--pki", metavar="DIR", default=None, help="upstream.pem/.key and ca.pem for the TLS API ports")
     return parser
 
 
-def _load_checked(path: str | None) -> tuple[Config, object]:
+def _load_checked(path: str | None) -> tuple[Config, ServerContexts]:
     """Config plus built TLS contexts: every check that can fail happens before binding."""
-    from nextproxy.tlsconfig import ServerContexts, admin_ssl_context, upstream_ssl_context
+    from nextproxy.tlsconfig import admin_ssl_context, upstream_ssl_context
+
+    from nextproxy.tlsconfig import ServerContexts
 
     config = load(os.environ, path)
     contexts = ServerContexts.build(config)
@@ -54,7 +69,7 @@ def check(path: str | None) -> int:
     config, contexts = _load_checked(path)
     print(f"configuration: {config.source}")
     print(f"listen: {config.listen}   admin: {config.admin_listen}   workers: {config.workers}")
-    for cert in contexts.certificates:  # type: ignore[attr-defined]
+    for cert in contexts.certificates:
         print(f"certificate: {cert.name} (SANs: {', '.join(cert.sans) or '-'})")
     rows = RouteTable(config).describe()
     widths = [max(len(r[i]) for r in rows + [("match", "action", "upstream")]) for i in range(3)]
@@ -136,6 +151,106 @@ Ctrl-C stops it.
         return 1
 
 
+# The edge certificate of `nextproxy pki` also names the compose service, so that containers on
+# the compose network can reach the proxy as https://nextproxy:8443 and verify it.
+PKI_EDGE_SERVICE_NAMES = ("nextproxy",)
+STANDIN_SERVICES = ("ns", "mc", "sfs")
+
+
+def pki(directory: str) -> int:
+    """Write the demo PKI into ``directory`` unless it already holds one (compose runs this on every ``up``)."""
+    from pathlib import Path
+
+    from nextproxy.demo import DEMO_EDGE_NAMES, make_pki
+
+    folder = Path(directory)
+    if (folder / "ca.pem").is_file() and (folder / "edge.pem").is_file():
+        print(f"nextproxy pki: {folder} already holds ca.pem and edge.pem; left unchanged", flush=True)
+        return 0
+    names = (*DEMO_EDGE_NAMES, *PKI_EDGE_SERVICE_NAMES)
+    try:
+        files = make_pki(names).write(folder)
+    except OSError as exc:
+        print(f"nextproxy pki: cannot write {folder}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"nextproxy pki: wrote a throwaway demo PKI (valid one year) to {folder}:")
+    for name, path in sorted(files.items()):
+        print(f"  {path}")
+    print(f"  edge.pem names: {', '.join(names)}", flush=True)
+    return 0
+
+
+def _standin_plan(service: str, host: str | None) -> list[tuple[str, str, int, bool]]:
+    """(stand-in name, host, port, is the TLS API) for every preset route of ``service``."""
+    from nextproxy.config import PRESET_API_ROUTES, PRESET_PATH_ROUTES
+    from nextproxy.demo import DEMO_HOSTS
+
+    if service == "all":
+        if host is not None:
+            # ns, mc and sfs share the preset's ports, so they cannot share one address.
+            raise ConfigError("--host", "cannot be used with --service all (ns, mc and sfs use the same ports)")
+        hosts = dict(DEMO_HOSTS)
+    else:
+        hosts = {service: host or "0.0.0.0"}
+    plan = [(name, hosts[svc.lower()], port, False) for name, _, svc, port in PRESET_PATH_ROUTES if svc.lower() in hosts]
+    plan += [(name, hosts[svc.lower()], port, True) for name, svc, port in PRESET_API_ROUTES if svc.lower() in hosts]
+    return plan
+
+
+def _standin_api_tls(pki_dir: str | None) -> ssl.SSLContext:
+    """The API ports' context: DIR/upstream.pem+key, asking (not requiring) client certs from DIR/ca.pem."""
+    from pathlib import Path
+
+    from nextproxy.demo import Pem, make_pki, server_ssl_context
+
+    if pki_dir is None:
+        print("nextproxy standins: no --pki: the TLS API ports use a fresh CA that no client trusts", flush=True)
+        fresh = make_pki()
+        return server_ssl_context(fresh.upstream, fresh.ca.certificate)
+    folder = Path(pki_dir)
+    try:
+        upstream = Pem((folder / "upstream.pem").read_bytes(), (folder / "upstream.key").read_bytes())
+        ca = (folder / "ca.pem").read_bytes()
+        return server_ssl_context(upstream, ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("--pki", f"needs upstream.pem, upstream.key and ca.pem in {folder}: {exc}") from None
+
+
+def standins(service: str, host: str | None, pki_dir: str | None) -> int:
+    """Serve the stand-in upstreams of ``service`` on the preset's ports until SIGTERM/SIGINT; exit 0."""
+    plan = _standin_plan(service, host)
+    tls = _standin_api_tls(pki_dir) if any(is_api for *_, is_api in plan) else None
+
+    async def serve_standins() -> int:
+        from nextproxy.demo import StandIn, start_http_ws, start_tls_api
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        started: list[StandIn] = []
+        try:
+            for name, bind_host, port, is_api in plan:
+                if is_api:
+                    assert tls is not None
+                    started.append(await start_tls_api(bind_host, port, name, tls))
+                else:
+                    started.append(await start_http_ws(bind_host, port, name))
+                scheme = "https" if is_api else "http+ws"
+                print(f"nextproxy standins: {name} on {scheme}://{bind_host}:{port}", flush=True)
+            print("nextproxy standins: serving until SIGTERM", flush=True)
+            await stop.wait()
+        finally:
+            await asyncio.gather(*(standin.close() for standin in started), return_exceptions=True)
+        return 0
+
+    try:
+        return run_loop(serve_standins())
+    except OSError as exc:
+        print(f"nextproxy standins: {exc}", file=sys.stderr)
+        return 1
+
+
 def run_loop(coro: object) -> int:
     """Run on uvloop when it is installed (production), else on asyncio's loop."""
     try:
@@ -153,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check(args.config)
         if command == "demo":
             return demo(args.port, args.admin_port, args.dir)
+        if command == "pki":
+            return pki(args.dir)
+        if command == "standins":
+            return standins(args.service, args.host, args.pki)
         return run(getattr(args, "config", None))
     except ConfigError as exc:
         print(f"nextproxy: {exc}", file=sys.stderr)

@@ -118,6 +118,8 @@ class EdgeConnection(asyncio.Protocol):
         self._set_deadline(self.rt.config.timeouts.client_hello, "hello")
 
     def data_received(self, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            return  # lingering after an alert: the bytes are only read so the kernel does not reset
         try:
             if self.phase is Phase.HELLO:
                 self._hello_data(data)

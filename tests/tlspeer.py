@@ -203,6 +203,7 @@ def pump(peer: Peer, engine: TlsEngine, *, chunk: int | None = None, result: Pum
     ``chunk`` feeds the engine that many bytes per ``receive()`` call (1 = byte at a time).
     """
     result = result or PumpResult()
+    result.server_error = result.server_error or engine.error  # failed on the constructor's bytes
     for _ in range(MAX_ROUNDS):
         result.rounds += 1
         moved = False

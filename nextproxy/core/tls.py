@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import (
@@ -26,7 +27,7 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from nextproxy.config import ClientAuth
 from nextproxy.errors import TlsError
@@ -111,10 +112,19 @@ class TlsEngine:
         # Bytes already taken out of the BIO (to learn whether an alert was queued) but not yet
         # handed to the shell.
         self._stash = b""
+        self.error: TlsError | None = None
+        """The failure that ended this engine; set before any alert is flushed."""
+        self._error_raised = False
         self._conn = self._call(lambda: SSL.Connection(context.context, None))
         self._conn.set_accept_state()
         if initial:
-            self.receive(initial)
+            # Raising from a constructor would lose the object, and with it the alert queued in
+            # it (the protocol_version alert for TLS 1.2 clients is decided right here). So the
+            # failure is kept: check ``error`` after construction; receive() raises it anyway.
+            try:
+                self.receive(initial)
+            except TlsError:
+                self._error_raised = False
 
     # ------------------------------------------------------------------ bytes in
 
@@ -122,7 +132,15 @@ class TlsEngine:
         """Feed bytes from the client; return the plaintext they complete (maybe b"").
 
         ``b""`` feeds nothing (the shell's EOF convention) and only returns what is buffered.
+        A failure is raised once (by the call that hit it, or by the first call after a failed
+        constructor); afterwards the engine is inert and returns b"", so bytes that arrive while
+        the shell lingers to deliver the alert are not counted as a second failure.
         """
+        if self.error is not None:
+            if self._error_raised:
+                return b""
+            self._error_raised = True
+            raise self.error
         if self.peer_closed:
             return b""
         conn = self._conn
@@ -212,7 +230,9 @@ class TlsEngine:
         # OpenSSL writes its fatal alert into the BIO before raising; a peer's alert gets no answer.
         queued = self._drain_into_stash() if hasattr(self, "_conn") else False
         detail = _short(exc) if isinstance(exc, SSL.Error) else f"{type(exc).__name__}: {exc}"
-        return TlsError(reason, detail, alert_sent=queued and not received_alert)
+        error = TlsError(reason, detail, alert_sent=queued and not received_alert)
+        self.error, self._error_raised = error, True
+        return error
 
     def _drain_into_stash(self) -> bool:
         # There is no public BIO_ctrl_pending: a queued alert is observable only by reading it.
@@ -238,51 +258,58 @@ class TlsEngine:
             self.peer_certificate = self._describe_peer()
 
     def _describe_peer(self) -> PeerCertificate | None:
+        # DER straight from OpenSSL first: it accepted these bytes, cryptography may be stricter,
+        # and a certificate we cannot parse must still be reported (as unverified), not dropped.
         try:
-            leaf = self._conn.get_peer_certificate(as_cryptography=True)
-            chain = self._conn.get_peer_cert_chain(as_cryptography=True) or []
-        except Exception:  # OpenSSL accepted what cryptography cannot parse
+            leaf = self._conn.get_peer_certificate()
+            chain = self._conn.get_peer_cert_chain() or []
+            if leaf is None:
+                return None
+            leaf_der = crypto.dump_certificate(crypto.FILETYPE_ASN1, leaf)
+            chain_der = tuple(crypto.dump_certificate(crypto.FILETYPE_ASN1, c) for c in chain)
+        except Exception:
             return None
-        if leaf is None:
-            return None
-        return describe_certificate(leaf, chain, self._context, self._now)
+        return describe_certificate(leaf_der, chain_der, self._context, self._now)
 
 
 def describe_certificate(
-    leaf: x509.Certificate,
-    intermediates: list[x509.Certificate],
-    context: TlsServerContext,
-    now: datetime | None,
+    der: bytes, chain: tuple[bytes, ...], context: TlsServerContext, now: datetime | None
 ) -> PeerCertificate:
     """The facts about a client certificate, and whether it chains to ``context``'s CAs at ``now``."""
-    der = leaf.public_bytes(Encoding.DER)
-    spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    dns_names: tuple[str, ...] = ()
-    uris: tuple[str, ...] = ()
+    digest = hashlib.sha256(der).hexdigest()
     try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns_names = tuple(san.get_values_for_type(x509.DNSName))
-        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
-        names_ok = True
-    except x509.ExtensionNotFound:
-        names_ok = True
-    except ValueError:  # malformed or duplicated extensions: facts unknown, never verified
-        names_ok = False
-    common_names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        leaf = x509.load_der_x509_certificate(der)
+        intermediates = [x509.load_der_x509_certificate(c) for c in chain]
+        spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        subject = leaf.subject.rfc4514_string()
+        common_names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        dns_names, uris = _san_names(leaf)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # Malformed encodings, duplicated extensions, unknown key types: facts unknown, and
+        # never verified.
+        return PeerCertificate(der, chain, False, "unparsable", digest, "", "", None, (), ())
     common_name = common_names[0].value if common_names else None
-    verified, error = (False, "unparsable") if not names_ok else _verify(leaf, intermediates, context, now)
+    verified, error = _verify(leaf, intermediates, context, now)
     return PeerCertificate(
         der=der,
-        chain=tuple(c.public_bytes(Encoding.DER) for c in intermediates),
+        chain=chain,
         verified=verified,
         verify_error=error,
-        sha256=hashlib.sha256(der).hexdigest(),
+        sha256=digest,
         spki_sha256=hashlib.sha256(spki).hexdigest(),
-        subject=leaf.subject.rfc4514_string(),
+        subject=subject,
         common_name=common_name if isinstance(common_name, str) else None,
         dns_names=dns_names,
         uris=uris,
     )
+
+
+def _san_names(leaf: x509.Certificate) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return (), ()
+    return tuple(san.get_values_for_type(x509.DNSName)), tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
 
 
 def _verify(

@@ -64,7 +64,15 @@ def ssl_want_read() -> type[BaseException]:
     return ssl.SSLWantReadError
 
 
-def test_a_client_that_does_not_read_is_paused_not_buffered(proxy: Proxy) -> None:
+def test_a_client_that_does_not_read_is_paused_not_buffered(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    proxy = Proxy(tmp_path, pki, upstreams, drain=1)
+    try:
+        stalled_client(proxy)
+    finally:
+        proxy.stop()
+
+
+def stalled_client(proxy: Proxy) -> None:
     ws = proxy.websocket()
     ws.send("warm-up")
     assert ws.recv().data == "warm-up"
