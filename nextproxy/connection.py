@@ -108,6 +108,13 @@ class EdgeConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
         self.transport = cast(asyncio.Transport, transport)
+        if len(self.rt.connections) + len(self.rt.passthroughs) >= self.rt.config.limits.max_connections:
+            # Over the cap: refuse at once rather than let a flood exhaust memory and descriptors.
+            self.phase = Phase.CLOSED
+            self.transport = None
+            transport.abort()
+            self.rt.observer.connection_refused()
+            return
         self.transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "-"

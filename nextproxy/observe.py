@@ -21,6 +21,8 @@ class Observer:
     def __init__(self, logger: Logger, listener: str = "edge") -> None:
         self.log = logger
         self._active = metrics.CONNECTIONS_ACTIVE.labels(listener=listener)
+        self._refused = 0
+        self._refused_logged = -1e9
 
     def route(self, name: str) -> metrics.RouteMetrics:
         return metrics.route_metrics(name)
@@ -31,6 +33,16 @@ class Observer:
 
     def connection_closed(self) -> None:
         self._active.dec()
+
+    def connection_refused(self) -> None:
+        """Logged at most every 10 s with a count: a flood must not also flood the log."""
+        import asyncio
+
+        self._refused += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refused_logged >= 10.0:
+            self.log.log("warning", "connections_refused", reason="max_connections reached", count=self._refused)
+            self._refused, self._refused_logged = 0, now
 
     def bad_hello(self, exc: ClientHelloError, peer: str) -> None:
         metrics.tls_handshake("other")

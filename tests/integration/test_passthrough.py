@@ -10,6 +10,8 @@ import ssl
 from cryptography import x509
 
 from nextproxy.standins import pattern_sha256
+from nextproxy.config import Config
+from nextproxy.demo import DemoPki
 from tests.integration.harness import API_NAME, Edge
 
 
@@ -88,3 +90,82 @@ def test_upstream_down_closes_the_client(edge: Edge) -> None:
         assert sock.recv(10) == b""
     finally:
         raw.close()
+
+
+def test_max_connections_refuses_the_excess(pki: DemoPki) -> None:
+    from nextproxy.config import Limits
+
+    edge = Edge.start(pki, limits=Limits(max_connections=3))
+    try:
+        held = [edge.raw_socket() for _ in range(3)]
+        import time
+
+        time.sleep(0.2)
+        extra = edge.raw_socket()
+        extra.settimeout(5)
+        try:
+            assert extra.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        extra.close()
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        status, _, _ = edge.request("GET", "/ns/sigmai")
+        assert status == 200
+        assert "connections_refused" in edge.logs()
+    finally:
+        edge.close()
+
+
+def test_replayed_hello_half_close_and_byte_exactness(pki: DemoPki) -> None:
+    """A raw TCP upstream sees exactly the client's bytes, then EOF, and can still answer."""
+    import dataclasses
+    import threading
+
+    from nextproxy.config import Address
+    from tests.hellos import openssl_hello
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    seen: dict[str, bytes] = {}
+
+    def upstream() -> None:
+        for _ in range(5):  # the proxy's health probe connects too, and sends nothing
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            data = b""
+            while chunk := conn.recv(65536):  # until the client's half-close arrives as EOF
+                data += chunk
+            if data:
+                seen["data"] = data
+                conn.sendall(b"got:" + data)  # the other direction still flows
+                conn.close()
+                return
+            conn.close()
+
+    thread = threading.Thread(target=upstream)
+    thread.start()
+    address = Address(*listener.getsockname())
+
+    def point_api_at_raw_server(config: Config) -> Config:
+        upstreams = tuple(dataclasses.replace(u, servers=(address,)) if u.name == "ns-api" else u for u in config.upstreams)
+        return dataclasses.replace(config, upstreams=upstreams)
+
+    edge = Edge.start(pki, mutate=point_api_at_raw_server)
+    try:
+        hello = openssl_hello(server_name=API_NAME)
+        payload = hello + bytes(range(256)) * 512
+        client = edge.raw_socket()
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+        client.close()
+        thread.join(10)
+        assert seen["data"] == payload
+        assert answer == b"got:" + payload
+    finally:
+        edge.close()
+        listener.close()
