@@ -358,7 +358,7 @@ def test_connections_over_the_cap_are_refused(monkeypatch: pytest.MonkeyPatch) -
             assert first.recv(1024).startswith(b"HTTP/1.1 200 ")  # so the server has counted it
             try:
                 refused = raw_exchange(port, b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n")
-            except ConnectionResetError:
+            except OSError:  # reset, or ENOTCONN when the abort lands before our half-close
                 refused = b""
         # Once the first one has gone, a new connection is served again (bounded retries: the
         # server sees the first close asynchronously).

@@ -19,6 +19,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import REGISTRY
 
 from nextproxy import metrics
 from nextproxy.config import AllowRule, CertificateConfig, ClientAuth, Config, PemSource
@@ -156,7 +158,7 @@ class Outcome:
 def handshake_counts() -> dict[str, float]:
     counts = {}
     for result in HANDSHAKE_RESULTS:
-        value = metrics.REGISTRY.get_sample_value("nextproxy_tls_handshakes_total", {"result": result})
+        value = REGISTRY.get_sample_value("nextproxy_tls_handshakes_total", {"result": result})
         counts[result] = value or 0.0
     return counts
 
@@ -342,6 +344,26 @@ def test_mode_by_client_curl(
         check_identity_headers(outcome.headers, client, expected.verified)
 
 
+def test_bytes_after_a_refusal_are_not_a_second_failure(edges: Edges, clients: dict[str, Client]) -> None:
+    """A TLS 1.3 client sends its request before it learns it was refused; the proxy, lingering
+    to deliver the alert, must not count those bytes (or the EOF) as another failed handshake."""
+    edge = edges.mode(ClientAuth.REQUIRE_CA)
+    before = handshake_counts()
+    sock = edge.tls_socket(TERMINATED_API_NAME, edge.client_context(clients["unknown"].pem))
+    try:
+        request = f"GET / HTTP/1.1\r\nHost: {TERMINATED_API_NAME}\r\n\r\n".encode()
+        for _ in range(3):  # three records, the later ones arriving after the refusal
+            sock.sendall(request)
+            time.sleep(0.05)
+        with pytest.raises(ssl.SSLError, match="(?i)unknown.ca"):
+            sock.recv(100)
+    finally:
+        sock.close()
+    time.sleep(0.2)  # the EOF reaches the proxy within its 0.5 s linger
+    moved = delta(before)
+    assert moved == {**{r: 0.0 for r in HANDSHAKE_RESULTS}, "bad_client_cert": 1.0}, moved
+
+
 def test_optional_without_a_ca_forwards_the_certificate_unverified(edges: Edges, clients: dict[str, Client]) -> None:
     edge = edges.mode(ClientAuth.OPTIONAL, with_ca=False)
     outcome = stdlib_attempt(edge, clients["trusted"])
@@ -422,7 +444,7 @@ def with_allow(rules: tuple[AllowRule, ...]) -> Callable[[Config], Config]:
 
 
 def counter(name: str, labels: dict[str, str]) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 ALLOW_CASES = {
@@ -582,7 +604,7 @@ def fetch_with_session(
     """One request on a fresh connection offering ``session``: (resumed?, session after, body)."""
     sock = context.wrap_socket(edge.raw_socket(), server_hostname=server_name, session=session)
     try:
-        resumed = sock.session_reused
+        resumed = bool(sock.session_reused)
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         for _ in range(1000):  # bounded: the response is a few KiB and ends with the close
