@@ -130,6 +130,8 @@ class SniRoute:
     client_auth: ClientAuth = ClientAuth.NONE
     client_ca_file: str | None = None
     allow: tuple[AllowRule, ...] | None = None
+    forward_client_cert_chain: bool = False
+    """Also send the client's intermediates upstream as ``Client-Cert-Chain`` (RFC 9440)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +366,7 @@ KNOWN_VARIABLES = frozenset(
         "NEXTPROXY_NS_HOST", "NEXTPROXY_MC_HOST", "NEXTPROXY_SFS_HOST",
         "NEXTPROXY_NS_API_SNI", "NEXTPROXY_MC_API_SNI", "NEXTPROXY_API_MODE",
         "NEXTPROXY_API_CLIENT_AUTH", "NEXTPROXY_API_CLIENT_CA_FILE",
-        "NEXTPROXY_NS_API_ALLOW", "NEXTPROXY_MC_API_ALLOW",
+        "NEXTPROXY_NS_API_ALLOW", "NEXTPROXY_MC_API_ALLOW", "NEXTPROXY_API_CLIENT_CERT_CHAIN",
         "NEXTPROXY_UPSTREAM_TLS", "NEXTPROXY_UPSTREAM_CA_FILE",
         "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE", "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE_FILE",
         "NEXTPROXY_UPSTREAM_TLS_KEY", "NEXTPROXY_UPSTREAM_TLS_KEY_FILE",
@@ -444,6 +446,7 @@ def from_environment(env: Mapping[str, str]) -> Config:
     client_auth = parse_enum(
         "NEXTPROXY_API_CLIENT_AUTH", ClientAuth, get("NEXTPROXY_API_CLIENT_AUTH", "none")
     )
+    forward_chain = parse_bool("NEXTPROXY_API_CLIENT_CERT_CHAIN", get("NEXTPROXY_API_CLIENT_CERT_CHAIN", "false"))
     ca_file = env.get("NEXTPROXY_API_CLIENT_CA_FILE") or None
     if ca_file:
         check_file("NEXTPROXY_API_CLIENT_CA_FILE", ca_file)
@@ -479,6 +482,7 @@ def from_environment(env: Mapping[str, str]) -> Config:
                 client_auth=client_auth if mode is SniAction.TERMINATE else ClientAuth.NONE,
                 client_ca_file=ca_file if mode is SniAction.TERMINATE else None,
                 allow=allow,
+                forward_client_cert_chain=forward_chain,
             )
         )
 
@@ -694,6 +698,7 @@ def _toml_sni_route(table: _Table) -> SniRoute:
     client_auth = parse_enum(table.key("client_auth"), ClientAuth, table.take("client_auth", "none"))
     ca_file = table.take("client_ca_file", None, str)
     allow = parse_allow(table.key("allow"), table.take("allow", kind=list)) if "allow" in table.data else None
+    forward_chain = table.take("forward_client_cert_chain", False, bool)
     table.done()
     if action is SniAction.PASSTHROUGH:
         if upstream is None:
@@ -704,7 +709,7 @@ def _toml_sni_route(table: _Table) -> SniRoute:
         raise ConfigError(table.key("client_ca_file"), "required when client_auth = \"require-ca\"")
     if ca_file:
         check_file(table.key("client_ca_file"), ca_file)
-    return SniRoute(name, server_names, action, upstream, client_auth, ca_file, allow)
+    return SniRoute(name, server_names, action, upstream, client_auth, ca_file, allow, forward_chain)
 
 
 def _toml_dataclass(table: _Table, defaults: Any, *, integer: bool) -> Any:

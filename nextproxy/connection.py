@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import cast, TYPE_CHECKING, Sequence
 
-from nextproxy.config import Config, PathRoute, SniAction, SniRoute
+from nextproxy.config import Config, PathRoute, SniAction, SniRoute, Upstream
 from nextproxy.core.actions import (
     AuthorizationDenied,
     AwaitResponse,
@@ -111,8 +111,8 @@ class EdgeConnection(asyncio.Protocol):
         if len(self.rt.connections) + len(self.rt.passthroughs) >= self.rt.config.limits.max_connections:
             # Over the cap: refuse at once rather than let a flood exhaust memory and descriptors.
             self.phase = Phase.CLOSED
+            self.transport.abort()
             self.transport = None
-            transport.abort()
             self.rt.observer.connection_refused()
             return
         self.transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
@@ -181,9 +181,13 @@ class EdgeConnection(asyncio.Protocol):
             self.rt.observer.bug(exc, self.peer)
             self._close(abort=True)
 
-    def upstream_lost(self) -> None:
+    def upstream_lost(self, exc: Exception | None = None) -> None:
         if self.phase is Phase.CLOSED:
             return
+        if isinstance(exc, ssl.SSLError) and self._route is not None:
+            # In TLS 1.3 an upstream refusing our client certificate only shows up here, after
+            # the request was written; name it instead of a bare "closed before responding".
+            self.rt.observer.upstream_error(self._route.upstream, f"TLS to upstream failed: {exc}", self.peer)
         self._up = None
         if self._session is not None and self.phase is Phase.HTTP:
             self.upstream_data_eof()
@@ -307,6 +311,7 @@ class EdgeConnection(asyncio.Protocol):
             address=self.peer,
             server_name=hello.server_name if hello else None,
             certificate=engine.peer_certificate,
+            forward_chain=self._sni_route.forward_client_cert_chain if self._sni_route else False,
         )
         self._session = HttpSession(self.rt.routes, self._sni_route, info, self.rt.config.limits)
         if self.rt.draining:
@@ -424,18 +429,27 @@ class EdgeConnection(asyncio.Protocol):
 
     def _connect(self, action: ConnectUpstream) -> None:
         self._route = action.route
+        session = self._session
         upstream = self.rt.config.upstream(action.route.upstream)
-        asyncio.get_running_loop().create_task(self._connect_task(upstream, action.fresh))
+        if not action.fresh and session is not None:
+            conn = self.rt.pool.take_idle(upstream, self)
+            if conn is not None:  # the common keep-alive case: no task, no await
+                self._use_upstream(conn)
+                self._run(session.upstream_connected(conn.leg))
+                return
+        asyncio.get_running_loop().create_task(self._connect_task(upstream))
 
-    async def _connect_task(self, upstream: object, fresh: bool) -> None:
-        from nextproxy.config import Upstream
+    def _use_upstream(self, conn: UpstreamConnection) -> None:
+        self._up = conn
+        if conn.transport is not None and self._client_write_paused:
+            conn.transport.pause_reading()
 
-        assert isinstance(upstream, Upstream)
+    async def _connect_task(self, upstream: Upstream) -> None:
         session = self._session
         if session is None:
             return
         try:
-            conn = await self.rt.pool.acquire(upstream, self, fresh=fresh)
+            conn = await self.rt.pool.connect(upstream, self)
         except ssl.SSLError as exc:
             self.rt.observer.upstream_error(upstream.name, f"TLS to upstream failed: {exc}", self.peer)
             actions = session.upstream_failed("upstream TLS verification failed")
@@ -448,9 +462,7 @@ class EdgeConnection(asyncio.Protocol):
             if self.phase is Phase.CLOSED:
                 self.rt.pool.release(conn, False)
                 return
-            self._up = conn
-            if conn.transport is not None and self._client_write_paused:
-                conn.transport.pause_reading()
+            self._use_upstream(conn)
             actions = session.upstream_connected(conn.leg)
         if self.phase is not Phase.CLOSED:
             self._run(actions)

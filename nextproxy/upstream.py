@@ -26,7 +26,7 @@ class UpstreamOwner(Protocol):
     """Whoever currently uses an upstream connection (a client connection's shell)."""
 
     def upstream_data(self, data: bytes) -> None: ...
-    def upstream_lost(self) -> None: ...
+    def upstream_lost(self, exc: Exception | None) -> None: ...
     def upstream_writing(self, paused: bool) -> None: ...
 
 
@@ -63,7 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.alive = False
         owner, self.owner = self.owner, None
         if owner is not None:
-            owner.upstream_lost()
+            owner.upstream_lost(exc)
 
     def pause_writing(self) -> None:
         if self.owner is not None:
@@ -126,19 +126,25 @@ class UpstreamPool:
             self.health[name] = up
         self._on_health(name, up)
 
-    async def acquire(self, upstream: Upstream, owner: UpstreamOwner, *, fresh: bool = False) -> UpstreamConnection:
-        """A connection to one of ``upstream``'s servers; raises OSError or TimeoutError."""
-        server = next(self._round_robin[upstream.name])
-        if not fresh:
+    def take_idle(self, upstream: Upstream, owner: UpstreamOwner) -> UpstreamConnection | None:
+        """A pooled connection that is still usable, without waiting; None if there is none.
+
+        Checked before reuse: closed, EOF'd or over-age connections are dropped here.
+        """
+        loop_time = asyncio.get_running_loop().time()
+        for server in upstream.servers:
             idle = self._idle.get(server)
-            loop_time = asyncio.get_running_loop().time()
             while idle:
                 conn = idle.pop()
                 if conn.reusable_now and loop_time - conn.idle_since < self._config.timeouts.pool_idle:
                     conn.owner = owner
                     return conn
                 conn.close()
-        conn = await self._connect(upstream, server)
+        return None
+
+    async def connect(self, upstream: Upstream, owner: UpstreamOwner) -> UpstreamConnection:
+        """A new connection to the next server of ``upstream``; raises OSError or TimeoutError."""
+        conn = await self._connect(upstream, next(self._round_robin[upstream.name]))
         conn.owner = owner
         return conn
 

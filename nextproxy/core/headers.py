@@ -322,9 +322,10 @@ def _printable(text: str) -> str:
 def xfcc(cert: PeerCertificate) -> bytes:
     """Envoy's X-Forwarded-Client-Cert element for ``cert``.
 
-    ``Hash=<sha256>;Cert="<url-encoded PEM>";Subject="<RFC 4514>";URI=<uri>;DNS=<dns>``, with
-    URI and DNS once per SAN, in Envoy's order. Envoy emits ``URI=`` even without a URI SAN; we
-    leave out keys that have no value. Cached: the same certificate comes back on every
+    ``Hash=<sha256>;Subject="<RFC 4514>";URI=<uri>;DNS=<dns>;Cert="<url-encoded PEM>"``, with
+    URI and DNS once per SAN: the order of our contract (issue 5). Envoy puts Cert second;
+    XFCC consumers read elements by key, so both parse the same. Envoy emits ``URI=`` even
+    without a URI SAN; we leave out keys that have no value. Cached: the same certificate comes back on every
     request of a keep-alive connection.
     """
     return _xfcc(cert.sha256, cert.der, cert.subject, tuple(cert.uris), tuple(cert.dns_names))
@@ -332,13 +333,10 @@ def xfcc(cert: PeerCertificate) -> bytes:
 
 @lru_cache(maxsize=256)
 def _xfcc(sha256: str, der: bytes, subject: str, uris: tuple[str, ...], dns: tuple[str, ...]) -> bytes:
-    parts = [
-        "Hash=" + _printable(sha256).lower(),
-        'Cert="' + _url_encoded_pem(der) + '"',
-        'Subject="' + _dn_for_header(subject) + '"',
-    ]
+    parts = ["Hash=" + _printable(sha256).lower(), 'Subject="' + _dn_for_header(subject) + '"']
     parts += ["URI=" + _quote_if_needed(_percent_escape(uri)) for uri in uris]
     parts += ["DNS=" + _quote_if_needed(_percent_escape(name)) for name in dns]
+    parts.append('Cert="' + _url_encoded_pem(der) + '"')
     return ";".join(parts).encode("ascii")
 
 

@@ -96,6 +96,7 @@ class _Exchange:
     retried: bool = False
     request_sent: bool = False
     response_status: int = 0
+    upstream_bytes: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -179,6 +180,8 @@ class HttpSession:
         leg = self._upstream
         if leg is None:
             return []
+        if self._exchange is not None:
+            self._exchange.upstream_bytes += len(data)
         try:
             leg.conn.receive_data(data)
         except h11.RemoteProtocolError:
@@ -306,7 +309,11 @@ class HttpSession:
             try:
                 event = leg.conn.next_event()
             except h11.RemoteProtocolError as exc:
-                actions += self._upstream_broken(f"invalid response: {exc}")
+                exchange = self._exchange
+                if exchange is not None and exchange.upstream_bytes == 0:
+                    actions += self._upstream_broken("upstream closed the connection before responding")
+                else:
+                    actions += self._upstream_broken(f"invalid response from upstream: {exc}")
                 break
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break

@@ -398,14 +398,14 @@ def test_xfcc_exact_format(client_cert: x509.Certificate) -> None:
     digest = hashlib.sha256(client_cert.public_bytes(serialization.Encoding.DER)).hexdigest()
     subject = client_cert.subject.rfc4514_string()
     assert subject == "CN=client one,O=Acme\\, Inc.,C=US"  # the comma is RFC 4514-escaped
-    expected = (
+    expected = (  # the contract's order: Hash, Subject, URI..., DNS..., Cert
         f"Hash={digest};"
-        f'Cert="{quote(pem, safe="")}";'
         f'Subject="{subject}";'
         "URI=spiffe://acme.test/ns/web;"
         'URI="urn:x?role=admin;tier=1";'  # holds ';' and '=': quoted
         "DNS=a.example;"
-        "DNS=b.example"
+        "DNS=b.example;"
+        f'Cert="{quote(pem, safe="")}"'
     )
     assert xfcc(cert) == expected.encode("ascii")
     assert xfcc(cert) is xfcc(cert)  # cached per certificate: keep-alive requests reuse it
@@ -435,10 +435,10 @@ def test_xfcc_subject_is_quoted_safely_and_round_trips(common_name: str) -> None
     assert x509.Name.from_rfc4514_string(subject) == source.subject
 
 
-def test_xfcc_without_sans_has_only_hash_cert_subject() -> None:
+def test_xfcc_without_sans_has_only_hash_subject_cert() -> None:
     source = make_cert(name(CN="bare"))
     keys = [part.split("=", 1)[0] for part in xfcc(peer(source)).decode("ascii").split(";")]
-    assert keys == ["Hash", "Cert", "Subject"]
+    assert keys == ["Hash", "Subject", "Cert"]
 
 
 def test_rfc9440_client_cert_decodes_to_the_der(client_cert: x509.Certificate) -> None:

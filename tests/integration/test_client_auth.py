@@ -393,6 +393,38 @@ def test_client_cert_via_intermediate_is_verified(
         check_identity_headers(outcome.headers, client, "SUCCESS")
 
 
+def test_client_cert_chain_is_forwarded_when_enabled(pki: DemoPki, tmp_path: Path) -> None:
+    """RFC 9440 Client-Cert-Chain carries the intermediates the client sent, only when enabled."""
+    import base64
+
+    from tests.pki import make_ca
+
+    root = make_ca("chain root")
+    intermediate = make_ca("chain intermediate", root)
+    leaf = make_leaf(intermediate, "chain client", dns=("chain.localhost",), client=True)
+    (tmp_path / "root.pem").write_bytes(root.cert_pem)
+    client = Client("chained", Pem(leaf.cert_pem + intermediate.cert_pem, leaf.key_pem), None)
+    intermediate_der = x509.load_pem_x509_certificate(intermediate.cert_pem).public_bytes(serialization.Encoding.DER)
+
+    def forward(config: Config) -> Config:
+        sni = tuple(replace(r, forward_client_cert_chain=True) if r.name == "mc-api" else r for r in config.sni_routes)
+        return replace(config, sni_routes=sni)
+
+    for enabled in (False, True):
+        edge = Edge.start(pki, client_auth=ClientAuth.REQUIRE_CA, client_ca_file=str(tmp_path / "root.pem"),
+                          mutate=forward if enabled else None)  # fmt: skip
+        try:
+            outcome = stdlib_attempt(edge, client)
+        finally:
+            edge.close()
+        assert outcome.status == 200 and outcome.headers is not None
+        chain = outcome.headers.get("client-cert-chain", [])
+        if enabled:
+            assert [base64.b64decode(v.strip().strip(":")) for v in chain[0].split(",")] == [intermediate_der]
+        else:
+            assert chain == []
+
+
 # --------------------------------------------------------------------------- spoofed headers
 
 SPOOFED = [
