@@ -11,7 +11,7 @@ RUN pip install . \
 USER 10001
 EXPOSE 8443 9613
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9613/readyz', timeout=2).status != 200)"]
+  CMD ["nextproxy", "healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["nextproxy"]
 CMD ["run"]

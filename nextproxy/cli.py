@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8443, help="edge port on 127.0.0.1 (default 8443)")
     demo.add_argument("--admin-port", type=int, default=9613, help="admin port on 127.0.0.1 (default 9613)")
     demo.add_argument("--dir", default=None, help="where to write the demo PKI (default: a temp dir)")
+    health = sub.add_parser("healthcheck", help="exit 0 if this host's proxy answers /readyz with 200 (for container healthchecks)")
+    health.add_argument("--config", metavar="FILE")
     pki = sub.add_parser("pki", help="write a throwaway demo PKI (CA, edge, upstream, client) into DIR")
     pki.add_argument("dir", metavar="DIR")
     standins = sub.add_parser("standins", help="serve the preset's stand-in upstreams for one service")
@@ -251,6 +253,35 @@ def standins(service: str, host: str | None, pki_dir: str | None) -> int:
         return 1
 
 
+def healthcheck(path: str | None) -> int:
+    """GET /readyz on the configured admin address (a wildcard address means this host)."""
+    import http.client
+    import ssl
+
+    config = load(os.environ, path)
+    address = config.admin_listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+    conn: http.client.HTTPConnection
+    if config.admin_tls is not None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # our own process on this host; only liveness matters
+        conn = http.client.HTTPSConnection(host, address.port, timeout=3, context=context)
+    else:
+        conn = http.client.HTTPConnection(host, address.port, timeout=3)
+    try:
+        conn.request("GET", "/readyz")
+        status = conn.getresponse().status
+    except OSError as exc:
+        print(f"nextproxy healthcheck: {address}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    if status != 200:
+        print(f"nextproxy healthcheck: /readyz answered {status}", file=sys.stderr)
+    return 0 if status == 200 else 1
+
+
 def run_loop(coro: object) -> int:
     """Run on uvloop when it is installed (production), else on asyncio's loop."""
     try:
@@ -268,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check(args.config)
         if command == "demo":
             return demo(args.port, args.admin_port, args.dir)
+        if command == "healthcheck":
+            return healthcheck(args.config)
         if command == "pki":
             return pki(args.dir)
         if command == "standins":

@@ -111,3 +111,19 @@ def test_admin_port_in_use_is_a_clean_error(preset: dict[str, str]) -> None:
         result = run(["run"], preset)
     assert result.returncode == 2
     assert "NEXTPROXY_ADMIN_LISTEN: cannot listen on" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_healthcheck_follows_the_configured_admin_port(preset: dict[str, str]) -> None:
+    import time
+
+    assert run(["healthcheck"], preset).returncode == 1  # nothing is running yet
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTPROXY_")}
+    proxy = subprocess.Popen([sys.executable, "-m", "nextproxy", "run"], env={**clean, **preset}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while run(["healthcheck"], preset).returncode != 0:
+            assert time.monotonic() < deadline and proxy.poll() is None
+            time.sleep(0.2)
+    finally:
+        proxy.terminate()
+        assert proxy.wait(15) == 0
