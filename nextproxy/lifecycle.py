@@ -157,6 +157,7 @@ async def serve(
     if admin_server is not None:
         admin_server.close()
     logger.log("info", "stopped", clean=clean)
+    logger.flush()
     return 0
 
 

@@ -166,7 +166,7 @@ class Edge:
             )
             if mutate is not None:
                 config = mutate(config)
-            observer = Observer(Logger("info", "json", stream=log))
+            observer = Observer(Logger("info", "json", stream=log, buffered=False))
             server = ProxyServer(build_runtime(config, observer))
             await server.start(bind(config.listen, "listen"))
             return config, server, standins
