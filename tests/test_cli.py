@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from nextproxy.demo import DemoPki
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -13,9 +13,9 @@ import io
 import socket
 import ssl
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 from nextproxy.config import (
     Address,

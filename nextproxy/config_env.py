@@ -1,0 +1,203 @@
+"""The built-in preset: ns/mc/sfs path routes and the API names by SNI, from NEXTPROXY_* variables.
+
+The variable names and defaults are a public contract (README "environment preset"); every
+secret has an inline form ``X`` and a file form ``X_FILE``, and setting both is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Mapping
+
+from nextproxy.config import (
+    PRESET_API_ROUTES,
+    PRESET_PATH_ROUTES,
+    Address,
+    CertificateConfig,
+    ClientAuth,
+    Config,
+    PathRoute,
+    PemSource,
+    SniAction,
+    SniRoute,
+    Timeouts,
+    Upstream,
+    UpstreamTls,
+    validate,
+)
+from nextproxy.config_values import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    check_file,
+    parse_address,
+    parse_allow,
+    parse_bool,
+    parse_enum,
+    parse_host,
+    parse_number,
+    parse_server_name,
+    read_file,
+)
+from nextproxy.errors import ConfigError
+
+# Every variable the preset reads; anything else starting with NEXTPROXY_ is reported.
+KNOWN_VARIABLES = frozenset(
+    {
+        "NEXTPROXY_CONFIG", "NEXTPROXY_LISTEN", "NEXTPROXY_ADMIN_LISTEN",
+        "NEXTPROXY_TLS_CERTIFICATE", "NEXTPROXY_TLS_CERTIFICATE_FILE",
+        "NEXTPROXY_TLS_KEY", "NEXTPROXY_TLS_KEY_FILE",
+        "NEXTPROXY_ADMIN_TLS_CERTIFICATE", "NEXTPROXY_ADMIN_TLS_CERTIFICATE_FILE",
+        "NEXTPROXY_ADMIN_TLS_KEY", "NEXTPROXY_ADMIN_TLS_KEY_FILE",
+        "NEXTPROXY_NS_HOST", "NEXTPROXY_MC_HOST", "NEXTPROXY_SFS_HOST",
+        "NEXTPROXY_NS_API_SNI", "NEXTPROXY_MC_API_SNI", "NEXTPROXY_API_MODE",
+        "NEXTPROXY_API_CLIENT_AUTH", "NEXTPROXY_API_CLIENT_CA_FILE",
+        "NEXTPROXY_NS_API_ALLOW", "NEXTPROXY_MC_API_ALLOW", "NEXTPROXY_API_CLIENT_CERT_CHAIN",
+        "NEXTPROXY_UPSTREAM_TLS", "NEXTPROXY_UPSTREAM_CA_FILE",
+        "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE", "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE_FILE",
+        "NEXTPROXY_UPSTREAM_TLS_KEY", "NEXTPROXY_UPSTREAM_TLS_KEY_FILE",
+        "NEXTPROXY_WORKERS", "NEXTPROXY_LOG_LEVEL", "NEXTPROXY_LOG_FORMAT",
+        "NEXTPROXY_SHUTDOWN_DELAY", "NEXTPROXY_DRAIN_TIMEOUT",
+    }
+)  # fmt: skip
+
+
+def secret(env: Mapping[str, str], name: str, *, required: bool) -> PemSource | None:
+    """Read ``NAME`` (inline PEM) or ``NAME_FILE`` (a path, as Docker/Kubernetes secrets mount)."""
+    inline = env.get(name)
+    path = env.get(name + "_FILE")
+    if inline is not None and path is not None:
+        raise ConfigError(name, f"set either {name} or {name}_FILE, not both")
+    if path is not None:
+        if not path.strip():
+            raise ConfigError(name + "_FILE", "is empty")
+        return PemSource(read_file(name + "_FILE", path), name + "_FILE", path)
+    if inline is not None:
+        if not inline.strip():
+            raise ConfigError(name, "is empty")
+        # Some orchestrators flatten newlines in env values; accept a literal "\n" too.
+        return PemSource(inline.replace("\\n", "\n").encode(), name)
+    if required:
+        raise ConfigError(name, f"missing: set {name} (PEM) or {name}_FILE (path)")
+    return None
+
+
+def _pair(env: Mapping[str, str], prefix: str, *, required: bool) -> CertificateConfig | None:
+    cert = secret(env, prefix + "_CERTIFICATE", required=required)
+    key = secret(env, prefix + "_KEY", required=required or cert is not None)
+    if cert is None and key is not None:
+        raise ConfigError(prefix + "_CERTIFICATE", f"missing: {prefix}_KEY is set without it")
+    if cert is None or key is None:
+        return None
+    return CertificateConfig(cert, key)
+
+
+def from_environment(env: Mapping[str, str]) -> Config:
+    """The built-in preset: ns/mc/sfs routes, API names by SNI, values from NEXTPROXY_*."""
+
+    def get(name: str, default: str) -> str:
+        return env.get(name, default)
+
+    listen = parse_address("NEXTPROXY_LISTEN", get("NEXTPROXY_LISTEN", "0.0.0.0:8443"), listen=True)
+    admin = parse_address("NEXTPROXY_ADMIN_LISTEN", get("NEXTPROXY_ADMIN_LISTEN", "0.0.0.0:9613"), listen=True)
+    edge = _pair(env, "NEXTPROXY_TLS", required=True)
+    assert edge is not None
+    admin_tls = _pair(env, "NEXTPROXY_ADMIN_TLS", required=False)
+    hosts = {
+        svc: parse_host(f"NEXTPROXY_{svc}_HOST", get(f"NEXTPROXY_{svc}_HOST", svc.lower()))
+        for svc in ("NS", "MC", "SFS")
+    }
+
+    upstream_tls: UpstreamTls | None = None
+    if parse_bool("NEXTPROXY_UPSTREAM_TLS", get("NEXTPROXY_UPSTREAM_TLS", "false")):
+        ca = env.get("NEXTPROXY_UPSTREAM_CA_FILE")
+        upstream_tls = UpstreamTls(
+            ca_file=check_file("NEXTPROXY_UPSTREAM_CA_FILE", ca) if ca else None,
+            client_certificate=_pair(env, "NEXTPROXY_UPSTREAM_TLS", required=False),
+        )
+    else:
+        for name in ("NEXTPROXY_UPSTREAM_CA_FILE", "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE",
+                     "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE_FILE", "NEXTPROXY_UPSTREAM_TLS_KEY",
+                     "NEXTPROXY_UPSTREAM_TLS_KEY_FILE"):  # fmt: skip
+            if name in env:
+                raise ConfigError(name, "has no effect unless NEXTPROXY_UPSTREAM_TLS=true")
+
+    upstreams: list[Upstream] = []
+    routes: list[PathRoute] = []
+    for name, prefix, svc, port in PRESET_PATH_ROUTES:
+        upstreams.append(Upstream(name, (Address(hosts[svc], port),), upstream_tls))
+        routes.append(PathRoute(name=name, prefix=prefix, upstream=name))
+
+    mode = parse_enum("NEXTPROXY_API_MODE", SniAction, get("NEXTPROXY_API_MODE", "passthrough"))
+    client_auth = parse_enum(
+        "NEXTPROXY_API_CLIENT_AUTH", ClientAuth, get("NEXTPROXY_API_CLIENT_AUTH", "none")
+    )
+    forward_chain = parse_bool("NEXTPROXY_API_CLIENT_CERT_CHAIN", get("NEXTPROXY_API_CLIENT_CERT_CHAIN", "false"))
+    ca_file = env.get("NEXTPROXY_API_CLIENT_CA_FILE") or None
+    if ca_file:
+        check_file("NEXTPROXY_API_CLIENT_CA_FILE", ca_file)
+    if client_auth is ClientAuth.REQUIRE_CA and not ca_file:
+        raise ConfigError("NEXTPROXY_API_CLIENT_CA_FILE", "required when NEXTPROXY_API_CLIENT_AUTH=require-ca")
+    sni_routes: list[SniRoute] = []
+    seen_names: dict[str, str] = {}
+    for name, svc, port in PRESET_API_ROUTES:
+        sni_key = f"NEXTPROXY_{svc}_API_SNI"
+        allow_key = f"NEXTPROXY_{svc}_API_ALLOW"
+        raw_sni = env.get(sni_key, "").strip()
+        allow_text = env.get(allow_key, "").strip()
+        allow = parse_allow(allow_key, [a for a in allow_text.split(",") if a.strip()]) if allow_text else None
+        if not raw_sni:
+            if allow is not None:
+                raise ConfigError(allow_key, f"has no effect unless {sni_key} is set")
+            continue
+        server_name = parse_server_name(sni_key, raw_sni)
+        if server_name in seen_names:
+            raise ConfigError(sni_key, f"{server_name!r} is already used by {seen_names[server_name]}")
+        seen_names[server_name] = sni_key
+        if mode is SniAction.PASSTHROUGH and allow is not None:
+            raise ConfigError(allow_key, "needs NEXTPROXY_API_MODE=terminate (passthrough never sees certificates)")
+        # Passthrough carries the client's TLS to the upstream's own TLS port: never re-encrypted.
+        api_tls = upstream_tls if mode is SniAction.TERMINATE else None
+        upstreams.append(Upstream(name, (Address(hosts[svc], port),), api_tls))
+        sni_routes.append(
+            SniRoute(
+                name=name,
+                server_names=(server_name,),
+                action=mode,
+                upstream=name,
+                client_auth=client_auth if mode is SniAction.TERMINATE else ClientAuth.NONE,
+                client_ca_file=ca_file if mode is SniAction.TERMINATE else None,
+                allow=allow,
+                forward_client_cert_chain=forward_chain,
+            )
+        )
+
+    timeouts = Timeouts()
+    if "NEXTPROXY_SHUTDOWN_DELAY" in env:
+        timeouts = replace(timeouts, shutdown_delay=parse_number("NEXTPROXY_SHUTDOWN_DELAY", env["NEXTPROXY_SHUTDOWN_DELAY"]))
+    if "NEXTPROXY_DRAIN_TIMEOUT" in env:
+        timeouts = replace(timeouts, drain=parse_number("NEXTPROXY_DRAIN_TIMEOUT", env["NEXTPROXY_DRAIN_TIMEOUT"]))
+    config = Config(
+        listen=listen,
+        admin_listen=admin,
+        certificates=(edge,),
+        admin_tls=admin_tls,
+        upstreams=tuple(upstreams),
+        routes=tuple(routes),
+        sni_routes=tuple(sni_routes),
+        timeouts=timeouts,
+        **process_settings(env),
+    )
+    validate(config)
+    return config
+
+
+def process_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings of the process, not of the routing: always from the environment."""
+    workers = parse_number("NEXTPROXY_WORKERS", env.get("NEXTPROXY_WORKERS", "1"), minimum=1, integer=True)
+    level = env.get("NEXTPROXY_LOG_LEVEL", "info").strip().lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError("NEXTPROXY_LOG_LEVEL", f"expected {'|'.join(LOG_LEVELS)}, got {level!r}")
+    fmt = env.get("NEXTPROXY_LOG_FORMAT", "json").strip().lower()
+    if fmt not in LOG_FORMATS:
+        raise ConfigError("NEXTPROXY_LOG_FORMAT", f"expected {'|'.join(LOG_FORMATS)}, got {fmt!r}")
+    return {"workers": workers, "log_level": level, "log_format": fmt}

@@ -1,0 +1,235 @@
+"""The TOML configuration file: the general model (the preset is one instance of it).
+
+Strict: every table is read key by key and whatever is left is an unknown key, an error that
+names it (hypercorn silently ignores unknown keys; we do the opposite).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import replace
+from typing import Any, Mapping
+
+from nextproxy.config import (
+    MiB,
+    CertificateConfig,
+    ClientAuth,
+    Config,
+    Limits,
+    PathRoute,
+    PemSource,
+    SniAction,
+    SniRoute,
+    Timeouts,
+    Upstream,
+    UpstreamTls,
+    WebSocketMode,
+    validate,
+)
+from nextproxy.config_env import process_settings
+from nextproxy.config_values import (
+    ROUTE_NAME,
+    check_file,
+    parse_address,
+    parse_allow,
+    parse_enum,
+    parse_number,
+    parse_server_name,
+    read_file,
+)
+from nextproxy.errors import ConfigError
+
+class _Table:
+    """A TOML table read key by key; whatever is left unread at the end is an unknown key."""
+
+    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(path or "config", "expected a table")
+        self.data = dict(data)
+        self.path = path
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def take(self, name: str, default: Any = None, kind: type | tuple[type, ...] | None = None) -> Any:
+        if name not in self.data:
+            return default
+        value = self.data.pop(name)
+        if kind is not None and not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ConfigError(self.key(name), f"expected {names}, got {value!r}")
+        return value
+
+    def require(self, name: str, kind: type | tuple[type, ...] | None = None) -> Any:
+        if name not in self.data:
+            raise ConfigError(self.key(name), "missing")
+        return self.take(name, kind=kind)
+
+    def sub(self, name: str) -> _Table:
+        return _Table(self.take(name, {}, dict), self.key(name))
+
+    def done(self) -> None:
+        for name in self.data:
+            raise ConfigError(self.key(name), "unknown key")
+
+
+def _toml_pem(table: _Table, name: str, *, required: bool) -> PemSource | None:
+    inline = table.take(name, kind=str)
+    path = table.take(name + "_file", kind=str)
+    if inline is not None and path is not None:
+        raise ConfigError(table.key(name), f"set either {name} or {name}_file, not both")
+    if path is not None:
+        return PemSource(read_file(table.key(name + "_file"), path), table.key(name + "_file"), path)
+    if inline is not None:
+        return PemSource(inline.encode(), table.key(name))
+    if required:
+        raise ConfigError(table.key(name), f"missing: set {name} (PEM) or {name}_file (path)")
+    return None
+
+
+def _toml_pair(table: _Table) -> CertificateConfig:
+    cert = _toml_pem(table, "certificate", required=True)
+    key = _toml_pem(table, "key", required=True)
+    table.done()
+    assert cert is not None and key is not None
+    return CertificateConfig(cert, key)
+
+
+def _toml_upstream_tls(table: _Table) -> UpstreamTls:
+    ca = table.take("ca_file", kind=str)
+    cert = _toml_pem(table, "certificate", required=False)
+    key = _toml_pem(table, "key", required=cert is not None)
+    if key is not None and cert is None:
+        raise ConfigError(table.key("certificate"), "missing: key is set without it")
+    server_name = table.take("server_name", kind=str)
+    table.done()
+    return UpstreamTls(
+        ca_file=check_file(table.key("ca_file"), ca) if ca else None,
+        client_certificate=CertificateConfig(cert, key) if cert and key else None,
+        server_name=parse_server_name(table.key("server_name"), server_name) if server_name else None,
+    )
+
+
+def from_toml(path: str, env: Mapping[str, str] | None = None) -> Config:
+    """Load a TOML configuration file. Process settings still come from the environment."""
+    raw = read_file("NEXTPROXY_CONFIG", path)
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("NEXTPROXY_CONFIG", f"{path}: not valid TOML: {exc}") from None
+    root = _Table(data, "")
+    listen = parse_address("listen", root.take("listen", "0.0.0.0:8443", str), listen=True)
+    admin_listen = parse_address("admin_listen", root.take("admin_listen", "0.0.0.0:9613", str), listen=True)
+
+    tls = root.sub("tls")
+    cert_list = tls.take("certificates", None, list)
+    if not cert_list:
+        raise ConfigError("tls.certificates", "missing: at least one certificate/key pair")
+    certificates = tuple(_toml_pair(_Table(c, f"tls.certificates[{i}]")) for i, c in enumerate(cert_list))
+    tls.done()
+    admin_tls = _toml_pair(root.sub("admin_tls")) if "admin_tls" in root.data else None
+    default_upstream_tls = (
+        _toml_upstream_tls(root.sub("upstream_tls")) if "upstream_tls" in root.data else UpstreamTls()
+    )
+
+    upstreams = []
+    for name, body in root.take("upstreams", {}, dict).items():
+        table = _Table(body, f"upstreams.{name}")
+        if not ROUTE_NAME.match(name):
+            raise ConfigError(table.path, "name must be letters, digits, '-', '_' or '.'")
+        servers = table.require("servers", list)
+        if not servers:
+            raise ConfigError(table.key("servers"), "needs at least one host:port")
+        addresses = tuple(parse_address(table.key("servers"), s if isinstance(s, str) else repr(s)) for s in servers)
+        use_tls = table.take("tls", False, bool)
+        server_name = table.take("server_name", None, str)
+        table.done()
+        upstream_tls = None
+        if use_tls:
+            upstream_tls = default_upstream_tls
+            if server_name:
+                upstream_tls = replace(upstream_tls, server_name=parse_server_name(table.key("server_name"), server_name))
+        upstreams.append(Upstream(name, addresses, upstream_tls))
+
+    routes = tuple(_toml_route(_Table(r, f"routes[{i}]")) for i, r in enumerate(root.take("routes", [], list)))
+    sni_routes = tuple(
+        _toml_sni_route(_Table(r, f"sni_routes[{i}]")) for i, r in enumerate(root.take("sni_routes", [], list))
+    )
+    timeouts = _toml_dataclass(root.sub("timeouts"), Timeouts(), integer=False)
+    limits = _toml_dataclass(root.sub("limits"), Limits(), integer=True)
+    root.done()
+    config = Config(
+        listen=listen,
+        admin_listen=admin_listen,
+        certificates=certificates,
+        admin_tls=admin_tls,
+        upstreams=tuple(upstreams),
+        routes=routes,
+        sni_routes=sni_routes,
+        timeouts=timeouts,
+        limits=limits,
+        source=path,
+        **process_settings(env if env is not None else os.environ),
+    )
+    validate(config)
+    return config
+
+
+def _toml_route(table: _Table) -> PathRoute:
+    name = table.require("name", str)
+    if not ROUTE_NAME.match(name):
+        raise ConfigError(table.key("name"), f"expected letters, digits, '-', '_' or '.', got {name!r}")
+    prefix = table.require("path", str)
+    if not prefix.startswith("/") or any(c in prefix for c in "?#% \\") or "/./" in prefix + "/" or "/../" in prefix + "/":
+        raise ConfigError(table.key("path"), f"expected an absolute path without query, '%', dots or spaces, got {prefix!r}")
+    if len(prefix) > 1:
+        prefix = prefix.rstrip("/")
+    route = PathRoute(
+        name=name,
+        prefix=prefix,
+        upstream=table.require("upstream", str),
+        websocket=parse_enum(table.key("websocket"), WebSocketMode, table.take("websocket", "frames")),
+        max_message_size=parse_number(table.key("max_message_size"), table.take("max_message_size", 16 * MiB), minimum=1, integer=True),
+        ping_interval=parse_number(table.key("ping_interval"), table.take("ping_interval", 20.0)),
+        ping_timeout=parse_number(table.key("ping_timeout"), table.take("ping_timeout", 20.0)),
+        allow=parse_allow(table.key("allow"), table.take("allow", kind=list)) if "allow" in table.data else None,
+    )
+    table.done()
+    return route
+
+
+def _toml_sni_route(table: _Table) -> SniRoute:
+    name = table.require("name", str)
+    if not ROUTE_NAME.match(name):
+        raise ConfigError(table.key("name"), f"expected letters, digits, '-', '_' or '.', got {name!r}")
+    names = table.require("server_names", list)
+    if not names:
+        raise ConfigError(table.key("server_names"), "needs at least one name")
+    server_names = tuple(parse_server_name(table.key("server_names"), str(n)) for n in names)
+    action = parse_enum(table.key("action"), SniAction, table.require("action"))
+    upstream = table.take("upstream", None, str)
+    client_auth = parse_enum(table.key("client_auth"), ClientAuth, table.take("client_auth", "none"))
+    ca_file = table.take("client_ca_file", None, str)
+    allow = parse_allow(table.key("allow"), table.take("allow", kind=list)) if "allow" in table.data else None
+    forward_chain = table.take("forward_client_cert_chain", False, bool)
+    table.done()
+    if action is SniAction.PASSTHROUGH:
+        if upstream is None:
+            raise ConfigError(table.key("upstream"), "missing: a passthrough route needs an upstream")
+        if client_auth is not ClientAuth.NONE or ca_file or allow is not None:
+            raise ConfigError(table.key("action"), "passthrough never sees certificates: client_auth, client_ca_file and allow need action = \"terminate\"")
+    if client_auth is ClientAuth.REQUIRE_CA and not ca_file:
+        raise ConfigError(table.key("client_ca_file"), "required when client_auth = \"require-ca\"")
+    if ca_file:
+        check_file(table.key("client_ca_file"), ca_file)
+    return SniRoute(name, server_names, action, upstream, client_auth, ca_file, allow, forward_chain)
+
+
+def _toml_dataclass(table: _Table, defaults: Any, *, integer: bool) -> Any:
+    values = {}
+    for name in list(table.data):
+        if name not in type(defaults).__dataclass_fields__:
+            raise ConfigError(table.key(name), "unknown key")
+        values[name] = parse_number(table.key(name), table.take(name), integer=integer, minimum=0)
+    return replace(defaults, **values)
