@@ -37,6 +37,7 @@ from nextproxy.core.http1 import HttpSession
 from nextproxy.core.routing import RouteTable
 from nextproxy.core.tls import TlsEngine
 from nextproxy.core.websocket import MessageRelayed, RelayLimits, SessionClosed, Side, WebSocketRelay
+from nextproxy.deadline import Deadline
 from nextproxy.errors import ClientHelloError, TlsError
 from nextproxy.passthrough import Splice
 from nextproxy.upstream import UpstreamConnection, UpstreamPool
@@ -96,9 +97,7 @@ class EdgeConnection(asyncio.Protocol):
         self._reading = True
         self._upstream_write_paused = False
         self._client_write_paused = False
-        self._deadline = 0.0
-        self._deadline_kind = "hello"
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: Deadline | None = None
         self._started = 0.0
         self._request_started = 0.0
         self._ping_sent: dict[Side, float] = {}
@@ -510,51 +509,36 @@ class EdgeConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ timers
 
     def _set_deadline(self, seconds: float, kind: str) -> None:
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + seconds
-        self._deadline_kind = kind
-        # The armed timer may fire late (it re-arms itself then), never early: move it earlier only.
-        if self._timer is None or self._timer.when() > self._deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = loop.call_at(self._deadline, self._on_timer)
+        if self._deadline is None:
+            self._deadline = Deadline(asyncio.get_running_loop(), self._on_deadline)
+        self._deadline.set(seconds, kind)
 
     def _touch(self) -> None:
-        """Activity: push the current deadline out (idle and ping kinds only)."""
-        kind = self._deadline_kind
-        if kind == "idle":
-            self._deadline = asyncio.get_running_loop().time() + self._idle_seconds()
-        elif kind == "ping" and self._route is not None:
-            self._deadline = asyncio.get_running_loop().time() + self._route.ping_interval
-
-    def _idle_seconds(self) -> float:
-        timeouts = self.rt.config.timeouts
-        return timeouts.passthrough_idle if self.phase is Phase.TUNNEL else timeouts.client_idle
+        """Activity: push the current deadline out (idle and ping phases only)."""
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if deadline.kind == "idle":
+            timeouts = self.rt.config.timeouts
+            deadline.push(timeouts.passthrough_idle if self.phase is Phase.TUNNEL else timeouts.client_idle)
+        elif deadline.kind == "ping" and self._route is not None:
+            deadline.push(self._route.ping_interval)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._deadline is not None:
+            self._deadline.cancel()
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_deadline(self, kind: str) -> None:
         if self.phase is Phase.CLOSED:
             return
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._deadline - 0.001:
-            self._timer = loop.call_at(self._deadline, self._on_timer)
-            return
         try:
-            self._deadline_passed(self._deadline_kind)
-        except Exception as exc:
+            self._deadline_passed(kind)
+        except Exception as exc:  # a bug: log it, close this connection only
             self.rt.observer.bug(exc, self.peer)
             self._close(abort=True)
 
     def _deadline_passed(self, kind: str) -> None:
-        if kind == "hello":
-            self.rt.observer.handshake("timeout")
-            self._close()
-        elif kind == "handshake":
+        if kind in ("hello", "handshake"):
             self.rt.observer.handshake("timeout")
             self._flush()
             self._close()
@@ -562,36 +546,25 @@ class EdgeConnection(asyncio.Protocol):
             self._run(self._session.upstream_timeout())
             if self.phase is not Phase.CLOSED:
                 self._set_deadline(self.rt.config.timeouts.client_idle, "idle")
-        elif kind == "ping" and self._relay is not None and self._route is not None:
-            self._keepalive(self._route)
+        elif kind in ("ping", "pong") and self._relay is not None and self._route is not None:
+            self._keepalive(self._route, waited=kind == "pong")
         else:
             self._close()
 
-    def _keepalive(self, route: PathRoute) -> None:
-        """Ping both legs after ping_interval of silence; a leg that misses ping_timeout is dead."""
+    def _keepalive(self, route: PathRoute, *, waited: bool) -> None:
+        """After ping_interval of silence ping both legs; a leg that misses ping_timeout is dead."""
         relay = self._relay
         assert relay is not None
         for side in (Side.CLIENT, Side.UPSTREAM):
             if relay.pong_outstanding(side):
                 self._run(relay.peer_timed_out(side))
                 return
-        actions = relay.ping(Side.CLIENT) + relay.ping(Side.UPSTREAM)
-        self._run(actions)
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + route.ping_timeout
-        self._deadline_kind = "ping-wait"
-        self._timer = loop.call_at(self._deadline, self._on_pong_deadline)
-
-    def _on_pong_deadline(self) -> None:
-        self._timer = None
-        relay, route = self._relay, self._route
-        if relay is None or route is None or self.phase is not Phase.WEBSOCKET:
+        if waited:  # both answered: back to watching for silence
+            self._set_deadline(route.ping_interval, "ping")
             return
-        for side in (Side.CLIENT, Side.UPSTREAM):
-            if relay.pong_outstanding(side):
-                self._run(relay.peer_timed_out(side))
-                return
-        self._set_deadline(route.ping_interval, "ping")
+        self._run(relay.ping(Side.CLIENT) + relay.ping(Side.UPSTREAM))
+        if self.phase is Phase.WEBSOCKET:
+            self._set_deadline(route.ping_timeout, "pong")
 
     # ------------------------------------------------------------------ drain and close
 

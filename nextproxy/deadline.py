@@ -1,0 +1,54 @@
+"""A per-connection deadline that costs nothing to push back.
+
+Connections see activity on every read; re-arming an event-loop timer each time would cost a
+heap operation per chunk. Instead the timer stays armed and, when it fires early (the deadline
+has moved on since), it re-arms itself for the new time. Moving a deadline *earlier* (a shorter
+timeout for the next phase) re-arms at once, so a timer never fires late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+
+class Deadline:
+    """When the connection's current phase times out, and what that phase is called."""
+
+    __slots__ = ("_loop", "_on_expiry", "when", "kind", "_handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_expiry: Callable[[str], None]) -> None:
+        self._loop = loop
+        self._on_expiry = on_expiry
+        self.when = 0.0
+        self.kind = ""
+        self._handle: asyncio.TimerHandle | None = None
+
+    def set(self, seconds: float, kind: str) -> None:
+        """A new deadline ``seconds`` from now for phase ``kind``."""
+        self.when = self._loop.time() + seconds
+        self.kind = kind
+        if self._handle is None or self._handle.when() > self.when:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._handle = self._loop.call_at(self.when, self._fire)
+
+    def push(self, seconds: float) -> None:
+        """Activity: the same phase now ends ``seconds`` from now (no timer work)."""
+        self.when = self._loop.time() + seconds
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.kind = ""
+
+    def _fire(self) -> None:
+        self._handle = None
+        if not self.kind:
+            return
+        if self._loop.time() < self.when - 0.001:
+            self._handle = self._loop.call_at(self.when, self._fire)
+            return
+        kind, self.kind = self.kind, ""
+        self._on_expiry(kind)
