@@ -83,6 +83,8 @@ class EdgeConnection(asyncio.Protocol):
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        # Kept: on Python 3.11 every get_running_loop() call costs a getpid() syscall.
+        self._loop = asyncio.get_running_loop()
         self.phase = Phase.HELLO
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
@@ -119,8 +121,7 @@ class EdgeConnection(asyncio.Protocol):
         self.peer = str(peer[0]) if peer else "-"
         self.rt.connections.add(self)
         self.rt.observer.connection_opened()
-        loop = asyncio.get_running_loop()
-        self._started = loop.time()
+        self._started = self._loop.time()
         self._set_deadline(self.rt.config.timeouts.client_hello, "hello")
 
     def data_received(self, data: bytes) -> None:
@@ -329,7 +330,7 @@ class EdgeConnection(asyncio.Protocol):
         if self.phase is Phase.HTTP and self._session is not None:
             self._touch()
             if self._session.idle:
-                self._request_started = asyncio.get_running_loop().time()
+                self._request_started = self._loop.time()
             self._run(self._session.client_data(plaintext))
         elif self.phase is Phase.TUNNEL:
             self._tunnel_plain(plaintext)
@@ -366,7 +367,7 @@ class EdgeConnection(asyncio.Protocol):
             elif kind is ResponseStarted:
                 self._set_deadline(self.rt.config.timeouts.client_idle, "idle")
             elif kind is RequestCompleted:
-                self.rt.observer.request(action, self._request_started, self.peer)  # type: ignore[arg-type]
+                self.rt.observer.request(action, self._loop.time() - self._request_started, self.peer)  # type: ignore[arg-type]
             elif kind is CloseClient:
                 self._flush()
                 if self.phase is Phase.WEBSOCKET and self._relay is not None and not self._relay.closed:
@@ -385,7 +386,7 @@ class EdgeConnection(asyncio.Protocol):
             elif kind is MessageRelayed:
                 self.rt.observer.ws_message(self._route_name(), action)  # type: ignore[arg-type]
             elif kind is SessionClosed:
-                duration = asyncio.get_running_loop().time() - self._request_started
+                duration = self._loop.time() - self._request_started
                 self.rt.observer.ws_closed(self._route_name(), action, self.peer, duration)  # type: ignore[arg-type]
         self._flush()
         self._update_reading()
@@ -436,7 +437,7 @@ class EdgeConnection(asyncio.Protocol):
                 self._use_upstream(conn)
                 self._run(session.upstream_connected(conn.leg))
                 return
-        asyncio.get_running_loop().create_task(self._connect_task(upstream))
+        self._loop.create_task(self._connect_task(upstream))
 
     def _use_upstream(self, conn: UpstreamConnection) -> None:
         self._up = conn
@@ -510,7 +511,7 @@ class EdgeConnection(asyncio.Protocol):
 
     def _set_deadline(self, seconds: float, kind: str) -> None:
         if self._deadline is None:
-            self._deadline = Deadline(asyncio.get_running_loop(), self._on_deadline)
+            self._deadline = Deadline(self._loop, self._on_deadline)
         self._deadline.set(seconds, kind)
 
     def _touch(self) -> None:
@@ -594,7 +595,7 @@ class EdgeConnection(asyncio.Protocol):
                 transport.abort()
             elif linger and transport.can_write_eof():
                 transport.write_eof()
-                asyncio.get_running_loop().call_later(0.5, transport.close)
+                self._loop.call_later(0.5, transport.close)
             else:
                 if self._engine is not None and was in (Phase.HTTP, Phase.TUNNEL, Phase.WEBSOCKET):
                     self._engine.close()

@@ -65,10 +65,7 @@ class Observer:
         self.log.log("info", "passthrough", route=route, client=peer, bytes_to_upstream=to_upstream, bytes_to_client=to_client)
 
     # HTTP
-    def request(self, done: RequestCompleted, started: float, peer: str) -> None:
-        import asyncio
-
-        duration = asyncio.get_running_loop().time() - started if started else 0.0
+    def request(self, done: RequestCompleted, duration: float, peer: str) -> None:
         children = self.route(done.route)
         children.requests(done.status).inc()
         children.duration.observe(duration)

@@ -13,6 +13,10 @@ upstream failures become 502/504. An ``HttpError`` never escapes: it is turned i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from h11._headers import Headers as H11Headers  # the type h11 hands us trailers in
 
 import h11
 
@@ -56,6 +60,10 @@ _REASONS = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
+_END = h11.EndOfMessage()
+"""Events are immutable; one shared end-of-message without trailers saves a construction."""
+Trailers = Union["H11Headers", list[tuple[bytes, bytes]]]
+
 NO_ROUTE = "-"
 """Route label for requests that matched no route (bounded, unlike the raw path)."""
 
@@ -156,7 +164,10 @@ class HttpSession:
         headers = exchange.headers
         if exchange.http_version == b"1.0" and not any(name == b"host" for name, _ in headers):
             headers = [(b"host", leg.authority.encode("ascii"))] + headers
-        out = leg.conn.send(h11.Request(method=exchange.method, target=exchange.target, headers=headers))
+        # _parsed=True: every name and value came out of h11's parser or from our own header
+        # policy (which only emits printable values), so h11's per-header regexes would only
+        # re-check them; they were a sixth of the CPU of a small request (measured with cProfile).
+        out = leg.conn.send(h11.Request(method=exchange.method, target=exchange.target, headers=headers, _parsed=True))
         exchange.request_sent = True
         actions: list[Action] = [SendToUpstream(out or b"")]
         if not exchange.has_body:
@@ -208,13 +219,15 @@ class HttpSession:
                 break
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
-            if isinstance(event, h11.Request):
-                actions += self._start_exchange(event)
-            elif isinstance(event, h11.Data):
-                actions += self._forward_body(event)
-            elif isinstance(event, h11.EndOfMessage):
-                actions += self._end_request(list(event.headers))
-            elif isinstance(event, h11.ConnectionClosed):
+            # Exact type checks: h11's events derive from an ABC, whose isinstance() is slow.
+            kind = type(event)
+            if kind is h11.Request:
+                actions += self._start_exchange(event)  # type: ignore[arg-type]
+            elif kind is h11.Data:
+                actions += self._forward_body(event)  # type: ignore[arg-type]
+            elif kind is h11.EndOfMessage:
+                actions += self._end_request(event.headers)  # type: ignore[union-attr]
+            elif kind is h11.ConnectionClosed:
                 if self._exchange is None:
                     self._closed = True
                     actions.append(CloseClient())
@@ -270,13 +283,14 @@ class HttpSession:
             return []  # the upstream already answered and stopped reading: drop the rest
         return [SendToUpstream(leg.conn.send(h11.Data(data=event.data)) or b"")]
 
-    def _end_request(self, trailers: list[tuple[bytes, bytes]] | None = None) -> list[Action]:
+    def _end_request(self, trailers: Trailers | None = None) -> list[Action]:
         leg, exchange = self._upstream, self._exchange
         if leg is None or exchange is None:
             return []
         actions: list[Action] = []
         if leg.conn.our_state is h11.SEND_BODY:
-            out = leg.conn.send(h11.EndOfMessage(headers=trailers or []))
+            # Trailers pass through as h11's own Headers object: no re-validation.
+            out = leg.conn.send(h11.EndOfMessage(headers=trailers) if trailers else _END)
             actions.append(SendToUpstream(out or b""))
         if exchange.response_status == 0:
             actions.append(AwaitResponse())
@@ -317,18 +331,20 @@ class HttpSession:
                 break
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
-            if isinstance(event, h11.InformationalResponse):
-                actions += self._informational(leg, event)
-            elif isinstance(event, h11.Response):
-                actions += self._start_response(event)
-            elif isinstance(event, h11.Data):
+            kind = type(event)
+            if kind is h11.Data:
                 exchange = self._exchange
                 if exchange is not None:
-                    exchange.bytes_out += len(event.data)
-                    actions.append(SendToClient(self._client.send(h11.Data(data=event.data)) or b""))
-            elif isinstance(event, h11.EndOfMessage):
-                actions += self._finish_exchange(leg, list(event.headers))
-            elif isinstance(event, h11.ConnectionClosed):
+                    data = event.data  # type: ignore[union-attr]
+                    exchange.bytes_out += len(data)
+                    actions.append(SendToClient(self._client.send(event) or b""))  # type: ignore[arg-type]
+            elif kind is h11.Response:
+                actions += self._start_response(event)  # type: ignore[arg-type]
+            elif kind is h11.EndOfMessage:
+                actions += self._finish_exchange(leg, event.headers)  # type: ignore[union-attr]
+            elif kind is h11.InformationalResponse:
+                actions += self._informational(leg, event)  # type: ignore[arg-type]
+            elif kind is h11.ConnectionClosed:
                 actions += self._upstream_broken("upstream closed the connection")
                 break
         return actions
@@ -374,14 +390,17 @@ class HttpSession:
         headers = response_headers(list(event.headers), upgrade=False)
         if self.draining:
             headers.append((b"connection", b"close"))
-        head = self._client.send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
+        head = self._client.send(
+            h11.Response(status_code=event.status_code, headers=headers, reason=event.reason, _parsed=True)
+        )
         return [ResponseStarted(event.status_code), SendToClient(head or b"")]
 
-    def _finish_exchange(self, leg: UpstreamLeg, trailers: list[tuple[bytes, bytes]]) -> list[Action]:
+    def _finish_exchange(self, leg: UpstreamLeg, trailers: Trailers) -> list[Action]:
         exchange = self._exchange
         if exchange is None:
             return []
-        actions: list[Action] = [SendToClient(self._client.send(h11.EndOfMessage(headers=trailers)) or b"")]
+        end = h11.EndOfMessage(headers=trailers) if trailers else _END
+        actions: list[Action] = [SendToClient(self._client.send(end) or b"")]
         reusable = leg.reusable
         if reusable:
             leg.recycle()
