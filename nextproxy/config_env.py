@@ -133,6 +133,16 @@ def from_environment(env: Mapping[str, str]) -> Config:
     )
     forward_chain = parse_bool("NEXTPROXY_API_CLIENT_CERT_CHAIN", get("NEXTPROXY_API_CLIENT_CERT_CHAIN", "false"))
     ca_file = env.get("NEXTPROXY_API_CLIENT_CA_FILE") or None
+    if mode is SniAction.PASSTHROUGH:
+        # The upstream checks certificates itself in passthrough: a setting that would change
+        # that is a mistake worth naming, not something to ignore silently.
+        for name, active in (
+            ("NEXTPROXY_API_CLIENT_AUTH", client_auth is not ClientAuth.NONE),
+            ("NEXTPROXY_API_CLIENT_CA_FILE", ca_file is not None),
+            ("NEXTPROXY_API_CLIENT_CERT_CHAIN", forward_chain),
+        ):
+            if active:
+                raise ConfigError(name, "has no effect unless NEXTPROXY_API_MODE=terminate")
     if ca_file:
         check_file("NEXTPROXY_API_CLIENT_CA_FILE", ca_file)
     if client_auth is ClientAuth.REQUIRE_CA and not ca_file:

@@ -74,7 +74,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.owner.upstream_writing(False)
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and self.alive:
+        if data and self.transport is not None and self.alive:
             self.transport.write(data)
 
     def close(self) -> None:

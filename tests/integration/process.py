@@ -63,8 +63,10 @@ class Upstreams:
 class Proxy:
     """A `python -m nextproxy run` subprocess with its own config folder and collected stdout."""
 
-    def __init__(self, folder: Path, pki: DemoPki, upstreams: Upstreams, *, workers: int = 1, drain: float = 10, route_options: str = "") -> None:
+    def __init__(self, folder: Path, pki: DemoPki, upstreams: Upstreams, *, workers: int = 1, drain: float = 10, route_options: str = "",
+                 shutdown_delay: float = 0, admin_tls: bool = False) -> None:  # fmt: skip
         self.folder = folder
+        self.pki = pki
         self.cert, self.key = folder / "edge.pem", folder / "edge.key"
         self.cert.write_bytes(pki.edge.certificate)
         self.key.write_bytes(pki.edge.key)
@@ -97,7 +99,10 @@ upstream = "app"
 allow = ["cn:nobody"]
 [timeouts]
 drain = {drain}
-""")
+shutdown_delay = {shutdown_delay}
+""" + (f'[admin_tls]\ncertificate_file = "{self.cert}"\nkey_file = "{self.key}"\n' if admin_tls else ""))
+        self.config_file = config
+        self.admin_tls = admin_tls
         env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTPROXY_")}
         env.update(NEXTPROXY_CONFIG=str(config), NEXTPROXY_WORKERS=str(workers), NEXTPROXY_LOG_FORMAT="json")
         self.process = subprocess.Popen([sys.executable, "-m", "nextproxy", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -136,7 +141,13 @@ drain = {drain}
         raise AssertionError(f"timed out waiting for {what}:\n" + "".join(self.lines)[-3000:])
 
     def get(self, path: str) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=5)
+        conn: http.client.HTTPConnection
+        if self.admin_tls:
+            context = ssl.create_default_context(cadata=self.pki.ca.certificate.decode())
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            conn = http.client.HTTPSConnection("localhost", self.admin, timeout=5, context=context)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=5)
         try:
             conn.request("GET", path)
             response = conn.getresponse()

@@ -176,3 +176,32 @@ def test_status_page_in_headless_chromium(proxy: Proxy, tmp_path: Path) -> None:
     assert "/app" in dom.stdout and "localhost" in dom.stdout, dom.stderr[-2000:]
     subprocess.run([chromium, *flags, "--window-size=1280,1000", f"--screenshot={shot}", url], capture_output=True, timeout=60)
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_admin_port_over_tls_and_the_healthcheck_command(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    import sys
+
+    proxy = Proxy(tmp_path, pki, upstreams, admin_tls=True)  # Proxy waits for /readyz over TLS 1.3
+    try:
+        status, body = proxy.get("/metrics")
+        assert status == 200 and b"nextproxy_requests_total" in body
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTPROXY_")}
+        check = subprocess.run([sys.executable, "-m", "nextproxy", "healthcheck", "--config", str(proxy.config_file)],
+                               env=env, capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert check.returncode == 0, check.stderr
+    finally:
+        assert proxy.stop() == 0
+
+
+def test_shutdown_delay_keeps_serving_while_readiness_fails(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    proxy = Proxy(tmp_path, pki, upstreams, shutdown_delay=1.5)
+    try:
+        proxy.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        proxy.wait_for(lambda: proxy.get("/readyz")[0] == 503, 5, "readiness 503")
+        assert proxy.https("/app/during-delay")[0] == 200  # the load balancer may still send traffic
+        assert time.monotonic() - started < 1.5
+        assert proxy.process.wait(15) == 0
+        assert time.monotonic() - started >= 1.4
+    finally:
+        proxy.stop()
