@@ -40,6 +40,9 @@ from nextproxy.config_values import (
 )
 from nextproxy.errors import ConfigError
 
+MIN_TIMEOUT = 0.01
+"""Seconds; the smallest timeout or ping interval accepted (tests use fractions of a second)."""
+
 class _Table:
     """A TOML table read key by key; whatever is left unread at the end is an unknown key."""
 
@@ -176,10 +179,16 @@ def from_toml(path: str, env: Mapping[str, str] | None = None) -> Config:
     return config
 
 
-def _toml_route(table: _Table) -> PathRoute:
-    name = table.require("name", str)
+def _route_name(table: _Table) -> str:
+    """A route's name is a metric label and a log field: keep it short and plain."""
+    name: str = table.require("name", str)
     if not ROUTE_NAME.match(name):
         raise ConfigError(table.key("name"), f"expected letters, digits, '-', '_' or '.', got {name!r}")
+    return name
+
+
+def _toml_route(table: _Table) -> PathRoute:
+    name = _route_name(table)
     prefix = table.require("path", str)
     if not prefix.startswith("/") or any(c in prefix for c in "?#% \\") or "/./" in prefix + "/" or "/../" in prefix + "/":
         raise ConfigError(table.key("path"), f"expected an absolute path without query, '%', dots or spaces, got {prefix!r}")
@@ -191,8 +200,8 @@ def _toml_route(table: _Table) -> PathRoute:
         upstream=table.require("upstream", str),
         websocket=parse_enum(table.key("websocket"), WebSocketMode, table.take("websocket", "frames")),
         max_message_size=parse_number(table.key("max_message_size"), table.take("max_message_size", 16 * MiB), minimum=1, integer=True),
-        ping_interval=parse_number(table.key("ping_interval"), table.take("ping_interval", 20.0)),
-        ping_timeout=parse_number(table.key("ping_timeout"), table.take("ping_timeout", 20.0)),
+        ping_interval=parse_number(table.key("ping_interval"), table.take("ping_interval", 20.0), minimum=MIN_TIMEOUT),
+        ping_timeout=parse_number(table.key("ping_timeout"), table.take("ping_timeout", 20.0), minimum=MIN_TIMEOUT),
         allow=parse_allow(table.key("allow"), table.take("allow", kind=list)) if "allow" in table.data else None,
     )
     table.done()
@@ -200,9 +209,7 @@ def _toml_route(table: _Table) -> PathRoute:
 
 
 def _toml_sni_route(table: _Table) -> SniRoute:
-    name = table.require("name", str)
-    if not ROUTE_NAME.match(name):
-        raise ConfigError(table.key("name"), f"expected letters, digits, '-', '_' or '.', got {name!r}")
+    name = _route_name(table)
     names = table.require("server_names", list)
     if not names:
         raise ConfigError(table.key("server_names"), "needs at least one name")
@@ -231,5 +238,8 @@ def _toml_dataclass(table: _Table, defaults: Any, *, integer: bool) -> Any:
     for name in list(table.data):
         if name not in type(defaults).__dataclass_fields__:
             raise ConfigError(table.key(name), "unknown key")
-        values[name] = parse_number(table.key(name), table.take(name), integer=integer, minimum=0)
+        # A zero timeout would close every connection at once and a zero limit refuse everything;
+        # only shutdown_delay may be 0 (no delay).
+        minimum = 0 if name == "shutdown_delay" else (1 if integer else MIN_TIMEOUT)
+        values[name] = parse_number(table.key(name), table.take(name), integer=integer, minimum=minimum)
     return replace(defaults, **values)

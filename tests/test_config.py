@@ -187,6 +187,9 @@ def test_config_variable_replaces_the_preset(tmp_path: Path) -> None:
     [
         (("listen =", "lisen ="), "lisen", "unknown key"),
         (("connect = 1.5", "connect = 1.5\nconect = 2"), "timeouts.conect", "unknown key"),
+        (("connect = 1.5", "connect = 0"), "timeouts.connect", ">= 0.01"),
+        (("max_header_size = 8192", "max_header_size = 0"), "limits.max_header_size", ">= 1"),
+        (("max_message_size = 1024", "max_message_size = 1024\nping_interval = 0"), "routes[0].ping_interval", ">= 0.01"),
         (("connect = 1.5", 'connect = "soon"'), "timeouts.connect", "number"),
         (("max_header_size = 8192", "max_header_size = 1.5"), "limits.max_header_size", "whole number"),
         (('websocket = "tunnel"', 'websocket = "bytes"'), "routes[0].websocket", "frames|tunnel"),
