@@ -145,6 +145,9 @@ class Timeouts:
     """From the end of the request to the upstream's response head; then 504."""
     client_idle: float = 60 * SECONDS
     """A keep-alive client connection with no request in flight, and any stalled read/write."""
+    request_head: float = 30 * SECONDS
+    """From a request's first byte to the end of its head, however slowly it trickles in:
+    a client cannot hold a connection by sending one header byte at a time (slowloris)."""
     passthrough_idle: float = 3600 * SECONDS
     """A passthrough connection with no bytes either way."""
     pool_idle: float = 4 * SECONDS

@@ -327,16 +327,29 @@ class EdgeConnection(asyncio.Protocol):
         self._close(linger=True)
 
     def _from_client(self, plaintext: bytes) -> None:
-        if self.phase is Phase.HTTP and self._session is not None:
+        session = self._session
+        if self.phase is Phase.HTTP and session is not None:
             self._touch()
-            if self._session.idle:
+            if session.idle and not session.awaiting_head:
                 self._request_started = self._loop.time()
-            self._run(self._session.client_data(plaintext))
+            self._run(session.client_data(plaintext))
+            self._bound_request_head(session)
         elif self.phase is Phase.TUNNEL:
             self._tunnel_plain(plaintext)
         elif self.phase is Phase.WEBSOCKET and self._relay is not None:
             self._touch()
             self._run(self._relay.client_data(plaintext))
+
+    def _bound_request_head(self, session: HttpSession) -> None:
+        """A partial head gets a fixed deadline that more bytes do not push back."""
+        deadline = self._deadline
+        if deadline is None or self.phase is not Phase.HTTP:
+            return
+        if session.awaiting_head:
+            if deadline.kind == "idle":
+                self._set_deadline(self.rt.config.timeouts.request_head, "head")
+        elif deadline.kind == "head":
+            self._set_deadline(self.rt.config.timeouts.client_idle, "idle")
 
     def _tunnel_plain(self, data: bytes) -> None:
         up = self._up

@@ -126,6 +126,8 @@ class HttpSession:
         self._closed = False
         self.draining = False
         """Set by the shell on shutdown: no new upgrades (503), close after the current exchange."""
+        self.awaiting_head = False
+        """Part of a request head is buffered: the shell bounds how long the rest may take."""
 
     # ------------------------------------------------------------------ properties for the shell
 
@@ -217,8 +219,15 @@ class HttpSession:
             except h11.RemoteProtocolError as exc:
                 actions += self._client_error(exc)
                 break
-            if event is h11.NEED_DATA or event is h11.PAUSED:
+            if event is h11.NEED_DATA:
+                # Only a partial head in an idle cycle: copying h11's buffer to find out is rare.
+                self.awaiting_head = (
+                    self._exchange is None and self._client.their_state is h11.IDLE and bool(self._client.trailing_data[0])
+                )
                 break
+            if event is h11.PAUSED:
+                break
+            self.awaiting_head = False
             # Exact type checks: h11's events derive from an ABC, whose isinstance() is slow.
             kind = type(event)
             if kind is h11.Request:

@@ -320,3 +320,12 @@ def test_byte_at_a_time_request() -> None:
     for i in range(len(GET)):
         actions += s.client_data(GET[i : i + 1])
     assert isinstance(actions[-1], ConnectUpstream)
+
+
+def test_awaiting_head_tracks_a_partial_request_head() -> None:
+    s = session()
+    assert not s.awaiting_head
+    s.client_data(GET[:10])
+    assert s.awaiting_head and s.idle
+    s.client_data(GET[10:])
+    assert not s.awaiting_head and not s.idle

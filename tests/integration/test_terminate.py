@@ -242,3 +242,32 @@ def test_smoke_on_the_plain_asyncio_loop(pki: DemoPki) -> None:
         assert status == 200 and len(body) == MiB
     finally:
         edge.close()
+
+
+def test_a_trickled_request_head_is_cut_off(pki: DemoPki) -> None:
+    """Slowloris: header bytes that keep coming do not extend the request-head deadline."""
+    edge = Edge.start(pki, timeouts=Timeouts(request_head=1.0, client_idle=10, connect=2, upstream_response=10))
+    try:
+        sock = edge.tls_socket()
+        sock.settimeout(0.3)
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /ns/sigmai HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 100:
+            try:
+                sock.sendall(bytes([byte]))
+                if sock.recv(100) == b"":
+                    closed = True
+                    break
+            except (TimeoutError, socket.timeout):
+                continue
+            except (ssl.SSLError, ConnectionError):
+                closed = True
+                break
+            if time.monotonic() - started > 5:
+                break
+        elapsed = time.monotonic() - started
+        sock.close()
+        assert closed and 0.9 < elapsed < 3, elapsed
+        assert echo(edge, "/ns/sigmai/after")["service"] == "ns-sigmai"  # a normal request is unaffected
+    finally:
+        edge.close()
