@@ -6,7 +6,7 @@ WORKDIR /opt/nextproxy
 COPY pyproject.toml README.md ./
 COPY nextproxy ./nextproxy
 RUN pip install . \
- && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin nextproxy
+ && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin nextproxy
 
 USER 10001
 EXPOSE 8443 9613
