@@ -382,11 +382,11 @@ class EdgeConnection(asyncio.Protocol):
             elif kind is RequestCompleted:
                 self.rt.observer.request(action, self._loop.time() - self._request_started, self.peer)  # type: ignore[arg-type]
             elif kind is CloseClient:
-                self._flush()
                 if self.phase is Phase.WEBSOCKET and self._relay is not None and not self._relay.closed:
+                    self._flush()
                     self._close_client_leg()  # the upstream may still owe its close reply
                     continue
-                self._close()
+                self._close()  # the last records and our close_notify leave in one write
                 return
             elif kind is CloseUpstream:
                 self._release(False)
@@ -610,9 +610,11 @@ class EdgeConnection(asyncio.Protocol):
                 transport.write_eof()
                 self._loop.call_later(0.5, transport.close)
             else:
-                if self._engine is not None and was in (Phase.HTTP, Phase.TUNNEL, Phase.WEBSOCKET):
-                    self._engine.close()
-                    out = self._engine.data_to_send()
+                engine = self._engine
+                if engine is not None:
+                    if was in (Phase.HTTP, Phase.TUNNEL, Phase.WEBSOCKET):
+                        engine.close()
+                    out = engine.data_to_send()
                     if out and not transport.is_closing():
                         transport.write(out)
                 transport.close()
