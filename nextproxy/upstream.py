@@ -100,7 +100,7 @@ class UpstreamPool:
         self._config = config
         self._tls = tls_contexts
         self._idle: dict[Address, list[UpstreamConnection]] = {}
-        self._round_robin = {u.name: itertools.cycle(u.servers) for u in config.upstreams}
+        self._next_server = {u.name: itertools.count() for u in config.upstreams}
         self._on_health = on_health
         self.health: dict[str, bool] = {u.name: True for u in config.upstreams}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -143,10 +143,27 @@ class UpstreamPool:
         return None
 
     async def connect(self, upstream: Upstream, owner: UpstreamOwner) -> UpstreamConnection:
-        """A new connection to the next server of ``upstream``; raises OSError or TimeoutError."""
-        conn = await self._connect(upstream, next(self._round_robin[upstream.name]))
-        conn.owner = owner
-        return conn
+        """A new connection, round-robin; a server that refuses or times out passes to the next.
+
+        As nginx's ``proxy_next_upstream error timeout``: nothing was sent yet, so trying another
+        server is always safe. A TLS verification failure is not retried elsewhere: it is a
+        configuration problem, and failing over would hide it. Raises the last error.
+        """
+        servers = upstream.servers
+        start = next(self._next_server[upstream.name])
+        error: OSError | TimeoutError | None = None
+        for offset in range(len(servers)):
+            try:
+                conn = await self._connect(upstream, servers[(start + offset) % len(servers)])
+            except ssl.SSLError:
+                raise
+            except (OSError, TimeoutError) as exc:
+                error = exc
+                continue
+            conn.owner = owner
+            return conn
+        assert error is not None
+        raise error
 
     async def _connect(self, upstream: Upstream, server: Address) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
