@@ -1,6 +1,7 @@
-"""One edge connection: read the ClientHello, then passthrough, or TLS + HTTP/WebSocket.
+"""One terminated edge connection: TLS 1.3, then HTTP/1.1, WebSocket frames or a tunnel.
 
-This is the shell around the sans-IO core: it moves bytes between the transports and the core
+``accept.Accepted`` reads the ClientHello and hands the transport over; from then on this is the
+shell around the sans-IO core: it moves bytes between the transports and the core
 objects, runs the actions they return, owns every timeout (one lazy deadline per connection,
 so the hot path never re-arms a timer) and applies backpressure: the client is read only while
 the session wants bytes and the upstream's write buffer is below its high-water mark, and the
@@ -14,9 +15,9 @@ import enum
 import ssl
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import cast, TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from nextproxy.config import Config, PathRoute, SniAction, SniRoute, Upstream
+from nextproxy.config import Config, PathRoute, SniRoute, Upstream
 from nextproxy.core.actions import (
     AuthorizationDenied,
     AwaitResponse,
@@ -31,29 +32,24 @@ from nextproxy.core.actions import (
     StartTunnel,
     StartWebSocket,
 )
-from nextproxy.core.clienthello import ClientHello, ClientHelloReader
+from nextproxy.core.clienthello import ClientHello
 from nextproxy.core.headers import ClientInfo
 from nextproxy.core.http1 import HttpSession
 from nextproxy.core.routing import RouteTable
 from nextproxy.core.tls import TlsEngine
 from nextproxy.core.websocket import MessageRelayed, RelayLimits, SessionClosed, Side, WebSocketRelay
 from nextproxy.deadline import Deadline
-from nextproxy.errors import ClientHelloError, TlsError
-from nextproxy.passthrough import Splice
+from nextproxy.errors import TlsError
 from nextproxy.upstream import UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
+    from nextproxy.accept import Accepted
     from nextproxy.observe import Observer
+    from nextproxy.passthrough import Splice
     from nextproxy.tlsconfig import ServerContexts
 
 READ_CHUNK_LIMIT = 256 * 1024
 """High-water mark of each transport's write buffer before the other side is paused."""
-USE_HTTPS = (
-    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 42\r\nconnection: close\r\n\r\n"
-    b"This port speaks TLS: use https:// instead\n"
-)
-
 
 @dataclass(slots=True)
 class Runtime:
@@ -64,13 +60,14 @@ class Runtime:
     contexts: ServerContexts
     pool: UpstreamPool
     observer: Observer
-    connections: set[EdgeConnection] = field(default_factory=set)
+    pending: set[Accepted] = field(default_factory=set)
+    """Connections whose ClientHello is still being read."""
+    connections: set[TerminatedConnection] = field(default_factory=set)
     passthroughs: set[Splice] = field(default_factory=set)
     draining: bool = False
 
 
 class Phase(enum.Enum):
-    HELLO = "hello"
     HANDSHAKE = "handshake"
     HTTP = "http"
     TUNNEL = "tunnel"
@@ -78,19 +75,20 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-class EdgeConnection(asyncio.Protocol):
-    """The protocol for one accepted connection on the edge listener."""
+class TerminatedConnection(asyncio.Protocol):
+    """The protocol of an edge connection after its ClientHello chose termination."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(
+        self, runtime: Runtime, transport: asyncio.Transport, peer: str, sni_route: SniRoute | None, hello: ClientHello
+    ) -> None:
         self.rt = runtime
         # Kept: on Python 3.11 every get_running_loop() call costs a getpid() syscall.
         self._loop = asyncio.get_running_loop()
-        self.phase = Phase.HELLO
-        self.transport: asyncio.Transport | None = None
-        self.peer = "-"
-        self._reader: ClientHelloReader | None = ClientHelloReader(runtime.config.limits.max_client_hello)
-        self._hello: ClientHello | None = None
-        self._sni_route: SniRoute | None = None
+        self.phase = Phase.HANDSHAKE
+        self.transport: asyncio.Transport | None = transport
+        self.peer = peer
+        self._hello = hello
+        self._sni_route = sni_route
         self._engine: TlsEngine | None = None
         self._session: HttpSession | None = None
         self._relay: WebSocketRelay | None = None
@@ -100,44 +98,27 @@ class EdgeConnection(asyncio.Protocol):
         self._upstream_write_paused = False
         self._client_write_paused = False
         self._deadline: Deadline | None = None
-        self._started = 0.0
         self._request_started = 0.0
-        self._ping_sent: dict[Side, float] = {}
+        transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
+        runtime.connections.add(self)
+
+    def start(self) -> None:
+        """Begin the handshake with the bytes the hello reader already took off the socket."""
+        self._start_tls(self._sni_route, self._hello)
 
     # ------------------------------------------------------------------ asyncio callbacks
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
-        self.transport = cast(asyncio.Transport, transport)
-        if len(self.rt.connections) + len(self.rt.passthroughs) >= self.rt.config.limits.max_connections:
-            # Over the cap: refuse at once rather than let a flood exhaust memory and descriptors.
-            self.phase = Phase.CLOSED
-            self.transport.abort()
-            self.transport = None
-            self.rt.observer.connection_refused()
-            return
-        self.transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if peer else "-"
-        self.rt.connections.add(self)
-        self.rt.observer.connection_opened()
-        self._started = self._loop.time()
-        self._set_deadline(self.rt.config.timeouts.client_hello, "hello")
 
     def data_received(self, data: bytes) -> None:
         if self.phase is Phase.CLOSED:
             return  # lingering after an alert: the bytes are only read so the kernel does not reset
         try:
-            if self.phase is Phase.HELLO:
-                self._hello_data(data)
-            else:
-                self._tls_data(data)
+            self._tls_data(data)
         except Exception as exc:  # the one catch-all: a bug; log it, close this connection only
             self.rt.observer.bug(exc, self.peer)
             self._close(abort=True)
 
     def eof_received(self) -> bool:
-        if self.phase is Phase.HELLO or self._engine is None:
+        if self._engine is None:
             self._close()
             return False
         self.data_received(b"")
@@ -204,67 +185,9 @@ class EdgeConnection(asyncio.Protocol):
         self._upstream_write_paused = paused
         self._update_reading()
 
-    # ------------------------------------------------------------------ ClientHello
-
-    def _hello_data(self, data: bytes) -> None:
-        assert self._reader is not None and self.transport is not None
-        try:
-            hello = self._reader.feed(data)
-        except ClientHelloError as exc:
-            self.rt.observer.bad_hello(exc, self.peer)
-            if exc.plaintext_http:
-                self.transport.write(USE_HTTPS)
-            self._close()
-            return
-        if hello is None:
-            return
-        self._reader = None
-        self._hello = hello
-        route = self.rt.routes.match_sni(hello.server_name)
-        self._sni_route = route
-        if route is not None and route.action is SniAction.PASSTHROUGH:
-            self._start_passthrough(route, hello)
-        else:
-            self._start_tls(route, hello)
-
-    def _start_passthrough(self, route: SniRoute, hello: ClientHello) -> None:
-        assert self.transport is not None
-        self._cancel_timer()
-        self.rt.connections.discard(self)
-        self.phase = Phase.CLOSED  # this protocol object is done; the splice owns the transport
-        splice = Splice(self.transport, self.rt.config.timeouts.passthrough_idle, self._passthrough_closed)
-        self.rt.passthroughs.add(splice)
-        self.rt.observer.passthrough_opened(route.name)
-        self.transport = None
-        loop = asyncio.get_running_loop()
-        loop.create_task(self._passthrough_connect(splice, route, hello))
-
-    async def _passthrough_connect(self, splice: Splice, route: SniRoute, hello: ClientHello) -> None:
-        assert route.upstream is not None
-        upstream = self.rt.config.upstream(route.upstream)
-        last: BaseException | None = None
-        for server in upstream.servers:
-            try:
-                await splice.connect(server, hello.raw, self.rt.config.timeouts.connect)
-                self.rt.pool.mark(upstream.name, True)
-                return
-            except (OSError, TimeoutError) as exc:
-                last = exc
-        self.rt.pool.mark(upstream.name, False)
-        self.rt.observer.upstream_error(route.name, f"passthrough connect failed: {last!r}", self.peer)
-        splice.close()
-
-    def _passthrough_closed(self, splice: Splice) -> None:
-        self.rt.passthroughs.discard(splice)
-        name = self._sni_route.name if self._sni_route else "-"
-        self.rt.observer.passthrough_closed(name, splice.client.bytes, splice.upstream.bytes, self.peer)
-        self.rt.observer.connection_closed()
-
     # ------------------------------------------------------------------ TLS + HTTP
 
     def _start_tls(self, route: SniRoute | None, hello: ClientHello) -> None:
-        assert self.transport is not None
-        self.phase = Phase.HANDSHAKE
         context = self.rt.contexts.select(route, hello.server_name)
         self._set_deadline(self.rt.config.timeouts.handshake, "handshake")
         try:
@@ -552,7 +475,7 @@ class EdgeConnection(asyncio.Protocol):
             self._close(abort=True)
 
     def _deadline_passed(self, kind: str) -> None:
-        if kind in ("hello", "handshake"):
+        if kind == "handshake":
             self.rt.observer.handshake("timeout")
             self._flush()
             self._close()
@@ -584,7 +507,7 @@ class EdgeConnection(asyncio.Protocol):
 
     def drain(self) -> None:
         """Graceful shutdown: finish what is in flight, refuse what is new."""
-        if self.phase in (Phase.HELLO, Phase.HANDSHAKE):
+        if self.phase is Phase.HANDSHAKE:
             self._close()
         elif self.phase is Phase.HTTP and self._session is not None:
             self._run(self._session.drain())

@@ -12,7 +12,8 @@ import socket
 from typing import Callable
 
 from nextproxy.config import Address, Config
-from nextproxy.connection import EdgeConnection, Runtime
+from nextproxy.accept import Accepted
+from nextproxy.connection import Runtime
 from nextproxy.core.routing import RouteTable
 from nextproxy.errors import ConfigError
 from nextproxy.observe import Observer
@@ -73,8 +74,8 @@ class ProxyServer:
         self.runtime.pool.start()
         self._server = await loop.create_server(self._protocol, sock=sock, backlog=BACKLOG)
 
-    def _protocol(self) -> EdgeConnection:
-        return EdgeConnection(self.runtime)
+    def _protocol(self) -> Accepted:
+        return Accepted(self.runtime)
 
     def reload(self, config: Config, observer: Observer, contexts: ServerContexts | None = None) -> None:
         """Swap in a new runtime; established connections keep the one they started with."""
@@ -85,7 +86,7 @@ class ProxyServer:
         asyncio.get_running_loop().call_later(max(config.timeouts.pool_idle, 1.0) + 1, self._retire, old)
 
     def _retire(self, old: Runtime) -> None:
-        if not old.connections and not old.passthroughs:
+        if not old.pending and not old.connections and not old.passthroughs:
             old.pool.stop()
             if old in self._old:
                 self._old.remove(old)
@@ -99,7 +100,7 @@ class ProxyServer:
         return sum(1 for rt in self._runtimes() for conn in rt.connections if conn.phase.value == "websocket")
 
     def active(self) -> int:
-        return sum(len(rt.connections) + len(rt.passthroughs) for rt in self._runtimes())
+        return sum(len(rt.pending) + len(rt.connections) + len(rt.passthroughs) for rt in self._runtimes())
 
     async def drain(self, timeout: float, on_step: Callable[[str], None] = lambda s: None) -> bool:
         """Stop accepting, let in-flight work finish, close idle connections. True if all ended."""
@@ -107,6 +108,8 @@ class ProxyServer:
             self._server.close()
         for rt in self._runtimes():
             rt.draining = True
+            for pending in list(rt.pending):
+                pending.drain()
             for conn in list(rt.connections):
                 conn.drain()
         loop = asyncio.get_running_loop()

@@ -1,0 +1,152 @@
+"""The first bytes of every edge connection: read the ClientHello, then hand the socket over.
+
+By SNI the transport goes either to a passthrough ``Splice`` (raw TCP to an upstream that does
+its own TLS) or to a ``TerminatedConnection`` (TLS 1.3 + HTTP/WebSocket), with
+``transport.set_protocol`` so that neither pays for a delegation layer afterwards. Until then
+this protocol owns the accept-time limits: the connection cap, the ClientHello size cap (in the
+reader) and the time a client may take to send its hello.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, cast
+
+from nextproxy.config import SniAction, SniRoute
+from nextproxy.connection import TerminatedConnection
+from nextproxy.core.clienthello import ClientHello, ClientHelloReader
+from nextproxy.errors import ClientHelloError
+from nextproxy.passthrough import Splice
+
+if TYPE_CHECKING:
+    from nextproxy.connection import Runtime
+
+USE_HTTPS = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 42\r\nconnection: close\r\n\r\n"
+    b"This port speaks TLS: use https:// instead\n"
+)
+
+
+class Accepted(asyncio.Protocol):
+    """An edge connection whose ClientHello is still being read."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self._reader = ClientHelloReader(runtime.config.limits.max_client_hello)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        rt = self.rt
+        if len(rt.pending) + len(rt.connections) + len(rt.passthroughs) >= rt.config.limits.max_connections:
+            # Over the cap: refuse at once rather than let a flood exhaust memory and descriptors.
+            transport.close()
+            rt.observer.connection_refused()
+            return
+        # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else "-"
+        rt.pending.add(self)
+        rt.observer.connection_opened()
+        # A total bound, not an idle one: bytes that trickle in do not extend it.
+        self._timer = self._loop.call_later(rt.config.timeouts.client_hello, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            hello = self._reader.feed(data)
+        except ClientHelloError as exc:
+            self.rt.observer.bad_hello(exc, self.peer)
+            if exc.plaintext_http and self.transport is not None:
+                self.transport.write(USE_HTTPS)
+            self.close()
+            return
+        except Exception as exc:  # a bug: log it, close this connection only
+            self.rt.observer.bug(exc, self.peer)
+            self.close(abort=True)
+            return
+        if hello is not None:
+            self._hand_over(hello)
+
+    def eof_received(self) -> bool:
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.rt.observer.handshake("timeout")
+        self.close()
+
+    def _hand_over(self, hello: ClientHello) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        self._forget()
+        route = self.rt.routes.match_sni(hello.server_name)
+        if route is not None and route.action is SniAction.PASSTHROUGH:
+            self._passthrough(transport, route, hello)
+            return
+        connection = TerminatedConnection(self.rt, transport, self.peer, route, hello)
+        transport.set_protocol(connection)
+        connection.start()
+
+    def _passthrough(self, transport: asyncio.Transport, route: SniRoute, hello: ClientHello) -> None:
+        rt, peer = self.rt, self.peer
+
+        def closed(splice: Splice) -> None:
+            rt.passthroughs.discard(splice)
+            rt.observer.passthrough_closed(route.name, splice.client.bytes, splice.upstream.bytes, peer)
+            rt.observer.connection_closed()
+
+        splice = Splice(transport, rt.config.timeouts.passthrough_idle, closed)
+        rt.passthroughs.add(splice)
+        rt.observer.passthrough_opened(route.name)
+        self._loop.create_task(self._connect(splice, route, hello))
+
+    async def _connect(self, splice: Splice, route: SniRoute, hello: ClientHello) -> None:
+        """Replay the hello to the first upstream server that answers; else close the client."""
+        assert route.upstream is not None
+        upstream = self.rt.config.upstream(route.upstream)
+        last: BaseException | None = None
+        for server in upstream.servers:
+            try:
+                await splice.connect(server, hello.raw, self.rt.config.timeouts.connect)
+                self.rt.pool.mark(upstream.name, True)
+                return
+            except (OSError, TimeoutError) as exc:
+                last = exc
+        self.rt.pool.mark(upstream.name, False)
+        self.rt.observer.upstream_error(route.name, f"passthrough connect failed: {last!r}", self.peer)
+        splice.close()
+
+    def _forget(self) -> None:
+        """This protocol is done with the connection (closed, or handed over)."""
+        self.transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self in self.rt.pending:
+            self.rt.pending.discard(self)
+
+    def close(self, *, abort: bool = False) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        counted = self in self.rt.pending
+        self._forget()
+        if abort:
+            transport.abort()
+        else:
+            transport.close()
+        if counted:
+            self.rt.observer.connection_closed()
+
+    def drain(self) -> None:
+        """Shutdown: a connection that has not even said hello yet is simply closed."""
+        self.close()
