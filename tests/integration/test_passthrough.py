@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import json
 import socket
 import ssl
@@ -169,3 +170,27 @@ def test_replayed_hello_half_close_and_byte_exactness(pki: DemoPki) -> None:
     finally:
         edge.close()
         listener.close()
+
+
+def test_idle_passthrough_is_closed_after_the_idle_timeout(pki: DemoPki) -> None:
+    from nextproxy.config import Timeouts
+    from tests.hellos import openssl_hello
+
+    edge = Edge.start(pki, timeouts=Timeouts(passthrough_idle=0.6, connect=2))
+    try:
+        client = edge.raw_socket()
+        client.sendall(openssl_hello(server_name=API_NAME))  # the real upstream answers, then silence
+        client.settimeout(5)
+        started = time.monotonic()
+        received = b""
+        try:
+            while chunk := client.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        elapsed = time.monotonic() - started
+        client.close()
+        assert received.startswith(b"\x16\x03")  # the upstream's ServerHello came through
+        assert 0.5 < elapsed < 3, elapsed  # then nothing moved for passthrough_idle: closed
+    finally:
+        edge.close()

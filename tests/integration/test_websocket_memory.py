@@ -92,3 +92,11 @@ def stalled_client(proxy: Proxy) -> None:
     grown = proxy.memory_kib("VmRSS") - before
     assert grown < 32 * 1024, (sent, grown)
     ws.sock.close()
+
+
+def test_tunnel_mode_applies_the_same_backpressure(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    proxy = Proxy(tmp_path, pki, upstreams, drain=1, route_options='websocket = "tunnel"')
+    try:
+        stalled_client(proxy)
+    finally:
+        proxy.stop()
