@@ -70,7 +70,8 @@ def check(path: str | None) -> int:
 
     config, contexts = _load_checked(path)
     print(f"configuration: {config.source}")
-    print(f"listen: {config.listen}   admin: {config.admin_listen}   workers: {config.workers}")
+    listen = ", ".join(str(a) for a in (config.listen, *config.listen_also))
+    print(f"listen: {listen}   admin: {config.admin_listen}   workers: {config.workers}")
     for cert in contexts.certificates:
         print(f"certificate: {cert.name} (SANs: {', '.join(cert.sans) or '-'})")
     rows = RouteTable(config).describe()

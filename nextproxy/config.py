@@ -186,6 +186,8 @@ class Config:
     log_level: str = "info"
     log_format: str = "json"
     source: str = "environment preset"
+    listen_also: tuple[Address, ...] = ()
+    """More edge addresses serving the same routes (TOML ``listen`` given as a list)."""
 
     def upstream(self, name: str) -> Upstream:
         for upstream in self.upstreams:
@@ -231,8 +233,11 @@ def validate(config: Config) -> None:
             if name in server_names:
                 raise ConfigError(f"sni_routes.{sni.name}.server_names", f"{name!r} is already routed")
             server_names.add(name)
-    if config.listen == config.admin_listen and config.listen.port != 0:
-        raise ConfigError("admin_listen", f"same address as listen ({config.listen})")
+    edges = (config.listen, *config.listen_also)
+    if config.admin_listen in edges and config.admin_listen.port != 0:
+        raise ConfigError("admin_listen", f"same address as listen ({config.admin_listen})")
+    if len(set(edges)) != len(edges):
+        raise ConfigError("listen", "the same address is listed twice")
 
 
 def load(env: Mapping[str, str] | None = None, path: str | None = None) -> Config:

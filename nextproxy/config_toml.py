@@ -122,7 +122,11 @@ def from_toml(path: str, env: Mapping[str, str] | None = None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("NEXTPROXY_CONFIG", f"{path}: not valid TOML: {exc}") from None
     root = _Table(data, "")
-    listen = parse_address("listen", root.take("listen", "0.0.0.0:8443", str), listen=True)
+    listen_value = root.take("listen", "0.0.0.0:8443", (str, list))
+    listen_list = [listen_value] if isinstance(listen_value, str) else listen_value
+    if not listen_list or not all(isinstance(item, str) for item in listen_list):
+        raise ConfigError("listen", f"expected host:port or a list of them, got {listen_value!r}")
+    listen, *listen_also = (parse_address("listen", item, listen=True) for item in listen_list)
     admin_listen = parse_address("admin_listen", root.take("admin_listen", "0.0.0.0:9613", str), listen=True)
 
     tls = root.sub("tls")
@@ -164,6 +168,7 @@ def from_toml(path: str, env: Mapping[str, str] | None = None) -> Config:
     root.done()
     config = Config(
         listen=listen,
+        listen_also=tuple(listen_also),
         admin_listen=admin_listen,
         certificates=certificates,
         admin_tls=admin_tls,

@@ -60,6 +60,7 @@ class ProxyServer:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._server: asyncio.Server | None = None
+        self._more: list[asyncio.Server] = []
         self._old: list[Runtime] = []
 
     @property
@@ -70,9 +71,20 @@ class ProxyServer:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
-        sock = sock or bind(self.runtime.config.listen, "listen")
+        config = self.runtime.config
+        sock = sock or bind(config.listen, "listen")
+        more: list[socket.socket] = []
+        try:
+            for address in config.listen_also:
+                more.append(bind(address, "listen"))
+        except ConfigError:
+            for bound in [sock, *more]:  # all bound, or none: nothing half-started stays open
+                bound.close()
+            raise
         self.runtime.pool.start()
         self._server = await loop.create_server(self._protocol, sock=sock, backlog=BACKLOG)
+        for extra in more:
+            self._more.append(await loop.create_server(self._protocol, sock=extra, backlog=BACKLOG))
 
     def _protocol(self) -> Accepted:
         return Accepted(self.runtime)
@@ -104,8 +116,8 @@ class ProxyServer:
 
     async def drain(self, timeout: float, on_step: Callable[[str], None] = lambda s: None) -> bool:
         """Stop accepting, let in-flight work finish, close idle connections. True if all ended."""
-        if self._server is not None:
-            self._server.close()
+        for server in ([self._server] if self._server else []) + self._more:
+            server.close()
         for rt in self._runtimes():
             rt.draining = True
             for pending in list(rt.pending):

@@ -176,6 +176,15 @@ def test_toml(tmp_path: Path) -> None:
     assert config.limits.max_header_size == 8192
 
 
+def test_toml_listen_may_be_a_list(tmp_path: Path) -> None:
+    config = from_toml(write(tmp_path, TOML.replace('listen = "127.0.0.1:0"', 'listen = ["127.0.0.1:0", "[::1]:0"]')), {})
+    assert config.listen == Address("127.0.0.1", 0) and config.listen_also == (Address("::1", 0),)
+    path = write(tmp_path, TOML.replace('listen = "127.0.0.1:0"', 'listen = ["127.0.0.1:8443", "127.0.0.1:8443"]'))
+    assert "twice" in error(lambda: from_toml(path, {})).reason
+    path = write(tmp_path, TOML.replace('listen = "127.0.0.1:0"', "listen = []"))
+    assert error(lambda: from_toml(path, {})).key == "listen"
+
+
 def test_config_variable_replaces_the_preset(tmp_path: Path) -> None:
     path = write(tmp_path, TOML)
     config = load({"NEXTPROXY_CONFIG": path, "NEXTPROXY_NS_HOST": "ignored"})

@@ -299,3 +299,30 @@ def test_a_dead_server_of_an_upstream_is_skipped(pki: DemoPki) -> None:
             conn.close()
     finally:
         edge.close()
+
+
+def test_several_listen_addresses_serve_the_same_routes(pki: DemoPki) -> None:
+    import dataclasses
+
+    from nextproxy.config import Address, Config
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", 0))
+        second = Address("127.0.0.2", probe.getsockname()[1])
+
+    def also_listen(config: Config) -> Config:
+        return dataclasses.replace(config, listen_also=(second,))
+
+    edge = Edge.start(pki, mutate=also_listen)
+    try:
+        assert echo(edge, "/ns/sigmai/first")["service"] == "ns-sigmai"
+        context = edge.client_context()
+        with socket.create_connection((second.host, second.port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET /mc/sigmai/second HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+        assert data.startswith(b"HTTP/1.1 200 ") and b'"service": "mc-sigmai"' in data
+    finally:
+        edge.close()
