@@ -103,13 +103,22 @@ class UpstreamPool:
         self._next_server = {u.name: itertools.count() for u in config.upstreams}
         self._on_health = on_health
         self.health: dict[str, bool] = {u.name: True for u in config.upstreams}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._prober: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        # Kept: on Python 3.11 every get_running_loop() call costs a getpid() syscall, and
+        # take_idle/release run on every request.
+        self._loop = loop = asyncio.get_running_loop()
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         self._prober = loop.create_task(self._probe_forever())
+
+    def _now(self) -> float:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.time()
 
     def stop(self) -> None:
         if self._sweeper is not None:
@@ -131,7 +140,7 @@ class UpstreamPool:
 
         Checked before reuse: closed, EOF'd or over-age connections are dropped here.
         """
-        loop_time = asyncio.get_running_loop().time()
+        loop_time = self._now()
         for server in upstream.servers:
             idle = self._idle.get(server)
             while idle:
@@ -199,7 +208,7 @@ class UpstreamPool:
         if len(idle) >= self._config.limits.pool_size:
             conn.close()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = self._now()
         idle.append(conn)
 
     def _sweep(self) -> None:
