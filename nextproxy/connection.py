@@ -99,6 +99,7 @@ class TerminatedConnection(asyncio.Protocol):
         self._client_write_paused = False
         self._deadline: Deadline | None = None
         self._request_started = 0.0
+        self._plaintext: list[bytes] = []
         transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
         runtime.connections.add(self)
 
@@ -339,12 +340,21 @@ class TerminatedConnection(asyncio.Protocol):
         return self._route.name if self._route is not None else "-"
 
     def _send_client(self, data: bytes) -> None:
-        if self._engine is not None and data:
-            self._engine.send(data)
+        if data:
+            self._plaintext.append(data)
+
+    def _seal(self) -> None:
+        """Encrypt what the batch produced in one SSL_write: a small response (head, body, end)
+        becomes one TLS record instead of three, saving CPU here and in the client."""
+        pending = self._plaintext
+        if pending and self._engine is not None:
+            self._engine.send(pending[0] if len(pending) == 1 else b"".join(pending))
+        pending.clear()
 
     def _flush(self) -> None:
         engine, transport = self._engine, self.transport
         if engine is not None and transport is not None and not transport.is_closing():
+            self._seal()
             out = engine.data_to_send()
             if out:
                 transport.write(out)
@@ -536,6 +546,7 @@ class TerminatedConnection(asyncio.Protocol):
                 engine = self._engine
                 if engine is not None:
                     if was in (Phase.HTTP, Phase.TUNNEL, Phase.WEBSOCKET):
+                        self._seal()
                         engine.close()
                     out = engine.data_to_send()
                     if out and not transport.is_closing():
