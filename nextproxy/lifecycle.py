@@ -98,6 +98,7 @@ async def serve(
     edge_socket: socket.socket | None = None,
     serve_admin: bool = True,
     ready: Callable[[ProxyServer], None] | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> int:
     """Run until a stop signal; returns the exit code."""
     from nextproxy.admin import AdminState, start_admin  # the admin port is optional for workers
@@ -142,7 +143,7 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, proc.reload_requested.set)
     watcher = loop.create_task(_watch_certificates(proc))
     reloader = loop.create_task(_reload_loop(proc, state))
-    stats = loop.create_task(_publish_stats(proc, state))
+    stats = loop.create_task(_publish_stats(proc, state, heartbeat))
     await proc.stopping.wait()
 
     state.ready = False
@@ -186,8 +187,11 @@ async def _watch_certificates(proc: Process) -> None:
             proc.reload_requested.set()
 
 
-async def _publish_stats(proc: Process, state: object) -> None:
+async def _publish_stats(proc: Process, state: object, heartbeat: Callable[[], None] | None) -> None:
+    """Once a second: status-page numbers, and (in a worker) the proof that this loop turns."""
     while True:
+        if heartbeat is not None:
+            heartbeat()
         server = proc.server
         if server is not None:
             state.connections_active = server.active()  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
@@ -25,6 +26,10 @@ from nextproxy.logs import Logger
 
 RESTART_DELAY = 1.0
 """Seconds before a dead worker is replaced, so a crash loop cannot spin the CPU."""
+WORKER_STALL = 10.0
+"""Seconds without a heartbeat (sent every second from each worker's loop) before a worker is
+considered wedged and killed, to be replaced. The supervisor's /livez only proves its own loop
+turns; this is what catches a worker whose loop is stuck."""
 
 
 def worker_main(config: Config, config_path: str | None, events: Any) -> None:
@@ -34,8 +39,13 @@ def worker_main(config: Config, config_path: str | None, events: Any) -> None:
 
     logger = Logger(config.log_level, config.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which forwards SIGTERM
+    pid = os.getpid()
     code = run_loop(
-        serve(config, logger, config_path=config_path, serve_admin=False, ready=lambda _server: events.put(("ready", os.getpid())))
+        serve(
+            config, logger, config_path=config_path, serve_admin=False,
+            ready=lambda _server: events.put(("ready", pid)),
+            heartbeat=lambda: events.put(("beat", pid)),
+        )  # fmt: skip
     )
     raise SystemExit(code)
 
@@ -49,6 +59,7 @@ class Supervisor:
         self.events = self.context.Queue()
         self.workers: dict[int, SpawnProcess] = {}
         self.ready: set[int] = set()
+        self.beats: dict[int, float] = {}
         self.stopping = False
 
     def spawn(self) -> None:
@@ -75,6 +86,7 @@ class Supervisor:
             process = self.workers.pop(pid)
             process.join(0)
             self.ready.discard(pid)
+            self.beats.pop(pid, None)
             if not self.stopping:
                 self.logger.log("error", "worker_died", pid=pid, exitcode=process.exitcode)
         return dead
@@ -85,8 +97,22 @@ class Supervisor:
                 kind, pid = self.events.get_nowait()
             except Exception:  # queue.Empty, or a half-written item from a killed worker
                 return
+            if kind in ("ready", "beat"):
+                self.beats[pid] = time.monotonic()
             if kind == "ready":
                 self.ready.add(pid)
+
+    def kill_stalled(self) -> None:
+        """SIGKILL ready workers whose loop has not beaten for WORKER_STALL; reap() replaces them."""
+        now = time.monotonic()
+        for pid in list(self.ready):
+            if now - self.beats.get(pid, now) > WORKER_STALL and pid in self.workers:
+                self.logger.log("error", "worker_stalled", pid=pid, seconds=round(now - self.beats[pid], 1))
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.beats.pop(pid, None)
 
 
 def supervise(config: Config, logger: Logger, config_path: str | None) -> int:
@@ -126,6 +152,7 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
 
     while not stop.is_set():
         supervisor.drain_events()
+        supervisor.kill_stalled()
         for pid in supervisor.reap():
             metrics.mark_process_dead(pid)
             await asyncio.sleep(RESTART_DELAY)

@@ -205,3 +205,21 @@ def test_shutdown_delay_keeps_serving_while_readiness_fails(tmp_path: Path, pki:
         assert time.monotonic() - started >= 1.4
     finally:
         proxy.stop()
+
+
+def test_a_wedged_worker_is_killed_and_replaced(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    """A worker whose loop stops turning (SIGSTOP here) misses its heartbeats and is replaced."""
+    proxy = Proxy(tmp_path, pki, upstreams, workers=2)
+    try:
+        pids = worker_pids(proxy.process.pid)
+        assert len(pids) == 2, pids
+        os.kill(pids[0], signal.SIGSTOP)
+        proxy.wait_for(lambda: proxy.events("worker_stalled"), 20, "stall detection")
+        assert proxy.events("worker_stalled")[0]["pid"] == pids[0]
+        proxy.wait_for(lambda: len(proxy.events("worker_started")) >= 3, 15, "replacement worker")
+        proxy.wait_for(lambda: proxy.get("/readyz")[0] == 200, 15, "ready again")
+        for i in range(6):
+            assert proxy.https(f"/app/after-stall/{i}")[0] == 200
+        assert proxy.stop() == 0
+    finally:
+        proxy.stop()
