@@ -110,6 +110,13 @@ class Accepted(asyncio.Protocol):
         self._loop.create_task(self._connect(splice, route, hello))
 
     async def _connect(self, splice: Splice, route: SniRoute, hello: ClientHello) -> None:
+        try:
+            await self._connect_splice(splice, route, hello)
+        except Exception as exc:  # a bug: close this connection, never an unretrieved task error
+            self.rt.observer.bug(exc, self.peer)
+            splice.abort()
+
+    async def _connect_splice(self, splice: Splice, route: SniRoute, hello: ClientHello) -> None:
         """Replay the hello to the first upstream server that answers; else close the client."""
         assert route.upstream is not None
         upstream = self.rt.config.upstream(route.upstream)

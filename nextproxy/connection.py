@@ -15,7 +15,7 @@ import enum
 import ssl
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from nextproxy.config import Config, PathRoute, SniRoute, Upstream
 from nextproxy.core.actions import (
@@ -129,9 +129,17 @@ class TerminatedConnection(asyncio.Protocol):
         relay = self._relay
         if self.phase is Phase.WEBSOCKET and relay is not None and not relay.closed:
             self.transport = None  # let the relay finish the upstream's closing handshake
-            self._run(relay.client_data(b""))
+            self._guarded(lambda: self._run(relay.client_data(b"")))
             return
         self._close()
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run a callback step with the connection's one catch-all: a bug closes this connection."""
+        try:
+            step()
+        except Exception as exc:
+            self.rt.observer.bug(exc, self.peer)
+            self._close(abort=True)
 
     def pause_writing(self) -> None:
         self._client_write_paused = True
@@ -164,6 +172,9 @@ class TerminatedConnection(asyncio.Protocol):
             self._close(abort=True)
 
     def upstream_lost(self, exc: Exception | None = None) -> None:
+        self._guarded(lambda: self._upstream_lost(exc))
+
+    def _upstream_lost(self, exc: Exception | None) -> None:
         if self.phase is Phase.CLOSED:
             return
         if isinstance(exc, ssl.SSLError) and self._route is not None:
@@ -391,6 +402,13 @@ class TerminatedConnection(asyncio.Protocol):
             conn.transport.pause_reading()
 
     async def _connect_task(self, upstream: Upstream) -> None:
+        try:
+            await self._connect_upstream(upstream)
+        except Exception as exc:  # a bug: this connection only, never an unretrieved task error
+            self.rt.observer.bug(exc, self.peer)
+            self._close(abort=True)
+
+    async def _connect_upstream(self, upstream: Upstream) -> None:
         session = self._session
         if session is None:
             return
