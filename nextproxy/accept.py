@@ -31,9 +31,9 @@ USE_HTTPS = (
 class Accepted(asyncio.Protocol):
     """An edge connection whose ClientHello is still being read."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
         self.rt = runtime
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop  # handed in: get_running_loop() costs a getpid() syscall on Python 3.11
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
         self._reader = ClientHelloReader(runtime.config.limits.max_client_hello)
@@ -92,7 +92,7 @@ class Accepted(asyncio.Protocol):
         if route is not None and route.action is SniAction.PASSTHROUGH:
             self._passthrough(transport, route, hello)
             return
-        connection = TerminatedConnection(self.rt, transport, self.peer, route, hello)
+        connection = TerminatedConnection(self.rt, transport, self.peer, route, hello, self._loop)
         transport.set_protocol(connection)
         connection.start()
 

@@ -79,11 +79,17 @@ class TerminatedConnection(asyncio.Protocol):
     """The protocol of an edge connection after its ClientHello chose termination."""
 
     def __init__(
-        self, runtime: Runtime, transport: asyncio.Transport, peer: str, sni_route: SniRoute | None, hello: ClientHello
+        self,
+        runtime: Runtime,
+        transport: asyncio.Transport,
+        peer: str,
+        sni_route: SniRoute | None,
+        hello: ClientHello,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.rt = runtime
-        # Kept: on Python 3.11 every get_running_loop() call costs a getpid() syscall.
-        self._loop = asyncio.get_running_loop()
+        # Kept, not looked up: on Python 3.11 every get_running_loop() costs a getpid() syscall.
+        self._loop = loop
         self.phase = Phase.HANDSHAKE
         self.transport: asyncio.Transport | None = transport
         self.peer = peer

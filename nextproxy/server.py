@@ -61,6 +61,7 @@ class ProxyServer:
         self.runtime = runtime
         self._server: asyncio.Server | None = None
         self._more: list[asyncio.Server] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._old: list[Runtime] = []
 
     @property
@@ -70,7 +71,7 @@ class ProxyServer:
         return str(sockname[0]), int(sockname[1])
 
     async def start(self, sock: socket.socket | None = None) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         config = self.runtime.config
         sock = sock or bind(config.listen, "listen")
         more: list[socket.socket] = []
@@ -87,7 +88,8 @@ class ProxyServer:
             self._more.append(await loop.create_server(self._protocol, sock=extra, backlog=BACKLOG))
 
     def _protocol(self) -> Accepted:
-        return Accepted(self.runtime)
+        assert self._loop is not None  # set by start(), before the listener exists
+        return Accepted(self.runtime, self._loop)
 
     def reload(self, config: Config, observer: Observer, contexts: ServerContexts | None = None) -> None:
         """Swap in a new runtime; established connections keep the one they started with."""
