@@ -93,7 +93,8 @@ class TerminatedConnection(asyncio.Protocol):
         self.phase = Phase.HANDSHAKE
         self.transport: asyncio.Transport | None = transport
         self.peer = peer
-        self._hello = hello
+        self._hello: ClientHello | None = hello
+        self._server_name = hello.server_name
         self._sni_route = sni_route
         self._engine: TlsEngine | None = None
         self._session: HttpSession | None = None
@@ -111,7 +112,9 @@ class TerminatedConnection(asyncio.Protocol):
 
     def start(self) -> None:
         """Begin the handshake with the bytes the hello reader already took off the socket."""
-        self._start_tls(self._sni_route, self._hello)
+        hello, self._hello = self._hello, None  # its raw bytes (up to 64 KiB) are not kept
+        assert hello is not None
+        self._start_tls(self._sni_route, hello)
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -247,10 +250,9 @@ class TerminatedConnection(asyncio.Protocol):
     def _handshake_done(self, engine: TlsEngine) -> None:
         self.rt.observer.handshake("ok")
         self.phase = Phase.HTTP
-        hello = self._hello
         info = ClientInfo(
             address=self.peer,
-            server_name=hello.server_name if hello else None,
+            server_name=self._server_name,
             certificate=engine.peer_certificate,
             forward_chain=self._sni_route.forward_client_cert_chain if self._sni_route else False,
         )
