@@ -92,7 +92,7 @@ def check(path: str | None) -> int:
 def run(path: str | None) -> int:
     from nextproxy.logs import Logger
 
-    config, _ = _load_checked(path)
+    config, contexts = _load_checked(path)
     logger = Logger(config.log_level, config.log_format)
     for name in unknown_variables(os.environ):
         logger.log("warning", "unknown_variable", variable=name)
@@ -102,7 +102,7 @@ def run(path: str | None) -> int:
         return supervise(config, logger, path)
     from nextproxy.lifecycle import serve
 
-    return run_loop(serve(config, logger, config_path=path))
+    return run_loop(serve(config, logger, config_path=path, contexts=contexts))
 
 
 def demo(port: int, admin_port: int, directory: str | None) -> int:

@@ -192,15 +192,11 @@ class TerminatedConnection(asyncio.Protocol):
             self.rt.observer.upstream_error(self._route.upstream, f"TLS to upstream failed: {exc}", self.peer)
         self._up = None
         if self._session is not None and self.phase is Phase.HTTP:
-            self.upstream_data_eof()
+            self._run(self._session.upstream_data(b""))
         elif self.phase is Phase.TUNNEL:
             self._close()
         elif self.phase is Phase.WEBSOCKET and self._relay is not None and not self._relay.closed:
             self._run(self._relay.upstream_data(b""))
-
-    def upstream_data_eof(self) -> None:
-        if self._session is not None:
-            self._run(self._session.upstream_data(b""))
 
     def upstream_writing(self, paused: bool) -> None:
         self._upstream_write_paused = paused

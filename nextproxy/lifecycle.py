@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from nextproxy import __version__, metrics
+from nextproxy.admin import AdminState, start_admin
 from nextproxy.config import Config, load
 from nextproxy.errors import ConfigError
 from nextproxy.logs import Logger
@@ -58,7 +59,7 @@ class Process:
     config_path: str | None = None
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     server: ProxyServer | None = None
-    admin_state: object | None = None
+    admin_state: AdminState | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -67,23 +68,22 @@ class Process:
             metrics.set_certificate_expiry(cert.name, cert.not_after)
         state = self.admin_state
         if state is not None:
-            state.certificates = [(c.name, c.not_after) for c in contexts.certificates]  # type: ignore[attr-defined]
+            state.certificates = [(c.name, c.not_after) for c in contexts.certificates]
 
     def reload(self) -> bool:
         """Load, validate and swap in a new configuration; keep the old one on any error."""
         assert self.server is not None
         try:
             config = load(self.env, self.config_path)
-            runtime_config = config
             if (config.listen, config.admin_listen) != (self.config.listen, self.config.admin_listen):
                 self.logger.log("warning", "reload_listen_changed", detail="listen addresses change only on restart")
-            contexts = ServerContexts.build(runtime_config)
-            self.server.reload(runtime_config, self.server.runtime.observer, contexts)
+            contexts = ServerContexts.build(config)
+            self.server.reload(config, self.server.runtime.observer, contexts)
         except ConfigError as exc:
             metrics.config_reload(False)
             self.logger.log("error", "reload_failed", error=str(exc))
             return False
-        self.config = runtime_config
+        self.config = config
         self.publish_certificates(contexts)
         metrics.config_reload(True)
         self.logger.log("info", "reloaded", source=config.source)
@@ -99,13 +99,12 @@ async def serve(
     serve_admin: bool = True,
     ready: Callable[[ProxyServer], None] | None = None,
     heartbeat: Callable[[], None] | None = None,
+    contexts: ServerContexts | None = None,
 ) -> int:
-    """Run until a stop signal; returns the exit code."""
-    from nextproxy.admin import AdminState, start_admin  # the admin port is optional for workers
-
+    """Run until a stop signal; returns the exit code. ``contexts``: already built by the CLI."""
     loop = asyncio.get_running_loop()
     observer = Observer(logger)
-    contexts = ServerContexts.build(config)
+    contexts = contexts or ServerContexts.build(config)
     runtime = build_runtime(config, observer, contexts)
     proc = Process(config=config, logger=logger, config_path=config_path)
     state = AdminState()
@@ -162,13 +161,13 @@ async def serve(
     return 0
 
 
-async def _reload_loop(proc: Process, state: object) -> None:
+async def _reload_loop(proc: Process, state: AdminState) -> None:
     while True:
         await proc.reload_requested.wait()
         proc.reload_requested.clear()
         if proc.reload() and proc.server is not None:
-            state.routes = proc.server.runtime.routes.describe()  # type: ignore[attr-defined]
-            state.upstreams = proc.server.runtime.pool.health  # type: ignore[attr-defined]
+            state.routes = proc.server.runtime.routes.describe()
+            state.upstreams = proc.server.runtime.pool.health
 
 
 async def _watch_certificates(proc: Process) -> None:
@@ -187,13 +186,13 @@ async def _watch_certificates(proc: Process) -> None:
             proc.reload_requested.set()
 
 
-async def _publish_stats(proc: Process, state: object, heartbeat: Callable[[], None] | None) -> None:
+async def _publish_stats(proc: Process, state: AdminState, heartbeat: Callable[[], None] | None) -> None:
     """Once a second: status-page numbers, and (in a worker) the proof that this loop turns."""
     while True:
         if heartbeat is not None:
             heartbeat()
         server = proc.server
         if server is not None:
-            state.connections_active = server.active()  # type: ignore[attr-defined]
-            state.websocket_sessions_active = server.websocket_sessions()  # type: ignore[attr-defined]
+            state.connections_active = server.active()
+            state.websocket_sessions_active = server.websocket_sessions()
         await asyncio.sleep(1.0)

@@ -150,6 +150,7 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
         supervisor.spawn()
     logger.log("info", "supervisor_started", pid=os.getpid(), workers=config.workers, admin=str(config.admin_listen))
 
+    ticks = 0
     while not stop.is_set():
         supervisor.drain_events()
         supervisor.kill_stalled()
@@ -159,7 +160,9 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
             supervisor.spawn()
         state.ready = len(supervisor.ready) >= config.workers
         state.not_ready_reason = "" if state.ready else "starting workers"
-        _refresh(state)
+        if ticks % 4 == 0:  # the status numbers once a second; collecting reads every file
+            _refresh(state)
+        ticks += 1
         try:
             await asyncio.wait_for(stop.wait(), 0.25)
         except TimeoutError:
