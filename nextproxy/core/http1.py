@@ -425,6 +425,12 @@ class HttpSession:
         client = self._client
         if client.our_state is h11.DONE and client.their_state is h11.DONE and not self.draining:
             client.start_next_cycle()
+            buffered, closed = client.trailing_data
+            if not buffered and not closed:
+                # The usual keep-alive case: nothing pipelined, so asking h11 for the next
+                # event would only parse an empty buffer (a few µs per request).
+                self.awaiting_head = False
+                return []
             return self._pump_client()
         if client.our_state is h11.DONE and client.their_state is h11.SEND_BODY:
             pass  # the upstream answered before the body ended: we cannot find the next request

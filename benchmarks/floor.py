@@ -1,0 +1,208 @@
+"""What one proxied request costs in the libraries nextproxy is built on, before any I/O.
+
+    python benchmarks/floor.py          # ~10 s, in-process, no network, no installs
+
+run.py measures whole processes under load; this measures the pieces in isolation, warm, with
+one connection (the most favourable case: real load adds cache misses on top). It answers "how
+low can the CPU per request go with this design?": the sans-IO core runs HTTP/1.1 on h11 for
+both legs and TLS on pyOpenSSL memory BIOs, so their cost per request is a floor that no change
+in nextproxy's own code can go below. Compare it with issue 6's budget of 100 µs per keep-alive
+request for the whole process (nginx: ~24 µs, measured by run.py).
+
+Each line is the median of 5 runs of N iterations, in µs per request.
+"""
+
+from __future__ import annotations
+
+import ssl
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import h11
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nextproxy.config import Address, CertificateConfig, Config, PathRoute, PemSource, Upstream  # noqa: E402
+from nextproxy.core.headers import ClientInfo  # noqa: E402
+from nextproxy.core.http1 import HttpSession, UpstreamLeg  # noqa: E402
+from nextproxy.core.routing import RouteTable  # noqa: E402
+from nextproxy.core.tls import TlsEngine  # noqa: E402
+from nextproxy.demo import client_ssl_context, make_pki  # noqa: E402
+from nextproxy.tlsconfig import build_edge_context, load_certificate_info  # noqa: E402
+
+# What wrk sends and what the benchmark's nginx answers for GET /small (W1).
+REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:18443\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 08:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 12\r\nConnection: keep-alive\r\n\r\nhello world\n"
+)
+RUNS = 5
+
+
+def per_call(step: Callable[[], object], n: int) -> float:
+    """Median µs per call of ``step`` over RUNS runs of ``n`` calls (after a warm-up run)."""
+    for _ in range(n // 10):
+        step()
+    samples = []
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        samples.append((time.perf_counter() - start) / n * 1e6)
+    return statistics.median(samples)
+
+
+def h11_client_leg() -> Callable[[], object]:
+    """The h11 calls the edge (server role) makes per keep-alive request."""
+    conn = h11.Connection(h11.SERVER)
+    upstream = h11.Connection(h11.CLIENT)
+    upstream.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    upstream.send(h11.EndOfMessage())
+    upstream.receive_data(RESPONSE)
+    head = upstream.next_event()
+    assert isinstance(head, h11.Response)
+    headers, data, end = list(head.headers), h11.Data(data=b"hello world\n"), h11.EndOfMessage()
+
+    def step() -> None:
+        conn.receive_data(REQUEST)
+        conn.next_event()  # Request
+        conn.next_event()  # EndOfMessage
+        conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK", _parsed=True))
+        conn.send(data)
+        conn.send(end)
+        conn.start_next_cycle()
+
+    return step
+
+
+def h11_upstream_leg() -> Callable[[], object]:
+    """The h11 calls the edge (client role) makes per request on a pooled upstream connection."""
+    conn = h11.Connection(h11.CLIENT)
+    headers = [(b"host", b"127.0.0.1:18443"), (b"x-forwarded-for", b"127.0.0.1"), (b"x-forwarded-proto", b"https")]
+    end = h11.EndOfMessage()
+
+    def step() -> None:
+        conn.send(h11.Request(method=b"GET", target=b"/small", headers=headers, _parsed=True))
+        conn.send(end)
+        conn.receive_data(RESPONSE)
+        conn.next_event()  # Response
+        conn.next_event()  # Data
+        conn.next_event()  # EndOfMessage
+        conn.start_next_cycle()
+
+    return step
+
+
+def http_session() -> Callable[[], object]:
+    """nextproxy's HttpSession (h11 on both legs + routing + header policy), no I/O."""
+    pem = CertificateConfig(PemSource(b"", "c"), PemSource(b"", "k"))
+    upstream = Upstream("n", (Address("127.0.0.1", 18080),))
+    config = Config(Address("127.0.0.1", 0), Address("127.0.0.1", 1), (pem,), (upstream,), (PathRoute("n", "/", "n"),))
+    session = HttpSession(RouteTable(config), None, ClientInfo(address="127.0.0.1", server_name=None), config.limits)
+    leg = UpstreamLeg("127.0.0.1:18080", 65536)
+
+    def step() -> None:
+        session.client_data(REQUEST)
+        session.upstream_connected(leg)
+        session.upstream_data(RESPONSE)
+
+    return step
+
+
+class TlsPair:
+    """A TlsEngine and a stdlib ssl client joined by memory BIOs, handshake done."""
+
+    def __init__(self) -> None:
+        pki = make_pki(("localhost",))
+        cert = load_certificate_info(
+            CertificateConfig(PemSource(pki.edge.certificate, "edge cert"), PemSource(pki.edge.key, "edge key"))
+        )
+        self.server_context = build_edge_context(cert)
+        self.client_context = client_ssl_context(pki.ca.certificate)
+        self.server_seconds = 0.0
+        self.client, self.incoming, self.outgoing = self._client()
+        self.engine = self._handshake()
+
+    def _client(self) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        return self.client_context.wrap_bio(incoming, outgoing, server_hostname="localhost"), incoming, outgoing
+
+    def _handshake(self) -> TlsEngine:
+        client, incoming, outgoing = self.client, self.incoming, self.outgoing
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        start = time.perf_counter()
+        engine = TlsEngine(self.server_context, outgoing.read())
+        flight = engine.data_to_send()
+        self.server_seconds += time.perf_counter() - start
+        incoming.write(flight)
+        client.do_handshake()
+        finished = outgoing.read()
+        start = time.perf_counter()
+        engine.receive(finished)
+        flight = engine.data_to_send()
+        self.server_seconds += time.perf_counter() - start
+        incoming.write(flight)
+        return engine
+
+    def handshake_server_cost(self, n: int) -> float:
+        """µs of server-side work (TlsEngine calls only) per full handshake, median of RUNS."""
+        samples = []
+        for _ in range(RUNS):
+            self.server_seconds = 0.0
+            for _ in range(n):
+                self.client, self.incoming, self.outgoing = self._client()
+                self._handshake()
+            samples.append(self.server_seconds / n * 1e6)
+        return statistics.median(samples)
+
+    def records_step(self, count: int) -> Callable[[], object]:
+        """Server side of one request/response: decrypt the request record, encrypt the response.
+
+        Every call needs a fresh record (record sequence numbers), so ``count`` are made first.
+        """
+        records = []
+        for _ in range(count):
+            self.client.write(REQUEST)
+            records.append(self.outgoing.read())
+        feed = iter(records)
+        engine = self.engine
+
+        def step() -> None:
+            engine.receive(next(feed))
+            engine.send(RESPONSE)
+            engine.data_to_send()
+
+        return step
+
+
+def main() -> None:
+    n = 10_000
+    client_leg = per_call(h11_client_leg(), n)
+    upstream_leg = per_call(h11_upstream_leg(), n)
+    session = per_call(http_session(), n)
+    tls = TlsPair()
+    records = per_call(tls.records_step(n // 10 + RUNS * n), n)
+    handshake = tls.handshake_server_cost(200)
+    print(f"Python {sys.version.split()[0]}, h11 {h11.__version__}; µs per keep-alive request, warm, one connection\n")
+    rows = [
+        ("h11, client leg (parse request, send response head + body + end, cycle)", client_leg),
+        ("h11, upstream leg (send request, parse response head + body + end, cycle)", upstream_leg),
+        ("h11, both legs", client_leg + upstream_leg),
+        ("HttpSession (h11 both legs + routing + header policy)", session),
+        ("TLS records in + out (pyOpenSSL, memory BIOs)", records),
+        ("floor of the sans-IO core (HttpSession + TLS)", session + records),
+    ]
+    for label, value in rows:
+        print(f"  {label:<76} {value:7.1f}")
+    print(f"\n  {'issue 6 budget for the whole process (core + shell + syscalls)':<76} {100:7.1f}")
+    print(f"\nServer side of a full TLS 1.3 handshake (TlsEngine, P-256 certificate): {handshake:.0f} µs")
+
+
+if __name__ == "__main__":
+    main()
