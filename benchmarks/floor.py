@@ -112,6 +112,52 @@ def http_session() -> Callable[[], object]:
     return step
 
 
+def c_parser() -> Callable[[], object] | None:
+    """Both heads parsed by httptools (llhttp, C) and re-serialized by hand, if it is installed.
+
+    Not a nextproxy dependency: shown only to size the alternative to h11 (what uvicorn uses).
+    """
+    try:
+        import httptools  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+
+    class Sink:
+        def __init__(self) -> None:
+            self.url, self.headers, self.body = b"", [], []  # type: ignore[var-annotated]
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers.append((name.lower(), value))
+
+        def on_body(self, body: bytes) -> None:
+            self.body.append(body)
+
+    request, response = Sink(), Sink()
+    request_parser, response_parser = httptools.HttpRequestParser(request), httptools.HttpResponseParser(response)
+
+    def step() -> bytes:
+        request.url, request.headers = b"", []
+        request_parser.feed_data(REQUEST)
+        head = [request_parser.get_method(), b" ", request.url, b" HTTP/1.1\r\n"]
+        for name, value in request.headers:
+            head += (name, b": ", value, b"\r\n")
+        head.append(b"x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: https\r\n\r\n")
+        b"".join(head)
+        response.headers, response.body = [], []
+        response_parser.feed_data(RESPONSE)
+        head = [b"HTTP/1.1 %d OK\r\n" % response_parser.get_status_code()]
+        for name, value in response.headers:
+            if name != b"connection":
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        return b"".join(head + response.body)
+
+    return step
+
+
 class TlsPair:
     """A TlsEngine and a stdlib ssl client joined by memory BIOs, handshake done."""
 
@@ -201,6 +247,12 @@ def main() -> None:
     for label, value in rows:
         print(f"  {label:<76} {value:7.1f}")
     print(f"\n  {'issue 6 budget for the whole process (core + shell + syscalls)':<76} {100:7.1f}")
+    alternative = c_parser()
+    if alternative is None:
+        print("\n  (pip install httptools to also see a C parser doing both heads)")
+    else:
+        label = "for comparison: httptools (C) parsing + re-serializing both heads"
+        print(f"  {label:<76} {per_call(alternative, n):7.1f}")
     print(f"\nServer side of a full TLS 1.3 handshake (TlsEngine, P-256 certificate): {handshake:.0f} µs")
 
 

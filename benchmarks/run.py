@@ -164,7 +164,8 @@ def main() -> int:
         direct = lab.start_upstreams()
         systems: list[System] = [direct]
         for start in (lambda: lab.start_nginx(1), lambda: lab.start_nginx(2), lambda: lab.start_haproxy(1),
-                      lambda: lab.start_haproxy(2), lambda: lab.start_nextproxy(1), lambda: lab.start_nextproxy(2)):
+                      lambda: lab.start_haproxy(2), lambda: lab.start_nextproxy(1), lambda: lab.start_nextproxy(2),
+                      lab.start_skeleton):
             systems.append(start())
         mitm = lab.start_mitmproxy()
         if mitm is not None:
@@ -176,8 +177,8 @@ def main() -> int:
             plan = []
             for s in systems:
                 port = s.pass_port if passthrough else s.https_port
-                if port is None:
-                    continue
+                if port is None or (close and s.kind == "skeleton"):
+                    continue  # the skeleton forwards Connection: close and would not pool upstreams
                 host = "localhost" if passthrough else "127.0.0.1"  # SNI localhost = nextproxy's passthrough route
                 url = f"https://{host}:{port}{path}"
                 plan.append((s.name, lambda s=s, url=url: run_wrk(s, url, d, conns, close, stop)))

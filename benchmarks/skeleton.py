@@ -1,0 +1,128 @@
+"""The I/O skeleton of nextproxy with no HTTP in it: a lower bound, not a proxy.
+
+    python benchmarks/skeleton.py --cert edge.pem --key edge.key --listen 18445 --upstream 127.0.0.1:18080
+
+It does what nextproxy's shell does per keep-alive request (uvloop Protocols, TLS 1.3 on a
+pyOpenSSL memory BIO, one pooled upstream connection per client connection, one TLS record per
+response) and nothing else: the request head is forwarded as it came, the response is framed by
+finding Content-Length with bytes.find, there are no checks, no routing, no headers, no limits,
+no metrics, no timeouts. GET with Content-Length responses only. Never use it for anything
+but measuring: its CPU per request under wrk is what any Python proxy built on uvloop and
+pyOpenSSL pays before it parses a single header (see README.md, "How low can Python go").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import uvloop
+from OpenSSL import SSL
+
+
+class Upstream(asyncio.Protocol):
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            self.buffer = buffer
+            return
+        start = buffer.find(b"Content-Length: ", 0, end)
+        length = int(buffer[start + 16 : buffer.find(b"\r\n", start)]) if start >= 0 else 0
+        total = end + 4 + length
+        if len(buffer) < total:
+            self.buffer = buffer
+            return
+        self.buffer = buffer[total:]
+        self.client.respond(buffer[:total])
+
+
+class Client(asyncio.Protocol):
+    def __init__(self, context: SSL.Context, upstream: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
+        self.tls = SSL.Connection(context, None)
+        self.tls.set_accept_state()
+        self.upstream_address = upstream
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.upstream: Upstream | None = None
+        self.pending = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        tls = self.tls
+        tls.bio_write(data)
+        plaintext = b""
+        try:
+            while True:
+                plaintext += tls.recv(16384)
+        except SSL.WantReadError:
+            pass
+        except SSL.Error:
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        self.flush()
+        if plaintext:
+            self.request(plaintext)
+
+    def request(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.write(data)
+            return
+        self.pending += data
+        if upstream is None:
+            self.upstream = Upstream(self)
+            self.loop.create_task(self.connect())
+
+    async def connect(self) -> None:
+        assert self.upstream is not None
+        await self.loop.create_connection(lambda: self.upstream, *self.upstream_address)  # type: ignore[arg-type,return-value]
+        self.upstream.transport.write(self.pending)  # type: ignore[union-attr]
+        self.pending = b""
+
+    def respond(self, response: bytes) -> None:
+        self.tls.send(response)
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            out = self.tls.bio_read(65536)
+        except SSL.WantReadError:
+            return
+        if self.transport is not None:
+            self.transport.write(out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--listen", type=int, required=True, help="port on 127.0.0.1")
+    parser.add_argument("--upstream", required=True, help="host:port, plain HTTP/1.1")
+    args = parser.parse_args()
+    host, _, port = args.upstream.rpartition(":")
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_3_VERSION)
+    context.use_certificate_chain_file(args.cert)
+    context.use_privatekey_file(args.key)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Client(context, (host, int(port)), loop), "127.0.0.1", args.listen)
+    await server.serve_forever()
+
+
+if __name__ == "__main__":
+    uvloop.run(main())
