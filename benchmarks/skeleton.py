@@ -91,16 +91,20 @@ class Client(asyncio.Protocol):
         self.pending = b""
 
     def respond(self, response: bytes) -> None:
-        self.tls.send(response)
+        view = memoryview(response)
+        while view:
+            view = view[self.tls.send(view) :]
         self.flush()
 
     def flush(self) -> None:
-        try:
-            out = self.tls.bio_read(65536)
-        except SSL.WantReadError:
-            return
-        if self.transport is not None:
-            self.transport.write(out)
+        parts = []
+        while True:
+            try:
+                parts.append(self.tls.bio_read(65536))
+            except SSL.WantReadError:
+                break
+        if parts and self.transport is not None:
+            self.transport.write(b"".join(parts))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
