@@ -1,0 +1,189 @@
+"""nextproxy's whole terminated path, in-process: µs per keep-alive request and per new connection.
+
+    python benchmarks/inprocess.py      # ~15 s, nothing to install, no sockets
+
+run.py measures under real load, where this 2-core VM's noise is ±15% between runs; this runs
+the real shell (Accepted, TerminatedConnection, UpstreamConnection, the pool, metrics, deadlines)
+and core on in-memory transports, with a stdlib ``ssl`` client on memory BIOs and canned
+upstream responses, and reports the minimum of several batches: small changes show here when
+they drown in run.py. Only the proxy's own calls are timed (the client's TLS work is not).
+Not a test: the transports are stand-ins that only collect bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import uvloop
+from OpenSSL import SSL
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nextproxy.accept import Accepted  # noqa: E402
+from nextproxy.config import Address, CertificateConfig, Config, PathRoute, PemSource, Upstream  # noqa: E402
+from nextproxy.demo import make_pki  # noqa: E402
+from nextproxy.logs import Logger  # noqa: E402
+from nextproxy.observe import Observer  # noqa: E402
+from nextproxy.server import build_runtime  # noqa: E402
+from nextproxy.upstream import UpstreamConnection  # noqa: E402
+
+REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:18443\r\n\r\n"
+CLOSING_REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:18443\r\nConnection: close\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 08:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 12\r\nConnection: keep-alive\r\n\r\nhello world\n"
+)
+BATCHES = 9
+
+
+class MemoryTransport:
+    """Collects what the proxy writes; closing tells the protocol, as a real transport would."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closing = False
+        self.protocol: Any = None
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def take(self) -> bytes:
+        data = b"".join(self.out)
+        self.out.clear()
+        return data
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            if self.protocol is not None:
+                self.protocol.connection_lost(None)
+
+    abort = close
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def write_eof(self) -> None: ...
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+
+
+class Bench:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        pki = make_pki(("localhost",))
+        pair = CertificateConfig(PemSource(pki.edge.certificate, "edge cert"), PemSource(pki.edge.key, "edge key"))
+        upstream = Upstream("web", (Address("127.0.0.1", 18080),))
+        config = Config(Address("127.0.0.1", 18443), Address("127.0.0.1", 19613), (pair,), (upstream,), (PathRoute("web", "/", "web"),))
+        self.runtime = build_runtime(config, Observer(Logger("warning")))
+        self.runtime.pool._loop = loop  # the pool's timers are not started: nothing here waits
+        self.loop = loop
+        self.client_context = ssl.create_default_context(cafile=None)
+        self.client_context.load_verify_locations(cadata=pki.ca.certificate.decode())
+        self.client_context.check_hostname = False  # no SNI: the Host header is an IP literal
+        self.server = upstream.servers[0]
+        self.upstream = UpstreamConnection(upstream, self.server, 65536)
+        self.upstream_transport = MemoryTransport()
+        self.upstream.connection_made(self.upstream_transport)  # type: ignore[arg-type]
+        self.proxy_seconds = 0.0
+        self.handshake_seconds = 0.0
+
+    def pool_upstream(self) -> None:
+        self.upstream.idle_since = self.loop.time()
+        self.runtime.pool._idle[self.server] = [self.upstream]
+
+    def timed(self, step: Callable[[], object]) -> None:
+        start = time.perf_counter()
+        step()
+        self.proxy_seconds += time.perf_counter() - start
+
+    def connect(self) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, MemoryTransport]:
+        """Accept, read the hello, complete the handshake; returns the client side."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = self.client_context.wrap_bio(incoming, outgoing, server_hostname=None)
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        transport = MemoryTransport()
+        accepted = Accepted(self.runtime, self.loop)
+        transport.protocol = accepted
+        hello = outgoing.read()
+        self.timed(lambda: (accepted.connection_made(transport), accepted.data_received(hello)))  # type: ignore[arg-type, func-returns-value]
+        incoming.write(transport.take())
+        client.do_handshake()
+        return client, incoming, outgoing, transport
+
+    def exchange(self, client: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, transport: MemoryTransport, request: bytes) -> None:
+        """One request through the proxy to the canned upstream and back to the client."""
+        self.pool_upstream()
+        client.write(request)
+        record = outgoing.read()
+        self.timed(lambda: transport.protocol.data_received(record))
+        self.upstream_transport.out.clear()
+        self.timed(lambda: self.upstream.data_received(RESPONSE))
+        incoming.write(transport.take())
+        response = client.read(65536)
+        assert response.startswith(b"HTTP/1.1 200 "), response[:80]
+
+
+def best_of(run: Callable[[], float]) -> float:
+    return min(run() for _ in range(BATCHES))
+
+
+async def main() -> None:
+    bench = Bench(asyncio.get_running_loop())
+    client, incoming, outgoing, transport = bench.connect()
+
+    def keep_alive(n: int = 2000) -> float:
+        bench.proxy_seconds = 0.0
+        for _ in range(n):
+            bench.exchange(client, incoming, outgoing, transport, REQUEST)
+        return bench.proxy_seconds / n * 1e6
+
+    handshake = SSL.Connection.do_handshake
+
+    def timed_handshake(conn: SSL.Connection) -> None:
+        start = time.perf_counter()
+        try:
+            handshake(conn)
+        finally:
+            bench.handshake_seconds += time.perf_counter() - start
+
+    def new_connections(n: int = 150) -> float:
+        bench.proxy_seconds = bench.handshake_seconds = 0.0
+        for _ in range(n):
+            bench.exchange(*bench.connect(), CLOSING_REQUEST)
+        return bench.proxy_seconds / n * 1e6
+
+    keep_alive(500)
+    request = best_of(keep_alive)
+    SSL.Connection.do_handshake = timed_handshake  # type: ignore[method-assign]
+    new_connections(50)
+    samples = []
+    for _ in range(BATCHES):
+        total = new_connections()
+        samples.append((total, bench.handshake_seconds / 150 * 1e6))
+    connection, openssl = min(samples)
+    print(f"Python {sys.version.split()[0]}; proxy-side µs, best of {BATCHES} batches, in-process\n")
+    print(f"  keep-alive request (client record in -> upstream -> response record out) {request:7.1f}")
+    print(f"  new connection + one request + close                                    {connection:7.1f}")
+    print(f"    of which OpenSSL's handshake (SSL_do_handshake)                       {openssl:7.1f}")
+
+
+if __name__ == "__main__":
+    uvloop.run(main())
