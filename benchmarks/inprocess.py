@@ -6,7 +6,8 @@ run.py measures under real load, where this 2-core VM's noise is ±15% between r
 the real shell (Accepted, TerminatedConnection, UpstreamConnection, the pool, metrics, deadlines)
 and core on in-memory transports, with a stdlib ``ssl`` client on memory BIOs and canned
 upstream responses, and reports the minimum of several batches: small changes show here when
-they drown in run.py. Only the proxy's own calls are timed (the client's TLS work is not).
+they drown in run.py (the VM's speed still drifts over minutes: compare two commits by running
+them alternately). Only the proxy's own calls are timed (the client's TLS work is not).
 Not a test: the transports are stand-ins that only collect bytes.
 """
 
