@@ -120,16 +120,16 @@ class Accepted(asyncio.Protocol):
         """Replay the hello to the first upstream server that answers; else close the client."""
         assert route.upstream is not None
         upstream = self.rt.config.upstream(route.upstream)
-        last: BaseException | None = None
+        last = ""  # the error's text, not the error: its traceback holds this frame (a cycle)
         for server in upstream.servers:
             try:
                 await splice.connect(server, hello.raw, self.rt.config.timeouts.connect)
                 self.rt.pool.mark(upstream.name, True)
                 return
             except (OSError, TimeoutError) as exc:
-                last = exc
+                last = repr(exc)
         self.rt.pool.mark(upstream.name, False)
-        self.rt.observer.upstream_error(route.name, f"passthrough connect failed: {last!r}", self.peer)
+        self.rt.observer.upstream_error(route.name, f"passthrough connect failed: {last}", self.peer)
         splice.close()
 
     def _forget(self) -> None:

@@ -502,8 +502,12 @@ class TerminatedConnection(asyncio.Protocol):
             deadline.push(self._route.ping_interval)
 
     def _cancel_timer(self) -> None:
+        """Cancel and drop the deadline: it holds a bound method of this connection, and that
+        cycle would keep the closed connection (TLS object, h11 state, buffers) in memory until
+        a full garbage collection, which then has to walk every live connection too."""
         if self._deadline is not None:
             self._deadline.cancel()
+            self._deadline = None
 
     def _on_deadline(self, kind: str) -> None:
         if self.phase is Phase.CLOSED:

@@ -19,7 +19,7 @@ class _Side(asyncio.Protocol):
     """One direction's reader; writes what it reads to the other side's transport."""
 
     def __init__(self, pipe: Splice, direction: int) -> None:
-        self.pipe = pipe
+        self.pipe: Splice | None = pipe
         self.direction = direction
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
@@ -40,16 +40,20 @@ class _Side(asyncio.Protocol):
         self.eof = True
         peer = self.peer
         if peer is None or peer.transport is None or peer.eof:
-            self.pipe.close()
+            self._close_pipe()
             return False
         if peer.transport.can_write_eof():
             peer.transport.write_eof()  # half-close: the other direction keeps flowing
             return True
-        self.pipe.close()
+        self._close_pipe()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.pipe.close()
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self.pipe is not None:  # None: the splice is closed already
+            self.pipe.close()
 
     def pause_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -118,10 +122,16 @@ class Splice:
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         for side in (self.client, self.upstream):
             if side.transport is not None:
                 side.transport.close()
         self._on_close(self)
+        # The sides point at each other and at this object: unlinked, the splice is freed by
+        # reference counting at once instead of waiting for a full garbage collection.
+        for side in (self.client, self.upstream):
+            side.peer = None
+            side.pipe = None
 
     def abort(self) -> None:
         """Drain timeout: cut both sides now."""

@@ -172,7 +172,13 @@ class UpstreamPool:
             conn.owner = owner
             return conn
         assert error is not None
-        raise error
+        try:
+            raise error
+        finally:
+            # This frame is in the error's traceback: holding the error here too would make a
+            # cycle that keeps the frame, and the client connection it references, alive
+            # until a full garbage collection.
+            del error
 
     async def _connect(self, upstream: Upstream, server: Address) -> UpstreamConnection:
         loop = asyncio.get_running_loop()

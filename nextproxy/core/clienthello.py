@@ -62,11 +62,21 @@ def _fail(alert: TlsAlert, reason: str) -> ClientHelloError:
     return ClientHelloError(alert, reason)
 
 
+def _detached(error: ClientHelloError) -> ClientHelloError:
+    """A copy that has never been raised, to keep for the sticky error.
+
+    A raised exception's traceback holds every frame it passed through, and with them this
+    reader and its caller (the connection): keeping the raised one would tie them into a
+    reference cycle that only a full garbage collection frees.
+    """
+    return ClientHelloError(error.alert, error.reason, plaintext_http=error.plaintext_http)
+
+
 class ClientHelloReader:
     """Feed bytes as they arrive; ``feed`` returns the ClientHello once it is complete.
 
-    After an error every later ``feed`` raises the same error. After a hello has been returned,
-    a later ``feed`` returns it again with the new bytes appended to ``raw``.
+    After an error every later ``feed`` raises the same error (alert and reason). After a hello
+    has been returned, a later ``feed`` returns it again with the new bytes appended to ``raw``.
     """
 
     def __init__(self, max_size: int = MAX_CLIENT_HELLO) -> None:
@@ -85,7 +95,7 @@ class ClientHelloReader:
     def feed(self, data: bytes) -> ClientHello | None:
         """Consume ``data``; return the hello when complete, None if more bytes are needed."""
         if self._error is not None:
-            raise self._error
+            raise _detached(self._error)
         chunk = bytes(data)
         self._chunks.append(chunk)
         if self._hello is not None:
@@ -103,12 +113,13 @@ class ClientHelloReader:
                             f"ClientHello records exceed {self._max_size} bytes")
             hello = _parse_body(bytes(self._message[_HANDSHAKE_HEADER:]))
         except ClientHelloError as exc:
-            self._error = exc
+            self._error = _detached(exc)
             raise
         except (IndexError, ValueError) as exc:  # ValueError includes UnicodeDecodeError
             # Every length is checked above, so this is a bug; the shell still gets our type.
-            self._error = _fail(TlsAlert.DECODE_ERROR, f"malformed ClientHello: {exc!r}")
-            raise self._error from exc
+            error = _fail(TlsAlert.DECODE_ERROR, f"malformed ClientHello: {exc!r}")
+            self._error = _detached(error)
+            raise error from exc
         self._message = bytearray()
         self._hello = self._with_raw(hello)
         return self._hello
