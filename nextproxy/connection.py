@@ -107,10 +107,6 @@ class TerminatedConnection(asyncio.Protocol):
         self._deadline: Deadline | None = None
         self._request_started = 0.0
         self._plaintext: list[bytes] = []
-        self._tls_output = False
-        """The engine was fed or written since the last flush, so it may hold records to send.
-        Without it, each of the 3-4 flushes per request would ask the BIO, and an empty BIO
-        answers with an exception."""
         transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
         runtime.connections.add(self)
 
@@ -223,7 +219,6 @@ class TerminatedConnection(asyncio.Protocol):
         engine = self._engine
         if engine is None:
             return
-        self._tls_output = True  # set first: a refusal queues an alert
         try:
             plaintext = engine.receive(data)
         except TlsError as exc:
@@ -368,7 +363,6 @@ class TerminatedConnection(asyncio.Protocol):
         becomes one TLS record instead of three, saving CPU here and in the client."""
         pending = self._plaintext
         if pending and self._engine is not None:
-            self._tls_output = True
             self._engine.send(pending[0] if len(pending) == 1 else b"".join(pending))
         pending.clear()
 
@@ -376,11 +370,9 @@ class TerminatedConnection(asyncio.Protocol):
         engine, transport = self._engine, self.transport
         if engine is not None and transport is not None and not transport.is_closing():
             self._seal()
-            if self._tls_output:
-                self._tls_output = False
-                out = engine.data_to_send()
-                if out:
-                    transport.write(out)
+            out = engine.data_to_send()
+            if out:
+                transport.write(out)
 
     def _update_reading(self) -> None:
         transport = self.transport

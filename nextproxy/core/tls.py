@@ -112,6 +112,10 @@ class TlsEngine:
         # Bytes already taken out of the BIO (to learn whether an alert was queued) but not yet
         # handed to the shell.
         self._stash = b""
+        self._bio_touched = False
+        """OpenSSL was called since the last drain, so the BIO may hold records. Only our calls
+        write there; knowing that spares a read of an empty BIO, which pyOpenSSL answers with an
+        exception (most flushes of a request have nothing to send)."""
         self.error: TlsError | None = None
         """The failure that ended this engine; set before any alert is flushed."""
         self._error_raised = False
@@ -136,6 +140,7 @@ class TlsEngine:
         constructor); afterwards the engine is inert and returns b"", so bytes that arrive while
         the shell lingers to deliver the alert are not counted as a second failure.
         """
+        self._bio_touched = True
         if self.error is not None:
             if self._error_raised:
                 return b""
@@ -184,6 +189,7 @@ class TlsEngine:
             raise TlsError("other", "send before the handshake completed")
         if self._closed:
             raise TlsError("other", "send after close")
+        self._bio_touched = True
         view = memoryview(plaintext)
         conn = self._conn
         # The memory BIO never pushes back, but SSL_write may still take less than all: loop.
@@ -196,9 +202,12 @@ class TlsEngine:
 
     def data_to_send(self) -> bytes:
         """Every pending outgoing byte: handshake flights, records, alerts, session tickets."""
-        conn = self._conn
         parts: list[bytes] = [self._stash]
         self._stash = b""
+        if not self._bio_touched:
+            return parts[0]
+        self._bio_touched = False
+        conn = self._conn
         while True:
             try:
                 chunk = conn.bio_read(DRAIN_CHUNK)
@@ -221,6 +230,7 @@ class TlsEngine:
         if self._closed or not self.handshake_complete:
             return
         self._closed = True
+        self._bio_touched = True
         try:
             self._conn.shutdown()
         except Exception:  # a dead connection has nothing left to say; closing must not fail
