@@ -17,6 +17,7 @@ from nextproxy.connection import TerminatedConnection
 from nextproxy.core.clienthello import ClientHello, ClientHelloReader
 from nextproxy.errors import ClientHelloError
 from nextproxy.passthrough import Splice
+from nextproxy.upstream import first_that_answers
 
 if TYPE_CHECKING:
     from nextproxy.connection import Runtime
@@ -120,17 +121,15 @@ class Accepted(asyncio.Protocol):
         """Replay the hello to the first upstream server that answers; else close the client."""
         assert route.upstream is not None
         upstream = self.rt.config.upstream(route.upstream)
-        last = ""  # the error's text, not the error: its traceback holds this frame (a cycle)
-        for server in upstream.servers:
-            try:
-                await splice.connect(server, hello.raw, self.rt.config.timeouts.connect)
-                self.rt.pool.mark(upstream.name, True)
-                return
-            except (OSError, TimeoutError) as exc:
-                last = repr(exc)
-        self.rt.pool.mark(upstream.name, False)
-        self.rt.observer.upstream_error(route.name, f"passthrough connect failed: {last}", self.peer)
-        splice.close()
+        timeout = self.rt.config.timeouts.connect
+        try:
+            await first_that_answers(upstream.servers, lambda server: splice.connect(server, hello.raw, timeout))
+        except (OSError, TimeoutError) as exc:
+            self.rt.pool.mark(upstream.name, False)
+            self.rt.observer.upstream_error(route.name, f"passthrough connect failed: {exc!r}", self.peer)
+            splice.close()
+            return
+        self.rt.pool.mark(upstream.name, True)
 
     def _forget(self) -> None:
         """This protocol is done with the connection (closed, or handed over)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import ssl
-from typing import cast, Callable, Protocol
+from typing import Awaitable, Callable, Protocol, Sequence, TypeVar, cast
 
 from nextproxy.config import Address, Config, Upstream
 from nextproxy.core.http1 import UpstreamLeg
@@ -20,6 +20,34 @@ from nextproxy.core.http1 import UpstreamLeg
 HEALTH_INTERVAL = 10.0
 """Seconds between TCP probes of every upstream server (nextproxy_upstream_up)."""
 SWEEP_INTERVAL = 1.0
+
+
+_T = TypeVar("_T")
+
+
+async def first_that_answers(servers: Sequence[Address], attempt: Callable[[Address], Awaitable[_T]]) -> _T:
+    """``attempt`` on each server in turn until one succeeds; raises the last failure.
+
+    As nginx's ``proxy_next_upstream error timeout``: a refused or timed-out connect has sent
+    nothing, so trying the next server is always safe. A TLS failure is not retried elsewhere:
+    it is a configuration problem, and failing over would hide it.
+    """
+    error: OSError | TimeoutError | None = None
+    for server in servers:
+        try:
+            return await attempt(server)
+        except ssl.SSLError:
+            raise
+        except (OSError, TimeoutError) as exc:
+            error = exc
+    assert error is not None, "no servers"
+    try:
+        raise error
+    finally:
+        # This frame is in the error's traceback: holding the error here too would make a cycle
+        # that keeps the frame, and the client connection it references, alive until a full
+        # garbage collection.
+        del error
 
 
 class UpstreamOwner(Protocol):
@@ -152,33 +180,13 @@ class UpstreamPool:
         return None
 
     async def connect(self, upstream: Upstream, owner: UpstreamOwner) -> UpstreamConnection:
-        """A new connection, round-robin; a server that refuses or times out passes to the next.
-
-        As nginx's ``proxy_next_upstream error timeout``: nothing was sent yet, so trying another
-        server is always safe. A TLS verification failure is not retried elsewhere: it is a
-        configuration problem, and failing over would hide it. Raises the last error.
-        """
+        """A new connection, round-robin, failing over to the next server (``first_that_answers``)."""
         servers = upstream.servers
         start = next(self._next_server[upstream.name])
-        error: OSError | TimeoutError | None = None
-        for offset in range(len(servers)):
-            try:
-                conn = await self._connect(upstream, servers[(start + offset) % len(servers)])
-            except ssl.SSLError:
-                raise
-            except (OSError, TimeoutError) as exc:
-                error = exc
-                continue
-            conn.owner = owner
-            return conn
-        assert error is not None
-        try:
-            raise error
-        finally:
-            # This frame is in the error's traceback: holding the error here too would make a
-            # cycle that keeps the frame, and the client connection it references, alive
-            # until a full garbage collection.
-            del error
+        in_turn = [servers[(start + offset) % len(servers)] for offset in range(len(servers))]
+        conn = await first_that_answers(in_turn, lambda server: self._connect(upstream, server))
+        conn.owner = owner
+        return conn
 
     async def _connect(self, upstream: Upstream, server: Address) -> UpstreamConnection:
         loop = asyncio.get_running_loop()

@@ -194,3 +194,30 @@ def test_idle_passthrough_is_closed_after_the_idle_timeout(pki: DemoPki) -> None
         assert 0.5 < elapsed < 3, elapsed  # then nothing moved for passthrough_idle: closed
     finally:
         edge.close()
+
+
+def test_a_dead_passthrough_server_is_skipped(pki: DemoPki) -> None:
+    """The passthrough upstream's first server refuses: the hello is replayed to the next one."""
+    import dataclasses
+
+    from nextproxy.config import Address
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = Address("127.0.0.1", probe.getsockname()[1])  # closed again: connections are refused
+
+    def add_dead_server(config: Config) -> Config:
+        upstreams = tuple(dataclasses.replace(u, servers=(dead, *u.servers)) if u.name == "ns-api" else u for u in config.upstreams)
+        return dataclasses.replace(config, upstreams=upstreams)
+
+    edge = Edge.start(pki, mutate=add_dead_server)
+    try:
+        sock = edge.tls_socket(API_NAME, context=api_context(edge, with_client_cert=False))
+        try:
+            assert sock.getpeercert(binary_form=True) == der(edge.pki.upstream.certificate)
+            sock.sendall(f"GET /v1/who HTTP/1.1\r\nHost: {API_NAME}\r\nConnection: close\r\n\r\n".encode())
+            assert read_response(sock).startswith(b"HTTP/1.1 200")
+        finally:
+            sock.close()
+    finally:
+        edge.close()
