@@ -26,6 +26,9 @@ from OpenSSL import SSL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from floor import REQUEST, RESPONSE  # noqa: E402  (the same request and response as floor.py)
 from nextproxy.accept import Accepted  # noqa: E402
 from nextproxy.config import Address, CertificateConfig, Config, PathRoute, PemSource, Upstream  # noqa: E402
 from nextproxy.demo import make_pki  # noqa: E402
@@ -34,12 +37,7 @@ from nextproxy.observe import Observer  # noqa: E402
 from nextproxy.server import build_runtime  # noqa: E402
 from nextproxy.upstream import UpstreamConnection  # noqa: E402
 
-REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:18443\r\n\r\n"
-CLOSING_REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:18443\r\nConnection: close\r\n\r\n"
-RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 08:00:00 GMT\r\n"
-    b"Content-Type: text/plain\r\nContent-Length: 12\r\nConnection: keep-alive\r\n\r\nhello world\n"
-)
+CLOSING_REQUEST = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
 BATCHES = 9
 
 
