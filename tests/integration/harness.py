@@ -13,7 +13,7 @@ import io
 import socket
 import ssl
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Coroutine, TypeVar
 
@@ -83,6 +83,19 @@ class LoopThread:
 
 def pem_source(data: bytes, origin: str) -> PemSource:
     return PemSource(data, origin)
+
+
+def dead_server_first(upstream: str) -> Callable[[Config], Config]:
+    """A ``mutate`` for ``Edge.start``: ``upstream`` gets a first server that refuses connections."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = Address("127.0.0.1", probe.getsockname()[1])  # closed again: connections are refused
+
+    def mutate(config: Config) -> Config:
+        upstreams = tuple(replace(u, servers=(dead, *u.servers)) if u.name == upstream else u for u in config.upstreams)
+        return replace(config, upstreams=upstreams)
+
+    return mutate
 
 
 @dataclass

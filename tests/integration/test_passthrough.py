@@ -13,7 +13,7 @@ from cryptography import x509
 from nextproxy.standins import pattern_sha256
 from nextproxy.config import Config
 from nextproxy.demo import DemoPki
-from tests.integration.harness import API_NAME, Edge
+from tests.integration.harness import API_NAME, Edge, dead_server_first
 
 
 def der(pem: bytes) -> bytes:
@@ -198,19 +198,7 @@ def test_idle_passthrough_is_closed_after_the_idle_timeout(pki: DemoPki) -> None
 
 def test_a_dead_passthrough_server_is_skipped(pki: DemoPki) -> None:
     """The passthrough upstream's first server refuses: the hello is replayed to the next one."""
-    import dataclasses
-
-    from nextproxy.config import Address
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = Address("127.0.0.1", probe.getsockname()[1])  # closed again: connections are refused
-
-    def add_dead_server(config: Config) -> Config:
-        upstreams = tuple(dataclasses.replace(u, servers=(dead, *u.servers)) if u.name == "ns-api" else u for u in config.upstreams)
-        return dataclasses.replace(config, upstreams=upstreams)
-
-    edge = Edge.start(pki, mutate=add_dead_server)
+    edge = Edge.start(pki, mutate=dead_server_first("ns-api"))
     try:
         sock = edge.tls_socket(API_NAME, context=api_context(edge, with_client_cert=False))
         try:

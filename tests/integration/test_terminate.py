@@ -15,7 +15,7 @@ import pytest
 from nextproxy.config import Timeouts
 from nextproxy.demo import DemoPki
 from nextproxy.standins import pattern_sha256
-from tests.integration.harness import PATH_ROUTES, Edge
+from tests.integration.harness import PATH_ROUTES, Edge, dead_server_first
 
 MiB = 1024 * 1024
 
@@ -275,21 +275,7 @@ def test_a_trickled_request_head_is_cut_off(pki: DemoPki) -> None:
 
 def test_a_dead_server_of_an_upstream_is_skipped(pki: DemoPki) -> None:
     """Two servers behind one route, the first refusing: every request still succeeds."""
-    import dataclasses
-
-    from nextproxy.config import Address, Config
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = Address("127.0.0.1", probe.getsockname()[1])  # closed again: connections are refused
-
-    def add_dead_server(config: Config) -> Config:
-        upstreams = tuple(
-            dataclasses.replace(u, servers=(dead, *u.servers)) if u.name == "mc-sigmai" else u for u in config.upstreams
-        )
-        return dataclasses.replace(config, upstreams=upstreams)
-
-    edge = Edge.start(pki, mutate=add_dead_server)
+    edge = Edge.start(pki, mutate=dead_server_first("mc-sigmai"))
     try:
         for i in range(4):  # round-robin starts on each server in turn
             conn = edge.https()
