@@ -257,12 +257,8 @@ stream {{
   server {{ listen 127.0.0.1:{passthrough} backlog=4096; proxy_pass 127.0.0.1:{self.up_tls_port}; }}
 }}
 """)
-        proc = self._start(name, ["nginx", "-c", str(conf), "-p", str(self.dir), "-g", "daemon off;"])
-        wait_port(https)
-        wait_port(passthrough)
-        system = System(name, "nginx", workers, proc, https, passthrough, https, True, {"tunnel": "/ws-tunnel"})
-        self.systems[name] = system
-        return system
+        argv = ["nginx", "-c", str(conf), "-p", str(self.dir), "-g", "daemon off;"]
+        return self._c_proxy(name, "nginx", workers, argv, https, passthrough)
 
     def start_haproxy(self, threads: int) -> System:
         name = f"haproxy-{threads}"
@@ -297,10 +293,14 @@ backend tls
   mode tcp
   server s1 127.0.0.1:{self.up_tls_port}
 """)
-        proc = self._start(name, ["haproxy", "-db", "-f", str(conf)])
+        return self._c_proxy(name, "haproxy", threads, ["haproxy", "-db", "-f", str(conf)], https, passthrough)
+
+    def _c_proxy(self, name: str, kind: str, count: int, argv: list[str], https: int, passthrough: int) -> System:
+        """Start nginx or HAProxy with its written configuration; both serve wss as a tunnel."""
+        proc = self._start(name, argv)
         wait_port(https)
         wait_port(passthrough)
-        system = System(name, "haproxy", threads, proc, https, passthrough, https, True, {"tunnel": "/ws-tunnel"})
+        system = System(name, kind, count, proc, https, passthrough, https, True, {"tunnel": "/ws-tunnel"})
         self.systems[name] = system
         return system
 
