@@ -25,13 +25,20 @@ import h11
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nextproxy.config import Address, CertificateConfig, Config, PathRoute, PemSource, Upstream  # noqa: E402
+from nextproxy.config.model import (
+    Address,
+    CertificateConfig,
+    Config,
+    PathRoute,
+    PemSource,
+    Upstream,
+)  # noqa: E402
 from nextproxy.core.headers import ClientInfo  # noqa: E402
 from nextproxy.core.http1 import HttpSession, UpstreamLeg  # noqa: E402
 from nextproxy.core.routing import RouteTable  # noqa: E402
 from nextproxy.core.tls import TlsEngine  # noqa: E402
-from nextproxy.demo import client_ssl_context, make_pki  # noqa: E402
-from nextproxy.tlsconfig import build_edge_context, load_certificate_info  # noqa: E402
+from nextproxy.demo.pki import client_ssl_context, make_pki  # noqa: E402
+from nextproxy.edge.tlscontexts import build_edge_context, load_certificate_info  # noqa: E402
 
 # What wrk sends and what the benchmark's nginx answers for GET /small (W1).
 REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:18443\r\n\r\n"

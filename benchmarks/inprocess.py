@@ -29,13 +29,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from floor import REQUEST, RESPONSE  # noqa: E402  (the same request and response as floor.py)
-from nextproxy.accept import Accepted  # noqa: E402
-from nextproxy.config import Address, CertificateConfig, Config, PathRoute, PemSource, Upstream  # noqa: E402
-from nextproxy.demo import make_pki  # noqa: E402
-from nextproxy.logs import Logger  # noqa: E402
-from nextproxy.observe import Observer  # noqa: E402
-from nextproxy.server import build_runtime  # noqa: E402
-from nextproxy.upstream import UpstreamConnection  # noqa: E402
+from nextproxy.edge.accept import Accepted  # noqa: E402
+from nextproxy.config.model import (
+    Address,
+    CertificateConfig,
+    Config,
+    PathRoute,
+    PemSource,
+    Upstream,
+)  # noqa: E402
+from nextproxy.demo.pki import make_pki  # noqa: E402
+from nextproxy.process.logs import Logger  # noqa: E402
+from nextproxy.process.observe import Observer  # noqa: E402
+from nextproxy.edge.listener import build_runtime  # noqa: E402
+from nextproxy.edge.upstream import UpstreamConnection  # noqa: E402
 
 CLOSING_REQUEST = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
 BATCHES = 9

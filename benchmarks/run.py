@@ -149,7 +149,7 @@ def main() -> int:
     if fds < 4 * args.idle:
         notes.append(f"open-file limit {fds} is low for {args.idle} idle sessions; W6 may fail")
 
-    from nextproxy.demo import make_pki
+    from nextproxy.demo.pki import make_pki
 
     workdir = Path(tempfile.mkdtemp(prefix="nextproxy-bench-"))
     pki = make_pki().write(workdir / "pki")

@@ -3,7 +3,7 @@
 ``python benchmarks/wsecho.py PORT`` listens on 127.0.0.1:PORT (plain ws, any path), answers
 every upgrade, echoes each data frame back (fragments frame by frame), answers pings and closes.
 asyncio Protocol on uvloop, one process. It is written for the benchmark, not reused from
-nextproxy.standins, whose h11+wsproto echo costs several times more CPU per message and would
+nextproxy.demo.standins, whose h11+wsproto echo costs several times more CPU per message and would
 make the upstream, not the proxy, the limit. Never reachable beyond loopback.
 """
 

@@ -15,11 +15,12 @@ import sys
 from typing import TYPE_CHECKING, Sequence
 
 from nextproxy import __version__
-from nextproxy.config import Config, load, unknown_variables
+from nextproxy.config.model import Config
+from nextproxy.config import load, unknown_variables
 from nextproxy.errors import ConfigError
 
 if TYPE_CHECKING:
-    from nextproxy.tlsconfig import ServerContexts
+    from nextproxy.edge.tlscontexts import ServerContexts
 
 EXIT_CONFIG = 2
 
@@ -51,9 +52,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_checked(path: str | None) -> tuple[Config, ServerContexts]:
     """Config plus built TLS contexts: every check that can fail happens before binding."""
-    from nextproxy.tlsconfig import admin_ssl_context, upstream_ssl_context
+    from nextproxy.edge.tlscontexts import admin_ssl_context, upstream_ssl_context
 
-    from nextproxy.tlsconfig import ServerContexts
+    from nextproxy.edge.tlscontexts import ServerContexts
 
     config = load(os.environ, path)
     contexts = ServerContexts.build(config)
@@ -90,17 +91,17 @@ def check(path: str | None) -> int:
 
 
 def run(path: str | None) -> int:
-    from nextproxy.logs import Logger
+    from nextproxy.process.logs import Logger
 
     config, contexts = _load_checked(path)
     logger = Logger(config.log_level, config.log_format)
     for name in unknown_variables(os.environ):
         logger.log("warning", "unknown_variable", variable=name)
     if config.workers > 1:
-        from nextproxy.workers import supervise
+        from nextproxy.process.workers import supervise
 
         return supervise(config, logger, path)
-    from nextproxy.lifecycle import serve
+    from nextproxy.process.lifecycle import serve
 
     return run_loop(serve(config, logger, config_path=path, contexts=contexts))
 
@@ -111,9 +112,15 @@ def demo(port: int, admin_port: int, directory: str | None) -> int:
     from pathlib import Path
 
     from nextproxy.config import from_environment
-    from nextproxy.demo import DEMO_API_SERVER_NAMES, DEMO_HOSTS, demo_environment, make_pki, start_demo_upstreams
-    from nextproxy.lifecycle import serve
-    from nextproxy.logs import Logger
+    from nextproxy.demo.pki import (
+        DEMO_API_SERVER_NAMES,
+        DEMO_HOSTS,
+        demo_environment,
+        make_pki,
+        start_demo_upstreams,
+    )
+    from nextproxy.process.lifecycle import serve
+    from nextproxy.process.logs import Logger
 
     folder = Path(directory or tempfile.mkdtemp(prefix="nextproxy-demo-"))
     pki = make_pki()
@@ -132,7 +139,7 @@ Try, in another terminal:
   curl --cacert {ca} {resolve} https://localhost:{port}/mc/sigmai/echo -d 'echo me'
   curl --cacert {ca} {resolve} -i https://localhost:{port}/nowhere
   curl --cacert {ca} --resolve {api}:{port}:127.0.0.1 --cert {cert} --key {key} https://{api}:{port}/who
-  python -m nextproxy.wsclient --cacert {ca} {resolve} wss://localhost:{port}/ns/websocket hello world
+  python -m nextproxy.demo.wsclient --cacert {ca} {resolve} wss://localhost:{port}/ns/websocket hello world
   curl http://127.0.0.1:{admin_port}/metrics
   open http://127.0.0.1:{admin_port}/ for the status page
 
@@ -164,7 +171,7 @@ def pki(directory: str) -> int:
     """Write the demo PKI into ``directory`` unless it already holds one (compose runs this on every ``up``)."""
     from pathlib import Path
 
-    from nextproxy.demo import DEMO_EDGE_NAMES, make_pki
+    from nextproxy.demo.pki import DEMO_EDGE_NAMES, make_pki
 
     folder = Path(directory)
     if (folder / "ca.pem").is_file() and (folder / "edge.pem").is_file():
@@ -185,8 +192,8 @@ def pki(directory: str) -> int:
 
 def _standin_plan(service: str, host: str | None) -> list[tuple[str, str, int, bool]]:
     """(stand-in name, host, port, is the TLS API) for every preset route of ``service``."""
-    from nextproxy.config import PRESET_API_ROUTES, PRESET_PATH_ROUTES
-    from nextproxy.demo import DEMO_HOSTS
+    from nextproxy.config.preset import PRESET_API_ROUTES, PRESET_PATH_ROUTES
+    from nextproxy.demo.pki import DEMO_HOSTS
 
     if service == "all":
         if host is not None:
@@ -204,7 +211,7 @@ def _standin_api_tls(pki_dir: str | None) -> ssl.SSLContext:
     """The API ports' context: DIR/upstream.pem+key, asking (not requiring) client certs from DIR/ca.pem."""
     from pathlib import Path
 
-    from nextproxy.demo import Pem, make_pki, server_ssl_context
+    from nextproxy.demo.pki import Pem, make_pki, server_ssl_context
 
     if pki_dir is None:
         print("nextproxy standins: no --pki: the TLS API ports use a fresh CA that no client trusts", flush=True)
@@ -225,7 +232,7 @@ def standins(service: str, host: str | None, pki_dir: str | None) -> int:
     tls = _standin_api_tls(pki_dir) if any(is_api for *_, is_api in plan) else None
 
     async def serve_standins() -> int:
-        from nextproxy.demo import StandIn, start_http_ws, start_tls_api
+        from nextproxy.demo.standins import StandIn, start_http_ws, start_tls_api
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nextproxy.demo import DemoPki, make_pki
+from nextproxy.demo.pki import DemoPki, make_pki
 
 
 @pytest.fixture(scope="session")

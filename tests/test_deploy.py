@@ -26,8 +26,10 @@ import pytest
 from cryptography import x509
 from prometheus_client.metrics import MetricWrapperBase
 
-from nextproxy import cli, metrics
-from nextproxy.config import PRESET_API_ROUTES, PRESET_PATH_ROUTES, from_environment, from_toml
+from nextproxy import cli
+from nextproxy.process import metrics
+from nextproxy.config.preset import PRESET_API_ROUTES, PRESET_PATH_ROUTES
+from nextproxy.config import from_environment, from_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nextproxy.config import PathRoute
+from nextproxy.config.model import PathRoute
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 import h11
 
-from nextproxy.config import AllowRule, Limits, PathRoute, SniRoute, WebSocketMode
+from nextproxy.config.model import AllowRule, Limits, PathRoute, SniRoute, WebSocketMode
 from nextproxy.core.actions import (
     Action,
     AuthorizationDenied,

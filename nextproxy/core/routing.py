@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from nextproxy.config import Config, PathRoute, SniAction, SniRoute
+from nextproxy.config.model import Config, PathRoute, SniAction, SniRoute
 from nextproxy.errors import HttpError
 
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")

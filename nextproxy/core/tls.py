@@ -29,7 +29,7 @@ from cryptography.x509.verification import (
 )
 from OpenSSL import SSL, crypto
 
-from nextproxy.config import ClientAuth
+from nextproxy.config.model import ClientAuth
 from nextproxy.errors import TlsError
 
 __all__ = ["PeerCertificate", "TlsEngine", "TlsServerContext"]

@@ -8,7 +8,16 @@ import hashlib
 import h11
 import pytest
 
-from nextproxy.config import Address, CertificateConfig, Config, Limits, PathRoute, PemSource, Upstream, WebSocketMode
+from nextproxy.config.model import (
+    Address,
+    CertificateConfig,
+    Config,
+    Limits,
+    PathRoute,
+    PemSource,
+    Upstream,
+    WebSocketMode,
+)
 from nextproxy.core.actions import (
     AwaitResponse,
     CloseClient,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nextproxy.config import (
+from nextproxy.config.model import (
     Address,
     CertificateConfig,
     Config,

@@ -1,7 +1,7 @@
 """TlsEngine against real TLS clients over memory BIOs: no sockets, no event loop, no mocks.
 
 The peers are the stdlib ``ssl`` client (OpenSSL 3.0 of the base image) and a pyOpenSSL client
-(OpenSSL 4 from cryptography); contexts come from ``nextproxy.tlsconfig`` so the tests exercise
+(OpenSSL 4 from cryptography); contexts come from ``nextproxy.edge.tlscontexts`` so the tests exercise
 the settings production uses.
 """
 
@@ -14,10 +14,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from nextproxy.config import CertificateConfig, ClientAuth, PemSource
+from nextproxy.config.model import CertificateConfig, ClientAuth, PemSource
 from nextproxy.core.tls import TlsEngine, TlsServerContext, describe_certificate, error_reason
 from nextproxy.errors import TlsError
-from nextproxy.tlsconfig import LoadedCertificate, build_edge_context, load_certificate_info
+from nextproxy.edge.tlscontexts import LoadedCertificate, build_edge_context, load_certificate_info
 from tests.pki import Issued, TestPki, make_test_pki
 from tests.tlspeer import OpenSSLPeer, TlsPeer, client_context, pump
 

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from nextproxy.demo import DemoPki
+from nextproxy.demo.pki import DemoPki
 from tests.integration.harness import Edge
 from tests.integration.process import Proxy, Upstreams
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Coroutine, TypeVar
 
-from nextproxy.config import (
+from nextproxy.config.model import (
     Address,
     CertificateConfig,
     ClientAuth,
@@ -32,11 +32,11 @@ from nextproxy.config import (
     UpstreamTls,
     WebSocketMode,
 )
-from nextproxy.demo import DemoPki, Pem, server_ssl_context
-from nextproxy.logs import Logger
-from nextproxy.observe import Observer
-from nextproxy.server import ProxyServer, bind, build_runtime
-from nextproxy.standins import StandIn, start_http_ws, start_tls_api
+from nextproxy.demo.pki import DemoPki, Pem, server_ssl_context
+from nextproxy.process.logs import Logger
+from nextproxy.process.observe import Observer
+from nextproxy.edge.listener import ProxyServer, bind, build_runtime
+from nextproxy.demo.standins import StandIn, start_http_ws, start_tls_api
 
 T = TypeVar("T")
 SERVER_NAME = "localhost"

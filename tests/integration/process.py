@@ -17,9 +17,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from nextproxy.demo import DemoPki, server_ssl_context
-from nextproxy.standins import StandIn, start_http_ws, start_tls_api
-from nextproxy.wsclient import WsClient, connect
+from nextproxy.demo.pki import DemoPki, server_ssl_context
+from nextproxy.demo.standins import StandIn, start_http_ws, start_tls_api
+from nextproxy.demo.wsclient import WsClient, connect
 from tests.integration.harness import LoopThread
 
 NAME = "localhost"

@@ -31,9 +31,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import REGISTRY
 
-from nextproxy import metrics
-from nextproxy.config import AllowRule, CertificateConfig, ClientAuth, Config, PemSource
-from nextproxy.demo import CLIENT_NAME, CLIENT_URI, DemoPki, Pem
+from nextproxy.process import metrics
+from nextproxy.config.model import AllowRule, CertificateConfig, ClientAuth, Config, PemSource
+from nextproxy.demo.pki import CLIENT_NAME, CLIENT_URI, DemoPki, Pem
 from tests.integration.harness import TERMINATED_API_NAME, Edge
 from tests.pki import Issued, make_leaf
 

@@ -17,16 +17,16 @@ from typing import Iterator
 
 import pytest
 
-from nextproxy.accept import Accepted
-from nextproxy.config import WebSocketMode
-from nextproxy.connection import TerminatedConnection
+from nextproxy.edge.accept import Accepted
+from nextproxy.config.model import WebSocketMode
+from nextproxy.edge.connection import TerminatedConnection
 from nextproxy.core.http1 import HttpSession
 from nextproxy.core.tls import TlsEngine
 from nextproxy.core.websocket import WebSocketRelay
-from nextproxy.passthrough import Splice
-from nextproxy.demo import DemoPki
-from nextproxy.upstream import UpstreamConnection
-from nextproxy.wsclient import connect
+from nextproxy.edge.passthrough import Splice
+from nextproxy.demo.pki import DemoPki
+from nextproxy.edge.upstream import UpstreamConnection
+from nextproxy.demo.wsclient import connect
 from tests.integration.harness import API_NAME, SERVER_NAME, Edge
 
 KINDS = (Accepted, TerminatedConnection, TlsEngine, HttpSession, WebSocketRelay, Splice, UpstreamConnection)

@@ -17,7 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from nextproxy.demo import DemoPki, make_pki
+from nextproxy.demo.pki import DemoPki, make_pki
 
 from tests.integration.process import API, DENIED, Proxy, Upstreams
 

@@ -10,9 +10,9 @@ import ssl
 
 from cryptography import x509
 
-from nextproxy.standins import pattern_sha256
-from nextproxy.config import Config
-from nextproxy.demo import DemoPki
+from nextproxy.demo.standins import pattern_sha256
+from nextproxy.config.model import Config
+from nextproxy.demo.pki import DemoPki
 from tests.integration.harness import API_NAME, Edge, dead_server_first
 
 
@@ -94,7 +94,7 @@ def test_upstream_down_closes_the_client(edge: Edge) -> None:
 
 
 def test_max_connections_refuses_the_excess(pki: DemoPki) -> None:
-    from nextproxy.config import Limits
+    from nextproxy.config.model import Limits
 
     edge = Edge.start(pki, limits=Limits(max_connections=3))
     try:
@@ -124,7 +124,7 @@ def test_replayed_hello_half_close_and_byte_exactness(pki: DemoPki) -> None:
     import dataclasses
     import threading
 
-    from nextproxy.config import Address
+    from nextproxy.config.model import Address
     from tests.hellos import openssl_hello
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -173,7 +173,7 @@ def test_replayed_hello_half_close_and_byte_exactness(pki: DemoPki) -> None:
 
 
 def test_idle_passthrough_is_closed_after_the_idle_timeout(pki: DemoPki) -> None:
-    from nextproxy.config import Timeouts
+    from nextproxy.config.model import Timeouts
     from tests.hellos import openssl_hello
 
     edge = Edge.start(pki, timeouts=Timeouts(passthrough_idle=0.6, connect=2))

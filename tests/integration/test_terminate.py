@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from nextproxy.config import Timeouts
-from nextproxy.demo import DemoPki
-from nextproxy.standins import pattern_sha256
+from nextproxy.config.model import Timeouts
+from nextproxy.demo.pki import DemoPki
+from nextproxy.demo.standins import pattern_sha256
 from tests.integration.harness import PATH_ROUTES, Edge, dead_server_first
 
 MiB = 1024 * 1024
@@ -290,7 +290,7 @@ def test_a_dead_server_of_an_upstream_is_skipped(pki: DemoPki) -> None:
 def test_several_listen_addresses_serve_the_same_routes(pki: DemoPki) -> None:
     import dataclasses
 
-    from nextproxy.config import Address, Config
+    from nextproxy.config.model import Address, Config
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.2", 0))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from nextproxy.config import CertificateConfig, PemSource, UpstreamTls
-from nextproxy.demo import DemoPki
+from nextproxy.config.model import CertificateConfig, PemSource, UpstreamTls
+from nextproxy.demo.pki import DemoPki
 from tests.integration.harness import TERMINATED_API_NAME, Edge
 from tests.pki import make_ca, make_leaf
 
@@ -166,7 +166,8 @@ def test_upstream_requiring_a_client_certificate_without_one_is_a_502(pki: DemoP
 
 def test_self_signed_upstream_is_refused_even_with_its_own_name(pki: DemoPki, pki_files: dict[str, Path], tmp_path: Path) -> None:
     """A certificate with the right name but no chain to the CA: 502, never trusted."""
-    from nextproxy.demo import Pem, server_ssl_context, start_http_ws
+    from nextproxy.demo.pki import Pem, server_ssl_context
+    from nextproxy.demo.standins import start_http_ws
 
     liar = make_leaf(None, "localhost", dns=("localhost", "127.0.0.1"))
     edge = Edge.start(pki, upstream_tls=UpstreamTls(ca_file=str(pki_files["ca.pem"]), server_name="localhost"))

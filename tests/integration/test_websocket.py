@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from nextproxy.config import WebSocketMode
-from nextproxy.demo import DemoPki
-from nextproxy.wsclient import WsClient, connect
+from nextproxy.config.model import WebSocketMode
+from nextproxy.demo.pki import DemoPki
+from nextproxy.demo.wsclient import WsClient, connect
 from tests.integration.harness import PATH_ROUTES, SERVER_NAME, Edge
 
 

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from nextproxy.demo import DemoPki
+from nextproxy.demo.pki import DemoPki
 from tests.integration.process import Proxy, Upstreams
 
 MiB = 1024 * 1024

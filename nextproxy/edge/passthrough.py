@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast, Callable
 
-from nextproxy.config import Address
+from nextproxy.config.model import Address
 
 
 class _Side(asyncio.Protocol):

@@ -6,16 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nextproxy.config import (
-    Address,
-    ClientAuth,
-    SniAction,
-    WebSocketMode,
-    from_environment,
-    from_toml,
-    load,
-    unknown_variables,
-)
+from nextproxy.config.model import Address, ClientAuth, SniAction, WebSocketMode
+from nextproxy.config import from_environment, from_toml, load, unknown_variables
 from nextproxy.errors import ConfigError
 
 CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"

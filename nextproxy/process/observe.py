@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import traceback
 
-from nextproxy import metrics
+from nextproxy.process import metrics
 from nextproxy.core.actions import AuthorizationDenied, RequestCompleted
 from nextproxy.core.websocket import MessageRelayed, SessionClosed, Side
 from nextproxy.errors import ClientHelloError
-from nextproxy.logs import Logger
+from nextproxy.process.logs import Logger
 
 class Observer:
     """Receives the shell's facts; owns the per-route metric children."""

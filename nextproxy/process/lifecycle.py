@@ -17,14 +17,16 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Callable
 
-from nextproxy import __version__, metrics
-from nextproxy.admin import AdminState, start_admin
-from nextproxy.config import Config, load
+from nextproxy import __version__
+from nextproxy.process import metrics
+from nextproxy.process.admin import AdminState, start_admin
+from nextproxy.config.model import Config
+from nextproxy.config import load
 from nextproxy.errors import ConfigError
-from nextproxy.logs import Logger
-from nextproxy.observe import Observer
-from nextproxy.server import ProxyServer, bind, build_runtime
-from nextproxy.tlsconfig import ServerContexts, admin_ssl_context
+from nextproxy.process.logs import Logger
+from nextproxy.process.observe import Observer
+from nextproxy.edge.listener import ProxyServer, bind, build_runtime
+from nextproxy.edge.tlscontexts import ServerContexts, admin_ssl_context
 
 CERT_POLL_INTERVAL = 2.0
 """Seconds between checks of certificate files; a change is reloaded after one quiet interval."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from nextproxy.config import Config, PathRoute, SniRoute, Upstream
+from nextproxy.config.model import Config, PathRoute, SniRoute, Upstream
 from nextproxy.core.actions import (
     AuthorizationDenied,
     AwaitResponse,
@@ -38,15 +38,15 @@ from nextproxy.core.http1 import HttpSession
 from nextproxy.core.routing import RouteTable
 from nextproxy.core.tls import TlsEngine
 from nextproxy.core.websocket import MessageRelayed, RelayLimits, SessionClosed, Side, WebSocketRelay
-from nextproxy.deadline import Deadline
+from nextproxy.edge.deadline import Deadline
 from nextproxy.errors import TlsError
-from nextproxy.upstream import UpstreamConnection, UpstreamPool
+from nextproxy.edge.upstream import UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
-    from nextproxy.accept import Accepted
-    from nextproxy.observe import Observer
-    from nextproxy.passthrough import Splice
-    from nextproxy.tlsconfig import ServerContexts
+    from nextproxy.edge.accept import Accepted
+    from nextproxy.process.observe import Observer
+    from nextproxy.edge.passthrough import Splice
+    from nextproxy.edge.tlscontexts import ServerContexts
 
 READ_CHUNK_LIMIT = 256 * 1024
 """High-water mark of each transport's write buffer before the other side is paused."""

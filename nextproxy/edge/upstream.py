@@ -14,7 +14,7 @@ import itertools
 import ssl
 from typing import Awaitable, Callable, Protocol, Sequence, TypeVar, cast
 
-from nextproxy.config import Address, Config, Upstream
+from nextproxy.config.model import Address, Config, Upstream
 from nextproxy.core.http1 import UpstreamLeg
 
 HEALTH_INTERVAL = 10.0

@@ -1,22 +1,19 @@
 """Configuration: frozen dataclasses, loaded from a TOML file or from the NEXTPROXY_* preset.
 
-This module holds the types and the whole-configuration checks; ``config_values`` parses single
-values, ``config_env`` builds the preset from the environment and ``config_toml`` reads files.
+This module holds the types and the whole-configuration checks; ``values`` parses single
+values, ``preset`` builds the preset from the environment and ``toml`` reads files.
 
 The TOML file is the general model (listeners, certificates, SNI routes, path routes,
 upstreams, timeouts, limits); the environment preset builds one instance of it. Loading is
 strict: an unknown key, a bad value, a missing secret or both forms of one secret raise a
 ``ConfigError`` whose one-line message names the variable or key. Certificates are read here
-(as PEM bytes) but parsed in ``tlsconfig``; this module never imports ``ssl``.
+(as PEM bytes) but parsed in ``nextproxy.edge.tlscontexts``; this module never imports ``ssl``.
 """
 
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass, field
-from typing import Mapping
-
 from nextproxy.errors import ConfigError
 
 SECONDS = 1.0
@@ -196,16 +193,6 @@ class Config:
         raise KeyError(name)
 
 
-PRESET_PATH_ROUTES = (
-    # (route name, path prefix, upstream host variable, port)
-    ("ns-websocket", "/ns/websocket", "NS", 9999),
-    ("ns-sigmai", "/ns/sigmai", "NS", 8888),
-    ("mc-sigmai", "/mc/sigmai", "MC", 8888),
-    ("sfs-sigmai", "/sfs/sigmai", "SFS", 8888),
-)
-PRESET_API_ROUTES = (("ns-api", "NS", 8080), ("mc-api", "MC", 8080))
-
-
 def validate(config: Config) -> None:
     """Checks that need the whole configuration: names resolve and are unique."""
     upstream_names = {u.name for u in config.upstreams}
@@ -238,36 +225,3 @@ def validate(config: Config) -> None:
         raise ConfigError("admin_listen", f"same address as listen ({config.admin_listen})")
     if len(set(edges)) != len(edges):
         raise ConfigError("listen", "the same address is listed twice")
-
-
-def load(env: Mapping[str, str] | None = None, path: str | None = None) -> Config:
-    """The configuration a process runs with: ``path``, else $NEXTPROXY_CONFIG, else the preset."""
-    env = os.environ if env is None else env
-    path = path or env.get("NEXTPROXY_CONFIG") or None
-    if path:
-        return from_toml(path, env)
-    return from_environment(env)
-
-
-# The loaders live in their own modules (config_env, config_toml); these keep one import point.
-
-
-def from_environment(env: Mapping[str, str]) -> Config:
-    """The built-in preset from NEXTPROXY_* variables (see ``config_env``)."""
-    from nextproxy.config_env import from_environment as load_preset
-
-    return load_preset(env)
-
-
-def from_toml(path: str, env: Mapping[str, str] | None = None) -> Config:
-    """A TOML configuration file (see ``config_toml``)."""
-    from nextproxy.config_toml import from_toml as load_file
-
-    return load_file(path, env)
-
-
-def unknown_variables(env: Mapping[str, str]) -> list[str]:
-    """NEXTPROXY_* variables the preset does not read: most likely typos, worth a warning."""
-    from nextproxy.config_env import KNOWN_VARIABLES
-
-    return sorted(k for k in env if k.startswith("NEXTPROXY_") and k not in KNOWN_VARIABLES)

@@ -2,7 +2,7 @@
 
 ``nextproxy demo`` and the test suite use the same pieces: ``make_pki()`` mints a CA and leaf
 certificates in memory (EC P-256, one year) that strict verifiers accept; ``start_demo_upstreams()``
-starts the stand-ins (``nextproxy.standins``) where the environment preset expects them, one
+starts the stand-ins (``nextproxy.demo.standins``) where the environment preset expects them, one
 loopback IP per service; ``demo_environment()`` writes the NEXTPROXY_* variables that point the
 preset at them. Nothing touches the disk unless ``DemoPki.write()`` is called.
 Never use these certificates for anything but a demo or a test: the CA key lives in memory
@@ -26,15 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from nextproxy.config import PRESET_API_ROUTES, PRESET_PATH_ROUTES
-from nextproxy.standins import (
-    PATTERN,
-    StandIn,
-    pattern,
-    pattern_sha256,
-    start_http_ws,
-    start_tls_api,
-)
+from nextproxy.config.preset import PRESET_API_ROUTES, PRESET_PATH_ROUTES
+from nextproxy.demo.standins import PATTERN, StandIn, pattern, pattern_sha256, start_http_ws, start_tls_api
 
 __all__ = [
     "DEMO_API_SERVER_NAMES", "DEMO_HOSTS", "DEMO_EDGE_NAMES", "PATTERN", "DemoPki", "Pem", "StandIn",

@@ -21,8 +21,8 @@ import time
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
-from nextproxy.config import Config
-from nextproxy.logs import Logger
+from nextproxy.config.model import Config
+from nextproxy.process.logs import Logger
 
 RESTART_DELAY = 1.0
 """Seconds before a dead worker is replaced, so a crash loop cannot spin the CPU."""
@@ -35,7 +35,7 @@ turns; this is what catches a worker whose loop is stuck."""
 def worker_main(config: Config, config_path: str | None, events: Any) -> None:
     """Entry point of one worker process (spawned: imports happen here, after the env is set)."""
     from nextproxy.cli import run_loop
-    from nextproxy.lifecycle import serve
+    from nextproxy.process.lifecycle import serve
 
     logger = Logger(config.log_level, config.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which forwards SIGTERM
@@ -128,10 +128,11 @@ def supervise(config: Config, logger: Logger, config_path: str | None) -> int:
 
 
 async def _supervise(config: Config, logger: Logger, config_path: str | None) -> int:
-    from nextproxy import __version__, metrics
-    from nextproxy.admin import AdminState, start_admin
+    from nextproxy import __version__
+    from nextproxy.process import metrics
+    from nextproxy.process.admin import AdminState, start_admin
     from nextproxy.core.routing import RouteTable
-    from nextproxy.tlsconfig import admin_ssl_context
+    from nextproxy.edge.tlscontexts import admin_ssl_context
 
     loop = asyncio.get_running_loop()
     supervisor = Supervisor(config, logger, config_path)
@@ -189,7 +190,7 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
 
 def _refresh(state: Any) -> None:
     """Status-page numbers from the workers' aggregated metrics (the supervisor serves no traffic)."""
-    from nextproxy.metrics import registry_for_exposition
+    from nextproxy.process.metrics import registry_for_exposition
 
     connections = sessions = 0.0
     upstreams: dict[str, bool] = {}

@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import replace
 from typing import Any, Mapping
 
-from nextproxy.config import (
+from nextproxy.config.model import (
     MiB,
     CertificateConfig,
     ClientAuth,
@@ -27,8 +27,8 @@ from nextproxy.config import (
     WebSocketMode,
     validate,
 )
-from nextproxy.config_env import process_settings
-from nextproxy.config_values import (
+from nextproxy.config.preset import process_settings
+from nextproxy.config.values import (
     ROUTE_NAME,
     check_file,
     parse_address,

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nextproxy.config import Address, AllowRule
+from nextproxy.config.model import Address, AllowRule
 from nextproxy.errors import ConfigError
 
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")

@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Mapping
 
-from nextproxy.config import (
-    PRESET_API_ROUTES,
-    PRESET_PATH_ROUTES,
+from nextproxy.config.model import (
     Address,
     CertificateConfig,
     ClientAuth,
@@ -25,7 +23,7 @@ from nextproxy.config import (
     UpstreamTls,
     validate,
 )
-from nextproxy.config_values import (
+from nextproxy.config.values import (
     LOG_FORMATS,
     LOG_LEVELS,
     check_file,
@@ -39,6 +37,16 @@ from nextproxy.config_values import (
     read_file,
 )
 from nextproxy.errors import ConfigError
+
+# The preset's routes: what the NEXTPROXY_* variables point at, and what the demo starts.
+PRESET_PATH_ROUTES = (
+    # (route name, path prefix, upstream host variable, port)
+    ("ns-websocket", "/ns/websocket", "NS", 9999),
+    ("ns-sigmai", "/ns/sigmai", "NS", 8888),
+    ("mc-sigmai", "/mc/sigmai", "MC", 8888),
+    ("sfs-sigmai", "/sfs/sigmai", "SFS", 8888),
+)
+PRESET_API_ROUTES = (("ns-api", "NS", 8080), ("mc-api", "MC", 8080))
 
 # Every variable the preset reads; anything else starting with NEXTPROXY_ is reported.
 KNOWN_VARIABLES = frozenset(

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
-from nextproxy.config import CertificateConfig, ClientAuth, Config, SniAction, SniRoute, UpstreamTls
+from nextproxy.config.model import CertificateConfig, ClientAuth, Config, SniAction, SniRoute, UpstreamTls
 from nextproxy.core.tls import TlsServerContext
 from nextproxy.errors import ConfigError
 

@@ -33,8 +33,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from nextproxy import admin, metrics
-from nextproxy.admin import AdminState, start_admin
+from nextproxy.process import admin, metrics
+from nextproxy.process.admin import AdminState, start_admin
 
 T = TypeVar("T")
 TIMEOUT = 20.0
@@ -476,7 +476,7 @@ def test_admin_over_tls13(tmp_path: Path) -> None:
 
 WORKER = """
 import os, sys
-from nextproxy import metrics
+from nextproxy.process import metrics
 edge, up, expiry = int(sys.argv[1]), sys.argv[2] == "1", float(sys.argv[3])
 for _ in range(edge):
     metrics.EDGE_CONNECTIONS.inc()
@@ -490,7 +490,7 @@ COLLECT = """
 import json, sys
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from nextproxy import metrics
+from nextproxy.process import metrics
 for pid in sys.argv[1:]:
     metrics.mark_process_dead(int(pid))
 text = generate_latest(metrics.registry_for_exposition()).decode()

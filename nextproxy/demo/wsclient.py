@@ -1,6 +1,6 @@
 """A small blocking WebSocket client (wsproto over a TLS socket), for the demo and the tests.
 
-``python -m nextproxy.wsclient --cacert ca.pem --resolve HOST:PORT:ADDR wss://HOST:PORT/path [MSG ...]``
+``python -m nextproxy.demo.wsclient --cacert ca.pem --resolve HOST:PORT:ADDR wss://HOST:PORT/path [MSG ...]``
 sends each MSG as a text message and prints each reply; with no MSG it sends stdin line by line.
 It is a tool for trying the proxy by hand, not part of the proxy's data path.
 """
@@ -163,7 +163,7 @@ def connect(url: str, *, address: tuple[str, int] | None = None, context: ssl.SS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nextproxy.wsclient", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m nextproxy.demo.wsclient", description=__doc__.splitlines()[0])
     parser.add_argument("url")
     parser.add_argument("messages", nargs="*")
     parser.add_argument("--cacert", help="CA bundle to verify the server with")

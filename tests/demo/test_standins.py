@@ -33,19 +33,15 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Pong, Request, TextMessage
 
 from nextproxy.config import from_environment
-from nextproxy.demo import (
+from nextproxy.demo.pki import (
     DemoPki,
-    StandIn,
     client_ssl_context,
     demo_environment,
     make_pki,
-    pattern,
-    pattern_sha256,
     server_ssl_context,
     start_demo_upstreams,
-    start_http_ws,
-    start_tls_api,
 )
+from nextproxy.demo.standins import StandIn, pattern, pattern_sha256, start_http_ws, start_tls_api
 
 T = TypeVar("T")
 TIMEOUT = 20.0

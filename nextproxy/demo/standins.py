@@ -32,7 +32,14 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
-from nextproxy.standin_channels import CLOSE_TIMEOUT, READ_SIZE, Channel, TlsChannel, record_server_names, tls_facts
+from nextproxy.demo.channels import (
+    CLOSE_TIMEOUT,
+    READ_SIZE,
+    Channel,
+    TlsChannel,
+    record_server_names,
+    tls_facts,
+)
 
 KiB = 1024
 # Bigger than any sane proxy limit, so a proxy test meets the proxy's own 431 first.

@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
-from nextproxy.config import SniAction, SniRoute
-from nextproxy.connection import TerminatedConnection
+from nextproxy.config.model import SniAction, SniRoute
+from nextproxy.edge.connection import TerminatedConnection
 from nextproxy.core.clienthello import ClientHello, ClientHelloReader
 from nextproxy.errors import ClientHelloError
-from nextproxy.passthrough import Splice
-from nextproxy.upstream import first_that_answers
+from nextproxy.edge.passthrough import Splice
+from nextproxy.edge.upstream import first_that_answers
 
 if TYPE_CHECKING:
-    from nextproxy.connection import Runtime
+    from nextproxy.edge.connection import Runtime
 
 USE_HTTPS = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"

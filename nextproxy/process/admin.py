@@ -22,7 +22,8 @@ from typing import Callable, cast
 
 import h11
 
-from nextproxy import __version__, metrics
+from nextproxy import __version__
+from nextproxy.process import metrics
 
 SECONDS = 1.0
 KiB = 1024
@@ -40,7 +41,7 @@ MAX_REQUEST_BODY = 16 * KiB
 MAX_CONNECTIONS = 128
 CERTIFICATE_WARNING_DAYS = 14
 
-log = logging.getLogger("nextproxy.admin")
+log = logging.getLogger("nextproxy.process.admin")
 
 
 @dataclass(slots=True)

@@ -11,14 +11,14 @@ import asyncio
 import socket
 from typing import Callable
 
-from nextproxy.config import Address, Config
-from nextproxy.accept import Accepted
-from nextproxy.connection import Runtime
+from nextproxy.config.model import Address, Config
+from nextproxy.edge.accept import Accepted
+from nextproxy.edge.connection import Runtime
 from nextproxy.core.routing import RouteTable
 from nextproxy.errors import ConfigError
-from nextproxy.observe import Observer
-from nextproxy.tlsconfig import ServerContexts, upstream_ssl_context
-from nextproxy.upstream import UpstreamPool
+from nextproxy.process.observe import Observer
+from nextproxy.edge.tlscontexts import ServerContexts, upstream_ssl_context
+from nextproxy.edge.upstream import UpstreamPool
 
 BACKLOG = 1024
 

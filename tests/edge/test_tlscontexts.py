@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from nextproxy.config import (
+from nextproxy.config.model import (
     Address,
     CertificateConfig,
     ClientAuth,
@@ -23,11 +23,11 @@ from nextproxy.config import (
     SniAction,
     SniRoute,
     UpstreamTls,
-    from_toml,
 )
+from nextproxy.config import from_toml
 from nextproxy.core.tls import TlsEngine
 from nextproxy.errors import ConfigError
-from nextproxy.tlsconfig import (
+from nextproxy.edge.tlscontexts import (
     LoadedCertificate,
     ServerContexts,
     admin_ssl_context,
