@@ -18,6 +18,7 @@ from nextproxy import __version__
 from nextproxy.config.model import Config
 from nextproxy.config import load, unknown_variables
 from nextproxy.errors import ConfigError
+from nextproxy.process.lifecycle import run_loop
 
 if TYPE_CHECKING:
     from nextproxy.edge.tlscontexts import ServerContexts
@@ -67,7 +68,7 @@ def _load_checked(path: str | None) -> tuple[Config, ServerContexts]:
 
 
 def check(path: str | None) -> int:
-    from nextproxy.core.routing import RouteTable
+    from nextproxy.edge.listener import describe_routes
 
     config, contexts = _load_checked(path)
     print(f"configuration: {config.source}")
@@ -75,17 +76,15 @@ def check(path: str | None) -> int:
     print(f"listen: {listen}   admin: {config.admin_listen}   workers: {config.workers}")
     for cert in contexts.certificates:
         print(f"certificate: {cert.name} (SANs: {', '.join(cert.sans) or '-'})")
-    rows = RouteTable(config).describe()
+    rows = describe_routes(config)
     widths = [max(len(r[i]) for r in rows + [("match", "action", "upstream")]) for i in range(3)]
     header = ("match", "action", "upstream")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for row in rows:
         target = row[2]
-        try:
-            servers = ", ".join(str(s) for s in config.upstream(target).servers)
-            target = f"{target} ({servers})"
-        except KeyError:
-            pass
+        upstream = config.upstream(target)
+        if upstream is not None:
+            target = f"{target} ({', '.join(str(s) for s in upstream.servers)})"
         print("  ".join(v.ljust(w) for v, w in zip((row[0], row[1], target), widths)))
     return 0
 
@@ -288,15 +287,6 @@ def healthcheck(path: str | None) -> int:
     if status != 200:
         print(f"nextproxy healthcheck: /readyz answered {status}", file=sys.stderr)
     return 0 if status == 200 else 1
-
-
-def run_loop(coro: object) -> int:
-    """Run on uvloop when it is installed (production), else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return int(asyncio.run(coro))  # type: ignore[arg-type]
-    return int(uvloop.run(coro))  # type: ignore[arg-type]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

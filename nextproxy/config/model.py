@@ -186,11 +186,13 @@ class Config:
     listen_also: tuple[Address, ...] = ()
     """More edge addresses serving the same routes (TOML ``listen`` given as a list)."""
 
-    def upstream(self, name: str) -> Upstream:
+    def upstream(self, name: str) -> Upstream | None:
+        """The upstream called ``name``; None if there is none (``validate`` makes sure every
+        route's upstream exists, so for a loaded configuration that means a name from elsewhere)."""
         for upstream in self.upstreams:
             if upstream.name == name:
                 return upstream
-        raise KeyError(name)
+        return None
 
 
 def validate(config: Config) -> None:

@@ -6,6 +6,7 @@ order. Keeping them plain frozen dataclasses keeps the core testable by comparin
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from nextproxy.config.model import PathRoute
@@ -47,13 +48,19 @@ class CloseUpstream:
 
 
 @dataclass(frozen=True, slots=True)
-class PauseClient:
-    """Stop reading the client until ``ResumeClient`` (h11 is paused on a pipelined request)."""
+class RequestStarted:
+    """The first bytes of a new request arrived: the request's duration is counted from here."""
 
 
 @dataclass(frozen=True, slots=True)
-class ResumeClient:
-    pass
+class HeadStarted:
+    """Part of a request head is buffered: the rest must come within the head timeout, which
+    more bytes do not push back (a slow-head client cannot hold the connection forever)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeadReceived:
+    """The buffered head is complete: the head timeout no longer applies."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +114,39 @@ class AuthorizationDenied:
     fingerprint: str
 
 
+class Side(enum.Enum):
+    """A WebSocket relay's two legs."""
+
+    CLIENT = "client"
+    UPSTREAM = "upstream"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRelayed:
+    """One complete WebSocket message went through; ``direction`` is who sent it."""
+
+    direction: Side
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    """Both WebSocket legs are finished. Emitted exactly once, before the last Close actions.
+
+    ``closed_by`` is who started the end (None: the proxy, for drain, timeout, limit or a
+    protocol error). ``code`` is the close code that started it; 1006 when a leg vanished
+    without a Close frame (EOF, ping timeout, abort). ``bytes_from_*`` count relayed payload.
+    """
+
+    closed_by: Side | None
+    code: int
+    reason: str
+    messages_from_client: int
+    messages_from_upstream: int
+    bytes_from_client: int
+    bytes_from_upstream: int
+
+
 Action = (
     SendToClient
     | SendToUpstream
@@ -114,12 +154,16 @@ Action = (
     | ReleaseUpstream
     | CloseClient
     | CloseUpstream
-    | PauseClient
-    | ResumeClient
+    | RequestStarted
+    | HeadStarted
+    | HeadReceived
     | AwaitResponse
     | ResponseStarted
     | StartTunnel
     | StartWebSocket
     | RequestCompleted
     | AuthorizationDenied
+    | MessageRelayed
+    | SessionClosed
 )
+"""Everything the core returns to the shell: ``edge.connection`` dispatches on the exact type."""

@@ -27,8 +27,11 @@ from nextproxy.core.actions import (
     AwaitResponse,
     CloseClient,
     ConnectUpstream,
+    HeadReceived,
+    HeadStarted,
     ReleaseUpstream,
     RequestCompleted,
+    RequestStarted,
     ResponseStarted,
     SendToClient,
     SendToUpstream,
@@ -89,6 +92,12 @@ class UpstreamLeg:
         self.conn.start_next_cycle()
 
 
+def new_upstream_leg(authority: str, max_header_size: int) -> UpstreamLeg:
+    """The upstream half kept with each pooled connection: the shell's pool holds it without
+    looking inside, so only the core builds it."""
+    return UpstreamLeg(authority, max_header_size)
+
+
 @dataclass(slots=True)
 class _Exchange:
     """One request in flight, from its head to the end of its response."""
@@ -127,7 +136,7 @@ class HttpSession:
         self.draining = False
         """Set by the shell on shutdown: no new upgrades (503), close after the current exchange."""
         self.awaiting_head = False
-        """Part of a request head is buffered: the shell bounds how long the rest may take."""
+        """Part of a request head is buffered (reported as HeadStarted, then HeadReceived)."""
 
     # ------------------------------------------------------------------ properties for the shell
 
@@ -151,6 +160,11 @@ class HttpSession:
         """Bytes from the client; ``b""`` is EOF."""
         if self._closed:
             return []
+        if data and self._exchange is None and not self.awaiting_head and self._client.their_state is h11.IDLE:
+            return [RequestStarted(), *self._receive_client(data)]
+        return self._receive_client(data)
+
+    def _receive_client(self, data: bytes) -> list[Action]:
         try:
             self._client.receive_data(data)
         except h11.RemoteProtocolError as exc:
@@ -221,13 +235,18 @@ class HttpSession:
                 break
             if event is h11.NEED_DATA:
                 # Only a partial head in an idle cycle: copying h11's buffer to find out is rare.
-                self.awaiting_head = (
+                awaiting = (
                     self._exchange is None and self._client.their_state is h11.IDLE and bool(self._client.trailing_data[0])
                 )
+                if awaiting is not self.awaiting_head:
+                    self.awaiting_head = awaiting
+                    actions.append(HeadStarted() if awaiting else HeadReceived())
                 break
             if event is h11.PAUSED:
                 break
-            self.awaiting_head = False
+            if self.awaiting_head:
+                self.awaiting_head = False
+                actions.append(HeadReceived())
             # Exact type checks: h11's events derive from an ABC, whose isinstance() is slow.
             kind = type(event)
             if kind is h11.Request:

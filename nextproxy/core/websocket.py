@@ -13,7 +13,6 @@ exceptions that may escape are bugs (every wsproto error becomes a Close with a 
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -21,7 +20,18 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, Tex
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import ProtocolError
 
-from nextproxy.core.actions import Action, CloseClient, CloseUpstream, SendToClient, SendToUpstream
+from nextproxy.core.actions import (
+    Action,
+    CloseClient,
+    CloseUpstream,
+    MessageRelayed,
+    SendToClient,
+    SendToUpstream,
+    SessionClosed,
+    Side,
+)
+
+__all__ = ["MessageRelayed", "RelayLimits", "SessionClosed", "Side", "WebSocketRelay"]
 
 # RFC 6455 section 7.4 and the IANA registry. 1014 ("bad gateway") is registered but wsproto
 # 1.3.2 (and other older stacks) reject it on receipt as a reserved code: a wsproto client sees
@@ -44,40 +54,6 @@ _LOCAL_CLOSING = ConnectionState.LOCAL_CLOSING
 class RelayLimits:
     max_message_size: int = 16 * 1024 * 1024
     """Bytes of payload in one message, counted across fragments (text counted as UTF-8)."""
-
-
-class Side(enum.Enum):
-    CLIENT = "client"
-    UPSTREAM = "upstream"
-
-
-@dataclass(frozen=True, slots=True)
-class MessageRelayed:
-    """One complete message went through; ``direction`` is who sent it."""
-
-    direction: Side
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class SessionClosed:
-    """Both legs are finished. Emitted exactly once, before the last Close actions.
-
-    ``closed_by`` is who started the end (None: the proxy, for drain, timeout, limit or a
-    protocol error). ``code`` is the close code that started it; 1006 when a leg vanished
-    without a Close frame (EOF, ping timeout, abort). ``bytes_from_*`` count relayed payload.
-    """
-
-    closed_by: Side | None
-    code: int
-    reason: str
-    messages_from_client: int
-    messages_from_upstream: int
-    bytes_from_client: int
-    bytes_from_upstream: int
-
-
-RelayAction = Action | MessageRelayed | SessionClosed
 
 
 class _Leg:
@@ -137,15 +113,15 @@ class WebSocketRelay:
 
     # ------------------------------------------------------------------ inputs
 
-    def client_data(self, data: bytes) -> list[RelayAction]:
+    def client_data(self, data: bytes) -> list[Action]:
         """Bytes from the client; ``b""`` is the client's TCP EOF."""
         return self._receive(self._client, self._upstream, data)
 
-    def upstream_data(self, data: bytes) -> list[RelayAction]:
+    def upstream_data(self, data: bytes) -> list[Action]:
         """Bytes from the upstream; ``b""`` is the upstream's TCP EOF."""
         return self._receive(self._upstream, self._client, data)
 
-    def ping(self, side: Side) -> list[RelayAction]:
+    def ping(self, side: Side) -> list[Action]:
         """Send a keepalive ping with a payload unique in this session.
 
         On a leg that already got our Close, wsproto may not send a ping; the Close reply we
@@ -166,7 +142,7 @@ class WebSocketRelay:
         leg = self._leg(side)
         return not leg.finished and leg.ping_payload is not None
 
-    def peer_timed_out(self, side: Side) -> list[RelayAction]:
+    def peer_timed_out(self, side: Side) -> list[Action]:
         """No pong in time: drop that leg's transport and close the other leg (1001 or 1014)."""
         leg = self._leg(side)
         if leg.finished:
@@ -176,7 +152,7 @@ class WebSocketRelay:
         self._close_other(leg)
         return self._collect()
 
-    def shutdown(self) -> list[RelayAction]:
+    def shutdown(self) -> list[Action]:
         """Drain: Close 1001 to both legs; the session ends when both have answered."""
         self._record(None, GOING_AWAY, "going away")
         for leg in (self._client, self._upstream):
@@ -184,7 +160,7 @@ class WebSocketRelay:
                 leg.out += leg.conn.send(CloseConnection(code=GOING_AWAY, reason="going away"))
         return self._collect()
 
-    def abort(self) -> list[RelayAction]:
+    def abort(self) -> list[Action]:
         """End now without waiting for any reply (drain deadline passed): close what is left."""
         self._record(None, ABNORMAL_CLOSURE, "aborted")
         for leg in (self._client, self._upstream):
@@ -197,7 +173,7 @@ class WebSocketRelay:
     def _leg(self, side: Side) -> _Leg:
         return self._client if side is Side.CLIENT else self._upstream
 
-    def _receive(self, leg: _Leg, other: _Leg, data: bytes) -> list[RelayAction]:
+    def _receive(self, leg: _Leg, other: _Leg, data: bytes) -> list[Action]:
         # A finished leg's transport is closing; late bytes (or its EOF) change nothing, and
         # wsproto raises if fed after its CLOSED state.
         if leg.finished:
@@ -319,10 +295,10 @@ class WebSocketRelay:
                 closed_by, code, reason, c.messages, u.messages, c.bytes, u.bytes
             )
 
-    def _collect(self) -> list[RelayAction]:
+    def _collect(self) -> list[Action]:
         """This call's output: one send per side, facts, then closes (upstream before client,
         because a shell may stop at ``CloseClient``)."""
-        actions: list[RelayAction] = []
+        actions: list[Action] = []
         if self._client.out:
             actions.append(SendToClient(bytes(self._client.out)))
             self._client.out.clear()

@@ -10,17 +10,14 @@ reader) and the time a client may take to send its hello.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
-from nextproxy.config.model import SniAction, SniRoute
-from nextproxy.edge.connection import TerminatedConnection
+from nextproxy.config.model import SniAction
 from nextproxy.core.clienthello import ClientHello, ClientHelloReader
+from nextproxy.edge.connection import TerminatedConnection
+from nextproxy.edge.host import Group, Host
+from nextproxy.edge.passthrough import start_passthrough
 from nextproxy.errors import ClientHelloError
-from nextproxy.edge.passthrough import Splice
-from nextproxy.edge.upstream import first_that_answers
-
-if TYPE_CHECKING:
-    from nextproxy.edge.connection import Runtime
 
 USE_HTTPS = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -32,17 +29,17 @@ USE_HTTPS = (
 class Accepted(asyncio.Protocol):
     """An edge connection whose ClientHello is still being read."""
 
-    def __init__(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
-        self.rt = runtime
+    def __init__(self, host: Host, loop: asyncio.AbstractEventLoop) -> None:
+        self.rt = host
         self._loop = loop  # handed in: get_running_loop() costs a getpid() syscall on Python 3.11
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
-        self._reader = ClientHelloReader(runtime.config.limits.max_client_hello)
+        self._reader = ClientHelloReader(host.config.limits.max_client_hello)
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         rt = self.rt
-        if len(rt.pending) + len(rt.connections) + len(rt.passthroughs) >= rt.config.limits.max_connections:
+        if rt.full():
             # Over the cap: refuse at once rather than let a flood exhaust memory and descriptors.
             transport.close()
             rt.observer.connection_refused()
@@ -51,7 +48,7 @@ class Accepted(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "-"
-        rt.pending.add(self)
+        rt.enter(self, Group.PENDING)
         rt.observer.connection_opened()
         # A total bound, not an idle one: bytes that trickle in do not extend it.
         self._timer = self._loop.call_later(rt.config.timeouts.client_hello, self._timed_out)
@@ -91,45 +88,11 @@ class Accepted(asyncio.Protocol):
         self._forget()
         route = self.rt.routes.match_sni(hello.server_name)
         if route is not None and route.action is SniAction.PASSTHROUGH:
-            self._passthrough(transport, route, hello)
+            start_passthrough(self.rt, transport, route, hello, self.peer)
             return
         connection = TerminatedConnection(self.rt, transport, self.peer, route, hello, self._loop)
         transport.set_protocol(connection)
         connection.start()
-
-    def _passthrough(self, transport: asyncio.Transport, route: SniRoute, hello: ClientHello) -> None:
-        rt, peer = self.rt, self.peer
-
-        def closed(splice: Splice) -> None:
-            rt.passthroughs.discard(splice)
-            rt.observer.passthrough_closed(route.name, splice.client.bytes, splice.upstream.bytes, peer)
-            rt.observer.connection_closed()
-
-        splice = Splice(transport, rt.config.timeouts.passthrough_idle, closed)
-        rt.passthroughs.add(splice)
-        rt.observer.passthrough_opened(route.name)
-        self._loop.create_task(self._connect(splice, route, hello))
-
-    async def _connect(self, splice: Splice, route: SniRoute, hello: ClientHello) -> None:
-        try:
-            await self._connect_splice(splice, route, hello)
-        except Exception as exc:  # a bug: close this connection, never an unretrieved task error
-            self.rt.observer.bug(exc, self.peer)
-            splice.abort()
-
-    async def _connect_splice(self, splice: Splice, route: SniRoute, hello: ClientHello) -> None:
-        """Replay the hello to the first upstream server that answers; else close the client."""
-        assert route.upstream is not None
-        upstream = self.rt.config.upstream(route.upstream)
-        timeout = self.rt.config.timeouts.connect
-        try:
-            await first_that_answers(upstream.servers, lambda server: splice.connect(server, hello.raw, timeout))
-        except (OSError, TimeoutError) as exc:
-            self.rt.pool.mark(upstream.name, False)
-            self.rt.observer.upstream_error(route.name, f"passthrough connect failed: {exc!r}", self.peer)
-            splice.close()
-            return
-        self.rt.pool.mark(upstream.name, True)
 
     def _forget(self) -> None:
         """This protocol is done with the connection (closed, or handed over)."""
@@ -137,14 +100,13 @@ class Accepted(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self in self.rt.pending:
-            self.rt.pending.discard(self)
+        self.rt.leave(self, Group.PENDING)
 
     def close(self, *, abort: bool = False) -> None:
         transport = self.transport
         if transport is None:
             return
-        counted = self in self.rt.pending
+        counted = self.rt.leave(self, Group.PENDING)
         self._forget()
         if abort:
             transport.abort()
@@ -156,3 +118,6 @@ class Accepted(asyncio.Protocol):
     def drain(self) -> None:
         """Shutdown: a connection that has not even said hello yet is simply closed."""
         self.close()
+
+    def abort(self) -> None:
+        self.close(abort=True)

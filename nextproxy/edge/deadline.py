@@ -9,7 +9,22 @@ timeout for the next phase) re-arms at once, so a timer never fires late.
 from __future__ import annotations
 
 import asyncio
+import enum
 from typing import Callable
+
+
+class Timer(enum.Enum):
+    """What a connection is waiting for when its deadline passes."""
+
+    HANDSHAKE = "handshake"
+    IDLE = "idle"
+    """Quiet: pushed back by every byte (HTTP keep-alive, tunnel, passthrough splice)."""
+    HEAD = "head"
+    """A partial request head: fixed, more bytes do not push it back."""
+    RESPONSE = "response"
+    PING = "ping"
+    """WebSocket quiet: ping both legs when it passes."""
+    PONG = "pong"
 
 
 class Deadline:
@@ -17,14 +32,14 @@ class Deadline:
 
     __slots__ = ("_loop", "_on_expiry", "when", "kind", "_handle")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_expiry: Callable[[str], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_expiry: Callable[[Timer], None]) -> None:
         self._loop = loop
         self._on_expiry = on_expiry
         self.when = 0.0
-        self.kind = ""
+        self.kind: Timer | None = None
         self._handle: asyncio.TimerHandle | None = None
 
-    def set(self, seconds: float, kind: str) -> None:
+    def set(self, seconds: float, kind: Timer) -> None:
         """A new deadline ``seconds`` from now for phase ``kind``."""
         self.when = self._loop.time() + seconds
         self.kind = kind
@@ -41,14 +56,15 @@ class Deadline:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        self.kind = ""
+        self.kind = None
 
     def _fire(self) -> None:
         self._handle = None
-        if not self.kind:
+        kind = self.kind
+        if kind is None:
             return
         if self._loop.time() < self.when - 0.001:
             self._handle = self._loop.call_at(self.when, self._fire)
             return
-        kind, self.kind = self.kind, ""
+        self.kind = None
         self._on_expiry(kind)

@@ -9,18 +9,63 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import dataclass, field
 from typing import Callable
 
 from nextproxy.config.model import Address, Config
-from nextproxy.edge.accept import Accepted
-from nextproxy.edge.connection import Runtime
 from nextproxy.core.routing import RouteTable
-from nextproxy.errors import ConfigError
-from nextproxy.process.observe import Observer
+from nextproxy.edge.accept import Accepted
+from nextproxy.edge.host import Group, Member
+from nextproxy.edge.observer import EdgeObserver
 from nextproxy.edge.tlscontexts import ServerContexts, upstream_ssl_context
 from nextproxy.edge.upstream import UpstreamPool
+from nextproxy.errors import ConfigError
 
 BACKLOG = 1024
+
+
+@dataclass(slots=True, eq=False)
+class Runtime:
+    """Everything a connection needs (``edge.host.Host``), swapped as a whole on reload: old
+    connections keep theirs. It is also the registry of the connections it serves."""
+
+    config: Config
+    routes: RouteTable
+    contexts: ServerContexts
+    pool: UpstreamPool
+    observer: EdgeObserver
+    draining: bool = False
+    groups: dict[Group, set[Member]] = field(default_factory=lambda: {group: set() for group in Group})
+
+    @property
+    def pending(self) -> set[Member]:
+        """Connections whose ClientHello is still being read."""
+        return self.groups[Group.PENDING]
+
+    @property
+    def connections(self) -> set[Member]:
+        """Terminated connections (WebSocket sessions included)."""
+        return self.groups[Group.TERMINATED]
+
+    @property
+    def passthroughs(self) -> set[Member]:
+        return self.groups[Group.PASSTHROUGH]
+
+    def active(self) -> int:
+        return len(self.pending) + len(self.connections) + len(self.passthroughs)
+
+    def full(self) -> bool:
+        return self.active() >= self.config.limits.max_connections
+
+    def enter(self, member: Member, group: Group) -> None:
+        self.groups[group].add(member)
+
+    def leave(self, member: Member, group: Group) -> bool:
+        members = self.groups[group]
+        if member in members:
+            members.discard(member)
+            return True
+        return False
 
 
 def bind(address: Address, key: str) -> socket.socket:
@@ -46,7 +91,12 @@ def bind(address: Address, key: str) -> socket.socket:
     return sock
 
 
-def build_runtime(config: Config, observer: Observer, contexts: ServerContexts | None = None) -> Runtime:
+def describe_routes(config: Config) -> list[tuple[str, str, str]]:
+    """(match, action, target) rows of the routing table, for ``check`` and the status page."""
+    return RouteTable(config).describe()
+
+
+def build_runtime(config: Config, observer: EdgeObserver, contexts: ServerContexts | None = None) -> Runtime:
     """Everything derived from one Config; raises ConfigError before anything is bound."""
     contexts = contexts or ServerContexts.build(config)
     tls = {u.name: upstream_ssl_context(u.tls) for u in config.upstreams if u.tls is not None}
@@ -91,7 +141,7 @@ class ProxyServer:
         assert self._loop is not None  # set by start(), before the listener exists
         return Accepted(self.runtime, self._loop)
 
-    def reload(self, config: Config, observer: Observer, contexts: ServerContexts | None = None) -> None:
+    def reload(self, config: Config, observer: EdgeObserver, contexts: ServerContexts | None = None) -> None:
         """Swap in a new runtime; established connections keep the one they started with."""
         new = build_runtime(config, observer, contexts)
         new.pool.start()
@@ -100,7 +150,7 @@ class ProxyServer:
         asyncio.get_running_loop().call_later(max(config.timeouts.pool_idle, 1.0) + 1, self._retire, old)
 
     def _retire(self, old: Runtime) -> None:
-        if not old.pending and not old.connections and not old.passthroughs:
+        if not old.active():
             old.pool.stop()
             if old in self._old:
                 self._old.remove(old)
@@ -111,10 +161,10 @@ class ProxyServer:
         return [self.runtime, *self._old]
 
     def websocket_sessions(self) -> int:
-        return sum(1 for rt in self._runtimes() for conn in rt.connections if conn.phase.value == "websocket")
+        return sum(len(rt.groups[Group.WEBSOCKET]) for rt in self._runtimes())
 
     def active(self) -> int:
-        return sum(len(rt.pending) + len(rt.connections) + len(rt.passthroughs) for rt in self._runtimes())
+        return sum(rt.active() for rt in self._runtimes())
 
     async def drain(self, timeout: float, on_step: Callable[[str], None] = lambda s: None) -> bool:
         """Stop accepting, let in-flight work finish, close idle connections. True if all ended."""
@@ -132,9 +182,7 @@ class ProxyServer:
             await asyncio.sleep(0.05)
         clean = not self.active()
         for rt in self._runtimes():
-            for conn in list(rt.connections):
-                conn._close(abort=True)
-            for splice in list(rt.passthroughs):
-                splice.abort()
+            for member in [*rt.connections, *rt.passthroughs]:
+                member.abort()
             rt.pool.stop()
         return clean

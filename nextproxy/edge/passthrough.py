@@ -4,15 +4,20 @@ The ClientHello bytes already read are replayed first, then both directions are 
 backpressure (a side whose write buffer is above its high-water mark pauses reading on the other),
 half-close is propagated, and an idle timer closes connections that moved no byte either way.
 The client transport is handed over with ``set_protocol`` so the hot loop is one callback and
-one write per chunk, with no delegation layer.
+one write per chunk, with no delegation layer. ``start_passthrough`` sets it up for accept: the
+upstream servers are tried in turn (failover) and the outcome is reported.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import cast, Callable
+from typing import Callable, cast
 
-from nextproxy.config.model import Address
+from nextproxy.config.model import Address, SniRoute
+from nextproxy.core.clienthello import ClientHello
+from nextproxy.edge.deadline import Deadline, Timer
+from nextproxy.edge.host import Group, Host
+from nextproxy.edge.upstream import first_that_answers
 
 
 class _Side(asyncio.Protocol):
@@ -82,9 +87,8 @@ class Splice:
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self._idle_timeout = idle_timeout
         self._on_close = on_close
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: Deadline | None = None
         self._last_total = 0
-        self._last_change = 0.0
         self.closed = False
         client.pause_reading()
         client.set_protocol(self.client)
@@ -101,28 +105,25 @@ class Splice:
         assert self.upstream.transport is not None and self.client.transport is not None
         self.upstream.transport.write(initial)
         self.client.transport.resume_reading()
-        self._last_change = loop.time()
-        self._timer = loop.call_later(self._idle_timeout, self._check_idle)
+        self._deadline = Deadline(loop, self._check_idle)
+        self._deadline.set(self._idle_timeout, Timer.IDLE)
 
-    def _check_idle(self) -> None:
-        # Lazy timer: counting bytes is free on the hot path; re-arming a timer per chunk is not.
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+    def _check_idle(self, kind: Timer) -> None:
+        # Lazy: counting bytes is free on the hot path; pushing a deadline per chunk is not.
         total = self.client.bytes + self.upstream.bytes
-        if total != self._last_total:
-            self._last_total, self._last_change = total, now
-        elif now - self._last_change >= self._idle_timeout:
+        if total == self._last_total:
             self.close()
-            return
-        self._timer = loop.call_at(self._last_change + self._idle_timeout, self._check_idle)
+        elif self._deadline is not None:
+            self._last_total = total
+            self._deadline.set(self._idle_timeout, Timer.IDLE)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         for side in (self.client, self.upstream):
             if side.transport is not None:
                 side.transport.close()
@@ -133,9 +134,49 @@ class Splice:
             side.peer = None
             side.pipe = None
 
+    def drain(self) -> None:
+        """Shutdown: a splice has no message boundary to stop at; the drain timeout ends it."""
+
     def abort(self) -> None:
         """Drain timeout: cut both sides now."""
         for side in (self.client, self.upstream):
             if side.transport is not None:
                 side.transport.abort()
         self.close()
+
+
+def start_passthrough(host: Host, transport: asyncio.Transport, route: SniRoute, hello: ClientHello, peer: str) -> Splice:
+    """Take over an accepted connection for ``route``: connect, replay the hello, splice."""
+
+    def closed(splice: Splice) -> None:
+        host.leave(splice, Group.PASSTHROUGH)
+        host.observer.passthrough_closed(route.name, splice.client.bytes, splice.upstream.bytes, peer)
+        host.observer.connection_closed()
+
+    splice = Splice(transport, host.config.timeouts.passthrough_idle, closed)
+    host.enter(splice, Group.PASSTHROUGH)
+    host.observer.passthrough_opened(route.name)
+    asyncio.get_running_loop().create_task(_connect(host, splice, route, hello, peer))
+    return splice
+
+
+async def _connect(host: Host, splice: Splice, route: SniRoute, hello: ClientHello, peer: str) -> None:
+    """Replay the hello to the first upstream server that answers; else close the client."""
+    try:
+        upstream = host.config.upstream(route.upstream or "")
+        if upstream is None:  # validate() rules it out; treated as an unreachable upstream
+            host.observer.upstream_error(route.name, f"no upstream named {route.upstream!r}", peer)
+            splice.close()
+            return
+        timeout = host.config.timeouts.connect
+        try:
+            await first_that_answers(upstream.servers, lambda server: splice.connect(server, hello.raw, timeout))
+        except (OSError, TimeoutError) as exc:
+            host.pool.mark(upstream.name, False)
+            host.observer.upstream_error(route.name, f"passthrough connect failed: {exc!r}", peer)
+            splice.close()
+            return
+        host.pool.mark(upstream.name, True)
+    except Exception as exc:  # a bug: close this connection, never an unretrieved task error
+        host.observer.bug(exc, peer)
+        splice.abort()

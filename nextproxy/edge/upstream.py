@@ -1,6 +1,7 @@
 """Upstream connections: connect (plain or TLS), a keep-alive pool, and health.
 
-A pooled connection keeps its ``UpstreamLeg`` (the h11 client state) so reuse only cycles it. A
+A pooled connection keeps its leg (the core's client state, made by ``core.http1``; opaque
+here) so reuse only cycles it. A
 connection is checked before reuse: anything the upstream sent while idle (bytes or EOF) marks it
 dead, and idle connections are dropped after ``timeouts.pool_idle``, which stays below the 5 s
 after which Python servers close idle keep-alive connections: reusing a connection at the moment
@@ -15,7 +16,7 @@ import ssl
 from typing import Awaitable, Callable, Protocol, Sequence, TypeVar, cast
 
 from nextproxy.config.model import Address, Config, Upstream
-from nextproxy.core.http1 import UpstreamLeg
+from nextproxy.core.http1 import UpstreamLeg, new_upstream_leg
 
 HEALTH_INTERVAL = 10.0
 """Seconds between TCP probes of every upstream server (nextproxy_upstream_up)."""
@@ -64,7 +65,8 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, upstream: Upstream, server: Address, max_header_size: int) -> None:
         self.upstream = upstream
         self.server = server
-        self.leg = UpstreamLeg(str(server), max_header_size)
+        self.leg: UpstreamLeg = new_upstream_leg(str(server), max_header_size)
+        """The core's upstream state, kept with the TCP connection; the shell only hands it back."""
         self.transport: asyncio.Transport | None = None
         self.owner: UpstreamOwner | None = None
         self.alive = False

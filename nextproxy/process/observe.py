@@ -7,16 +7,24 @@ its level is disabled, and metric label children are resolved once per route, no
 
 from __future__ import annotations
 
+import asyncio
 import traceback
 
+from nextproxy.edge.observer import (
+    AuthorizationDenied,
+    ClientHelloError,
+    MessageRelayed,
+    RequestCompleted,
+    SessionClosed,
+    Side,
+)
 from nextproxy.process import metrics
-from nextproxy.core.actions import AuthorizationDenied, RequestCompleted
-from nextproxy.core.websocket import MessageRelayed, SessionClosed, Side
-from nextproxy.errors import ClientHelloError
 from nextproxy.process.logs import Logger
 
+
 class Observer:
-    """Receives the shell's facts; owns the per-route metric children."""
+    """The edge's ``EdgeObserver``: turns its facts into metrics and log lines; owns the
+    per-route metric children."""
 
     def __init__(self, logger: Logger, listener: str = "edge") -> None:
         self.log = logger
@@ -36,8 +44,6 @@ class Observer:
 
     def connection_refused(self) -> None:
         """Logged at most every 10 s with a count: a flood must not also flood the log."""
-        import asyncio
-
         self._refused += 1
         now = asyncio.get_running_loop().time()
         if now - self._refused_logged >= 10.0:

@@ -34,8 +34,7 @@ turns; this is what catches a worker whose loop is stuck."""
 
 def worker_main(config: Config, config_path: str | None, events: Any) -> None:
     """Entry point of one worker process (spawned: imports happen here, after the env is set)."""
-    from nextproxy.cli import run_loop
-    from nextproxy.process.lifecycle import serve
+    from nextproxy.process.lifecycle import run_loop, serve
 
     logger = Logger(config.log_level, config.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which forwards SIGTERM
@@ -120,7 +119,7 @@ def supervise(config: Config, logger: Logger, config_path: str | None) -> int:
     directory = tempfile.mkdtemp(prefix="nextproxy-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     try:
-        from nextproxy.cli import run_loop
+        from nextproxy.process.lifecycle import run_loop
 
         return run_loop(_supervise(config, logger, config_path))
     finally:
@@ -131,7 +130,7 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     from nextproxy import __version__
     from nextproxy.process import metrics
     from nextproxy.process.admin import AdminState, start_admin
-    from nextproxy.core.routing import RouteTable
+    from nextproxy.edge.listener import describe_routes
     from nextproxy.edge.tlscontexts import admin_ssl_context
 
     loop = asyncio.get_running_loop()
@@ -139,7 +138,7 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     state = AdminState()
     state.version = __version__
     state.config_source = config.source
-    state.routes = RouteTable(config).describe()
+    state.routes = describe_routes(config)
     state.upstreams = {u.name: True for u in config.upstreams}
     admin_tls = admin_ssl_context(config.admin_tls) if config.admin_tls else None
     admin = await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)

@@ -19,6 +19,9 @@ from nextproxy.config.model import (
     WebSocketMode,
 )
 from nextproxy.core.actions import (
+    HeadReceived,
+    HeadStarted,
+    RequestStarted,
     AwaitResponse,
     CloseClient,
     ConnectUpstream,
@@ -122,7 +125,7 @@ def test_keep_alive_second_request_on_the_same_connection() -> None:
 def test_pipelined_requests_are_served_in_order() -> None:
     s = session()
     actions = s.client_data(GET + GET.replace(b"/x?y=1", b"/second"))
-    assert [type(a) for a in actions] == [ConnectUpstream]
+    assert [type(a) for a in actions] == [RequestStarted, ConnectUpstream]
     leg = UpstreamLeg("u", 65536)
     s.upstream_connected(leg)
     out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
@@ -334,7 +337,12 @@ def test_byte_at_a_time_request() -> None:
 def test_awaiting_head_tracks_a_partial_request_head() -> None:
     s = session()
     assert not s.awaiting_head
-    s.client_data(GET[:10])
+    assert kinds(s.client_data(GET[:10])) == [RequestStarted, HeadStarted]
     assert s.awaiting_head and s.idle
-    s.client_data(GET[10:])
+    assert kinds(s.client_data(GET[10:20])) == []  # more bytes do not restart the head's clock
+    assert kinds(s.client_data(GET[20:])) == [HeadReceived, ConnectUpstream]
     assert not s.awaiting_head and not s.idle
+
+
+def test_a_whole_head_in_one_read_reports_no_head_timer() -> None:
+    assert kinds(session().client_data(GET)) == [RequestStarted, ConnectUpstream]

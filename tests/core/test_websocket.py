@@ -16,10 +16,9 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
 
-from nextproxy.core.actions import CloseClient, CloseUpstream, SendToClient, SendToUpstream
+from nextproxy.core.actions import Action, CloseClient, CloseUpstream, SendToClient, SendToUpstream
 from nextproxy.core.websocket import (
     MessageRelayed,
-    RelayAction,
     RelayLimits,
     SessionClosed,
     Side,
@@ -40,9 +39,9 @@ class Wire:
     client_events: list[Event] = field(default_factory=list)
     upstream_events: list[Event] = field(default_factory=list)
     to_client_raw: bytearray = field(default_factory=bytearray)
-    actions: list[RelayAction] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
 
-    def deliver(self, actions: list[RelayAction]) -> list[RelayAction]:
+    def deliver(self, actions: list[Action]) -> list[Action]:
         self.actions += actions
         for action in actions:
             if isinstance(action, SendToClient):
@@ -54,10 +53,10 @@ class Wire:
                 self.upstream_events += self.upstream.events()
         return actions
 
-    def from_client(self, event: Event) -> list[RelayAction]:
+    def from_client(self, event: Event) -> list[Action]:
         return self.deliver(self.relay.client_data(self.client.send(event)))
 
-    def from_upstream(self, event: Event) -> list[RelayAction]:
+    def from_upstream(self, event: Event) -> list[Action]:
         return self.deliver(self.relay.upstream_data(self.upstream.send(event)))
 
     def facts(self, kind: type) -> list[object]:

@@ -1,0 +1,64 @@
+"""What a connection sees of the listener that accepted it: a small Protocol, not the listener.
+
+The listener (``edge.listener.Runtime``) owns the registry of live connections and the facts
+they share (configuration, routes, TLS contexts, upstream pool, observer, draining). Accept,
+passthrough and terminated connections reach it only through ``Host``, so none of them imports
+the listener and the listener can import all of them without a cycle.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+from nextproxy.config.model import Config
+from nextproxy.core.routing import RouteTable
+from nextproxy.edge.observer import EdgeObserver
+from nextproxy.edge.tlscontexts import ServerContexts
+from nextproxy.edge.upstream import UpstreamPool
+
+
+class Group(enum.Enum):
+    """Which registry set a connection is counted in."""
+
+    PENDING = "pending"
+    """Its ClientHello is still being read."""
+    TERMINATED = "terminated"
+    WEBSOCKET = "websocket"
+    """A terminated connection relaying WebSocket frames (also counted as TERMINATED)."""
+    PASSTHROUGH = "passthrough"
+
+
+class Member(Protocol):
+    """A live connection as the listener handles it on shutdown."""
+
+    def drain(self) -> None:
+        """Finish what is in flight, refuse what is new."""
+
+    def abort(self) -> None:
+        """The drain timeout passed: cut it now."""
+
+
+class Host(Protocol):
+    """The listener's shared facts and its connection registry."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def routes(self) -> RouteTable: ...
+    @property
+    def contexts(self) -> ServerContexts: ...
+    @property
+    def pool(self) -> UpstreamPool: ...
+    @property
+    def observer(self) -> EdgeObserver: ...
+    @property
+    def draining(self) -> bool: ...
+
+    def full(self) -> bool:
+        """At ``limits.max_connections``: a new connection must be refused."""
+
+    def enter(self, member: Member, group: Group) -> None: ...
+
+    def leave(self, member: Member, group: Group) -> bool:
+        """Remove ``member`` from ``group``; True if it was there (so it is counted once)."""

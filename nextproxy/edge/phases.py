@@ -1,0 +1,265 @@
+"""What a terminated connection does with plaintext: one phase at a time (HTTP, tunnel, WebSocket).
+
+``edge.connection`` keeps TLS, the transport and backpressure; after the handshake it hands every
+input to its current phase through the same small interface (client data, upstream data,
+upstream lost, drain, deadline) and runs the actions the phase returns. A phase is a thin
+adapter over a core object (``HttpSession``, ``WebSocketRelay``) or, for the tunnel, over the
+upstream transport itself; a 101 swaps the HTTP phase for one of the other two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Protocol
+
+from nextproxy.config.model import PathRoute, Upstream
+from nextproxy.core.actions import (
+    Action,
+    CloseClient,
+    ConnectUpstream,
+    SendToClient,
+    SendToUpstream,
+    StartTunnel,
+    StartWebSocket,
+)
+from nextproxy.core.http1 import HttpSession
+from nextproxy.core.websocket import RelayLimits, Side, WebSocketRelay
+from nextproxy.edge.deadline import Timer
+from nextproxy.edge.host import Group, Host, Member
+from nextproxy.edge.upstream import UpstreamConnection
+
+
+class Shell(Member, Protocol):
+    """What a phase may use of its connection (``edge.connection.TerminatedConnection``)."""
+
+    rt: Host
+    peer: str
+    closed: bool
+
+    def set_timer(self, kind: Timer, seconds: float) -> None:
+        """The connection's one deadline: a phase asks for the next one only through this."""
+
+    def attach(self, conn: UpstreamConnection) -> None: ...
+    def run(self, actions: list[Action]) -> None: ...
+    def bug(self, exc: Exception) -> None: ...
+
+    # the pool's UpstreamOwner: upstream bytes go to the connection, which hands them over
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_lost(self, exc: Exception | None) -> None: ...
+    def upstream_writing(self, paused: bool) -> None: ...
+
+class Phase(Protocol):
+    """The interface every phase offers its connection."""
+
+    name: str
+    websocket: bool
+    quiet: float
+    """Seconds of silence an IDLE or PING deadline is pushed back to by activity."""
+
+    @property
+    def reading_client(self) -> bool:
+        """False while more client bytes would only pile up (backpressure toward the client)."""
+
+    @property
+    def outlives_client(self) -> bool:
+        """True while the upstream still owes something after the client leg is gone."""
+
+    @property
+    def finished(self) -> bool:
+        """True once nothing is left to relay: the connection closes."""
+
+    def client_data(self, data: bytes) -> list[Action]: ...
+    def upstream_data(self, data: bytes) -> list[Action]: ...
+    def upstream_lost(self) -> list[Action]: ...
+    def drain(self) -> list[Action]: ...
+    def deadline(self, kind: Timer) -> list[Action]: ...
+
+
+class HttpPhase:
+    """HTTP/1.1 exchanges through ``HttpSession``; it gets the session its upstream connections
+    (pooled at once, else from a task) and owns the response timeout's outcome."""
+
+    name = "http"
+    websocket = False
+    outlives_client = False
+    finished = False
+
+    def __init__(self, session: HttpSession, shell: Shell) -> None:
+        self.session = session
+        self.quiet = shell.rt.config.timeouts.client_idle
+        self._shell = shell
+
+    @property
+    def reading_client(self) -> bool:
+        return self.session.reading_client
+
+    def client_data(self, data: bytes) -> list[Action]:
+        return self.session.client_data(data)
+
+    def upstream_data(self, data: bytes) -> list[Action]:
+        return self.session.upstream_data(data)
+
+    def upstream_lost(self) -> list[Action]:
+        return self.session.upstream_data(b"")
+
+    def drain(self) -> list[Action]:
+        return self.session.drain()
+
+    def deadline(self, kind: Timer) -> list[Action]:
+        if kind is Timer.RESPONSE:
+            # 504, and back to the keep-alive clock; actions that follow may set another timer.
+            self._shell.set_timer(Timer.IDLE, self.quiet)
+            return self.session.upstream_timeout()
+        return [CloseClient()]  # idle keep-alive, or a head that took too long
+
+    def connect(self, action: ConnectUpstream) -> None:
+        shell, session = self._shell, self.session
+        upstream = shell.rt.config.upstream(action.route.upstream)
+        if upstream is None:  # validate() rules it out; answered as any unreachable upstream
+            shell.run(session.upstream_failed(f"no upstream named {action.route.upstream!r}"))
+            return
+        if not action.fresh:
+            conn = shell.rt.pool.take_idle(upstream, shell)
+            if conn is not None:  # the common keep-alive case: no task, no await
+                shell.attach(conn)
+                shell.run(session.upstream_connected(conn.leg))
+                return
+        asyncio.get_running_loop().create_task(self._connect_task(upstream))
+
+    async def _connect_task(self, upstream: Upstream) -> None:
+        shell, session, observer = self._shell, self.session, self._shell.rt.observer
+        try:
+            try:
+                conn = await shell.rt.pool.connect(upstream, shell)
+            except ssl.SSLError as exc:
+                observer.upstream_error(upstream.name, f"TLS to upstream failed: {exc}", shell.peer)
+                actions = session.upstream_failed("upstream TLS verification failed")
+            except TimeoutError:
+                actions = session.upstream_failed("upstream connect timed out", timeout=True)
+            except OSError as exc:
+                observer.upstream_error(upstream.name, f"connect failed: {exc}", shell.peer)
+                actions = session.upstream_failed("upstream unreachable")
+            else:
+                if shell.closed:
+                    shell.rt.pool.release(conn, False)
+                    return
+                shell.attach(conn)
+                actions = session.upstream_connected(conn.leg)
+            if not shell.closed:
+                shell.run(actions)
+        except Exception as exc:  # a bug: this connection only, never an unretrieved task error
+            shell.bug(exc)
+
+
+class TunnelPhase:
+    """After a 101 on a ``tunnel`` route: raw bytes both ways, half-close passed on."""
+
+    name = "tunnel"
+    websocket = False
+    reading_client = True
+    outlives_client = False
+    finished = False
+
+    def __init__(self, upstream: UpstreamConnection | None, quiet: float, shell: Shell) -> None:
+        self._upstream = upstream
+        self.quiet = quiet
+        self._shell = shell
+
+    def start(self, action: StartTunnel) -> list[Action]:
+        """The 101's leftovers go first: what the client sent after its request, and the
+        upstream's bytes after the 101."""
+        self._shell.set_timer(Timer.IDLE, self.quiet)
+        actions: list[Action] = [SendToClient(action.to_client)] if action.to_client else []
+        if action.to_upstream:
+            actions.append(SendToUpstream(action.to_upstream))
+        return actions
+
+    def client_data(self, data: bytes) -> list[Action]:
+        if data:
+            return [SendToUpstream(data)]
+        up = self._upstream
+        transport = up.transport if up is not None else None
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()  # the upstream may still answer
+        return []
+
+    def upstream_data(self, data: bytes) -> list[Action]:
+        return [SendToClient(data)] if data else [CloseClient()]
+
+    def upstream_lost(self) -> list[Action]:
+        return [CloseClient()]
+
+    def drain(self) -> list[Action]:
+        return []  # a tunnel has no message boundary to stop at: the drain timeout ends it
+
+    def deadline(self, kind: Timer) -> list[Action]:
+        return [CloseClient()]
+
+
+class WebSocketPhase:
+    """After a 101 on a ``frames`` route: WebSocket messages through ``WebSocketRelay``, with
+    keepalive pings on both legs after ``ping_interval`` of silence."""
+
+    name = "websocket"
+    websocket = True
+    reading_client = True
+
+    def __init__(self, route: PathRoute, shell: Shell) -> None:
+        self.relay = WebSocketRelay(RelayLimits(max_message_size=route.max_message_size))
+        self.route = route
+        self.quiet = route.ping_interval
+        self._shell = shell
+
+    def start(self, action: StartWebSocket) -> list[Action]:
+        """Frames that arrived with the upgrade (either side) are relayed first."""
+        self._shell.set_timer(Timer.PING, self.route.ping_interval)
+        actions = self.relay.client_data(action.from_client) if action.from_client else []
+        if action.from_upstream:
+            actions += self.relay.upstream_data(action.from_upstream)
+        return actions
+
+    @property
+    def outlives_client(self) -> bool:
+        return not self.relay.closed  # the upstream may still owe its close reply
+
+    @property
+    def finished(self) -> bool:
+        return self.relay.closed
+
+    def client_data(self, data: bytes) -> list[Action]:
+        return self.relay.client_data(data)
+
+    def upstream_data(self, data: bytes) -> list[Action]:
+        return self.relay.upstream_data(data)
+
+    def upstream_lost(self) -> list[Action]:
+        return [] if self.relay.closed else self.relay.upstream_data(b"")
+
+    def drain(self) -> list[Action]:
+        return self.relay.shutdown()
+
+    def deadline(self, kind: Timer) -> list[Action]:
+        """After ping_interval of silence ping both legs; a leg that misses ping_timeout is dead."""
+        if kind is not Timer.PING and kind is not Timer.PONG:
+            return [CloseClient()]
+        relay = self.relay
+        for side in (Side.CLIENT, Side.UPSTREAM):
+            if relay.pong_outstanding(side):
+                return relay.peer_timed_out(side)
+        if kind is Timer.PONG:  # both answered: back to watching for silence
+            self._shell.set_timer(Timer.PING, self.route.ping_interval)
+            return []
+        self._shell.set_timer(Timer.PONG, self.route.ping_timeout)
+        return relay.ping(Side.CLIENT) + relay.ping(Side.UPSTREAM)
+
+
+def upgrade(action: StartTunnel | StartWebSocket, upstream: UpstreamConnection | None, shell: Shell) -> tuple[Phase, list[Action]]:
+    """The phase a 101 switches to, and the actions for the leftovers that came with it."""
+    if isinstance(action, StartTunnel):
+        tunnel = TunnelPhase(upstream, shell.rt.config.timeouts.passthrough_idle, shell)
+        return tunnel, tunnel.start(action)
+    websocket = WebSocketPhase(action.route, shell)
+    shell.rt.enter(shell, Group.WEBSOCKET)
+    shell.rt.observer.ws_opened(action.route.name)
+    return websocket, websocket.start(action)
