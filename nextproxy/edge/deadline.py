@@ -52,11 +52,29 @@ class Deadline:
         """Activity: the same phase now ends ``seconds`` from now (no timer work)."""
         self.when = self._loop.time() + seconds
 
+    def touch(self, quiet: float) -> None:
+        """Activity pushes a quiet deadline (IDLE, PING) ``quiet`` seconds out; the others
+        (HANDSHAKE, HEAD, RESPONSE, PONG) are fixed and stay."""
+        if self.kind is Timer.IDLE or self.kind is Timer.PING:
+            self.when = self._loop.time() + quiet
+
+    def switch(self, current: Timer, kind: Timer, seconds: float) -> None:
+        """``set(seconds, kind)``, but only while the deadline is ``current``."""
+        if self.kind is current:
+            self.set(seconds, kind)
+
     def cancel(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
         self.kind = None
+
+    def close(self) -> None:
+        """Cancel for good and let go of the callback: it is usually a bound method of the
+        owner, and that cycle would keep a closed connection in memory until a full garbage
+        collection, which then has to walk every live connection too."""
+        self.cancel()
+        self._on_expiry = _ignore
 
     def _fire(self) -> None:
         self._handle = None
@@ -68,3 +86,7 @@ class Deadline:
             return
         self.kind = None
         self._on_expiry(kind)
+
+
+def _ignore(kind: Timer) -> None:
+    """The callback of a closed deadline."""

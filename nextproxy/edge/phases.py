@@ -13,7 +13,7 @@ import asyncio
 import ssl
 from typing import Protocol
 
-from nextproxy.config.model import PathRoute, Upstream
+from nextproxy.config.model import PathRoute, SniRoute, Upstream
 from nextproxy.core.actions import (
     Action,
     CloseClient,
@@ -23,24 +23,33 @@ from nextproxy.core.actions import (
     StartTunnel,
     StartWebSocket,
 )
+from nextproxy.core.headers import ClientInfo
 from nextproxy.core.http1 import HttpSession
+from nextproxy.core.tls import PeerCertificate
 from nextproxy.core.websocket import RelayLimits, Side, WebSocketRelay
-from nextproxy.edge.deadline import Timer
+from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.host import Group, Host, Member
-from nextproxy.edge.upstream import UpstreamConnection
+from nextproxy.edge.upstream import UpstreamConnection, UpstreamSlot
 
 
 class Shell(Member, Protocol):
-    """What a phase may use of its connection (``edge.connection.TerminatedConnection``)."""
+    """What a phase (and ``edge.dispatch``) may use of its connection, ``TerminatedConnection``."""
 
     rt: Host
     peer: str
     closed: bool
+    loop: asyncio.AbstractEventLoop
+    deadline: Deadline
+    """The connection's one deadline: phases and timer facts set it, activity pushes it."""
+    upstream: UpstreamSlot
+    http: HttpPhase | None
+    route_name: str
+    request_started: float
 
-    def set_timer(self, kind: Timer, seconds: float) -> None:
-        """The connection's one deadline: a phase asks for the next one only through this."""
-
-    def attach(self, conn: UpstreamConnection) -> None: ...
+    def send_client(self, data: bytes) -> None: ...
+    def close_client(self) -> bool: ...
+    def release(self, reusable: bool) -> None: ...
+    def upgrade(self, action: StartTunnel | StartWebSocket) -> None: ...
     def run(self, actions: list[Action]) -> None: ...
     def bug(self, exc: Exception) -> None: ...
 
@@ -48,6 +57,7 @@ class Shell(Member, Protocol):
     def upstream_data(self, data: bytes) -> None: ...
     def upstream_lost(self, exc: Exception | None) -> None: ...
     def upstream_writing(self, paused: bool) -> None: ...
+
 
 class Phase(Protocol):
     """The interface every phase offers its connection."""
@@ -90,6 +100,19 @@ class HttpPhase:
         self.quiet = shell.rt.config.timeouts.client_idle
         self._shell = shell
 
+    @classmethod
+    def after_handshake(
+        cls, shell: Shell, route: SniRoute | None, server_name: str | None, certificate: PeerCertificate | None
+    ) -> HttpPhase:
+        """The first phase of every terminated connection, once TLS is up."""
+        info = ClientInfo(
+            address=shell.peer, server_name=server_name, certificate=certificate,
+            forward_chain=route.forward_client_cert_chain if route else False,
+        )  # fmt: skip
+        session = HttpSession(shell.rt.routes, route, info, shell.rt.config.limits)
+        session.draining = shell.rt.draining
+        return cls(session, shell)
+
     @property
     def reading_client(self) -> bool:
         return self.session.reading_client
@@ -109,7 +132,7 @@ class HttpPhase:
     def deadline(self, kind: Timer) -> list[Action]:
         if kind is Timer.RESPONSE:
             # 504, and back to the keep-alive clock; actions that follow may set another timer.
-            self._shell.set_timer(Timer.IDLE, self.quiet)
+            self._shell.deadline.set(self.quiet, Timer.IDLE)
             return self.session.upstream_timeout()
         return [CloseClient()]  # idle keep-alive, or a head that took too long
 
@@ -122,10 +145,10 @@ class HttpPhase:
         if not action.fresh:
             conn = shell.rt.pool.take_idle(upstream, shell)
             if conn is not None:  # the common keep-alive case: no task, no await
-                shell.attach(conn)
+                shell.upstream.attach(conn)
                 shell.run(session.upstream_connected(conn.leg))
                 return
-        asyncio.get_running_loop().create_task(self._connect_task(upstream))
+        shell.loop.create_task(self._connect_task(upstream))
 
     async def _connect_task(self, upstream: Upstream) -> None:
         shell, session, observer = self._shell, self.session, self._shell.rt.observer
@@ -144,7 +167,7 @@ class HttpPhase:
                 if shell.closed:
                     shell.rt.pool.release(conn, False)
                     return
-                shell.attach(conn)
+                shell.upstream.attach(conn)
                 actions = session.upstream_connected(conn.leg)
             if not shell.closed:
                 shell.run(actions)
@@ -169,7 +192,7 @@ class TunnelPhase:
     def start(self, action: StartTunnel) -> list[Action]:
         """The 101's leftovers go first: what the client sent after its request, and the
         upstream's bytes after the 101."""
-        self._shell.set_timer(Timer.IDLE, self.quiet)
+        self._shell.deadline.set(self.quiet, Timer.IDLE)
         actions: list[Action] = [SendToClient(action.to_client)] if action.to_client else []
         if action.to_upstream:
             actions.append(SendToUpstream(action.to_upstream))
@@ -213,7 +236,7 @@ class WebSocketPhase:
 
     def start(self, action: StartWebSocket) -> list[Action]:
         """Frames that arrived with the upgrade (either side) are relayed first."""
-        self._shell.set_timer(Timer.PING, self.route.ping_interval)
+        self._shell.deadline.set(self.route.ping_interval, Timer.PING)
         actions = self.relay.client_data(action.from_client) if action.from_client else []
         if action.from_upstream:
             actions += self.relay.upstream_data(action.from_upstream)
@@ -248,9 +271,9 @@ class WebSocketPhase:
             if relay.pong_outstanding(side):
                 return relay.peer_timed_out(side)
         if kind is Timer.PONG:  # both answered: back to watching for silence
-            self._shell.set_timer(Timer.PING, self.route.ping_interval)
+            self._shell.deadline.set(self.route.ping_interval, Timer.PING)
             return []
-        self._shell.set_timer(Timer.PONG, self.route.ping_timeout)
+        self._shell.deadline.set(self.route.ping_timeout, Timer.PONG)
         return relay.ping(Side.CLIENT) + relay.ping(Side.UPSTREAM)
 
 

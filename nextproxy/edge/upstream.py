@@ -118,6 +118,46 @@ class UpstreamConnection(asyncio.Protocol):
         return self.alive and self.transport is not None and not self.transport.is_closing()
 
 
+class UpstreamSlot:
+    """The upstream connection a client connection uses now, and the backpressure between them:
+    the upstream is read only while the client's write buffer is below its high-water mark."""
+
+    __slots__ = ("conn", "client_paused", "paused")
+
+    def __init__(self) -> None:
+        self.conn: UpstreamConnection | None = None
+        self.client_paused = False
+        self.paused = False
+        """The upstream's write buffer is full: the client is not read meanwhile."""
+
+    def attach(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        if self.client_paused and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def client_writing(self, paused: bool) -> None:
+        self.client_paused = paused
+        transport = self.conn.transport if self.conn is not None else None
+        if transport is not None:
+            if paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.write(data)
+
+    def release(self, pool: UpstreamPool, reusable: bool) -> None:
+        """Back to the pool if ``reusable`` (else closed); the slot is empty afterwards."""
+        conn, self.conn = self.conn, None
+        self.paused = False
+        if conn is not None:
+            if conn.transport is not None:
+                conn.transport.resume_reading()
+            pool.release(conn, reusable)
+
+
 class UpstreamPool:
     """Idle keep-alive connections per upstream server, connect timeouts, and health state."""
 

@@ -1,0 +1,55 @@
+"""What the shell does with each core action: one table from action type to handler, built once.
+
+``TerminatedConnection.run`` looks every action up here by its exact type (a dict lookup, not a
+chain of isinstance checks: the hot path runs several actions per request). Handlers see the
+connection only as a ``phases.Shell``. A handler returning True ends the batch: the connection
+closed and the rest of the batch has nowhere to go.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from nextproxy.config.model import Timeouts
+from nextproxy.core import actions as act
+from nextproxy.edge.deadline import Timer
+from nextproxy.edge.phases import Shell
+
+Handler = Callable[[Shell, Any], "bool | None"]
+
+
+def _connect(shell: Shell, action: act.ConnectUpstream) -> None:
+    shell.route_name = action.route.name
+    if shell.http is not None:
+        shell.http.connect(action)
+
+
+def _since_request(shell: Shell) -> float:
+    return shell.loop.time() - shell.request_started
+
+
+def _timeouts(shell: Shell) -> Timeouts:
+    return shell.rt.config.timeouts
+
+
+HANDLERS: dict[type, Handler] = {
+    act.SendToClient: lambda c, a: c.send_client(a.data),
+    act.SendToUpstream: lambda c, a: c.upstream.write(a.data),
+    act.ConnectUpstream: _connect,
+    act.ReleaseUpstream: lambda c, a: c.release(a.reusable),
+    act.CloseUpstream: lambda c, a: c.release(False),
+    act.CloseClient: lambda c, a: c.close_client(),
+    act.StartTunnel: lambda c, a: c.upgrade(a),
+    act.StartWebSocket: lambda c, a: c.upgrade(a),
+    # timer facts: the only way the core's state reaches the connection's deadline
+    act.HeadStarted: lambda c, a: c.deadline.switch(Timer.IDLE, Timer.HEAD, _timeouts(c).request_head),
+    act.HeadReceived: lambda c, a: c.deadline.switch(Timer.HEAD, Timer.IDLE, _timeouts(c).client_idle),
+    act.AwaitResponse: lambda c, a: c.deadline.set(_timeouts(c).upstream_response, Timer.RESPONSE),
+    act.ResponseStarted: lambda c, a: c.deadline.set(_timeouts(c).client_idle, Timer.IDLE),
+    # facts for the observer (metrics, logs)
+    act.RequestStarted: lambda c, a: setattr(c, "request_started", c.loop.time()),
+    act.RequestCompleted: lambda c, a: c.rt.observer.request(a, _since_request(c), c.peer),
+    act.AuthorizationDenied: lambda c, a: c.rt.observer.denied(a, c.peer),
+    act.MessageRelayed: lambda c, a: c.rt.observer.ws_message(c.route_name, a),
+    act.SessionClosed: lambda c, a: c.rt.observer.ws_closed(c.route_name, a, c.peer, _since_request(c)),
+}
