@@ -51,11 +51,11 @@ _MAX_AUTHORITY = 255  # a DNS name; HAProxy refuses longer authorities too
 _MAX_UNIQUE_ID = 128  # "up to 128 bytes" (section 2.2.5)
 
 _V2_VERSION = 0x2
-_FAMILY_UNSPEC = 0x00
 _TCP4, _TCP6 = 0x11, 0x21
-# The family/protocol bytes section 2.2 lists as valid, with their address block sizes. Only
-# TCP over IPv4/IPv6 is decoded; for the others a receiver "falls back to the UNSPEC mode"
-# (use the connection's own addresses), and any other byte "must be rejected as invalid".
+# The family/protocol bytes section 2.2 lists as valid, with their address block sizes (UNSPEC
+# has none: TLVs start right after the 16 bytes). Only TCP over IPv4/IPv6 is decoded; for the
+# others a receiver "falls back to the UNSPEC mode" (use the connection's own addresses), and
+# any other byte "must be rejected as invalid".
 _V2_ADDRESS_SIZES = {0x00: 0, 0x11: 12, 0x12: 12, 0x21: 36, 0x22: 36, 0x31: 216, 0x32: 216}
 
 _V1_IPV4 = re.compile(rb"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
@@ -200,10 +200,13 @@ class ProxyHeaderReader:
         if len(buf) < end:
             return None
         header, trailing = bytes(buf[:end]), bytes(buf[end:])
-        if command is ProxyCommand.LOCAL or family == _FAMILY_UNSPEC:
-            # Nothing here is used, so nothing is interpreted: with an UNSPEC family the
-            # address block's size is unknown, so no TLV (and no checksum) can be located.
-            return ProxyHeader(2, command, None, None, (), None, None, trailing)
+        if command is ProxyCommand.LOCAL:
+            # The family is ignored and no address is sent ("it sets this field to zero"),
+            # so the block is TLVs only: HAProxy reads it so, and its health checks put a
+            # CRC32c there, which is verified like any other.
+            tlvs = _parse_tlvs(header, V2_HEADER_SIZE)
+            authority, alpn = _known_tlvs(tlvs)
+            return ProxyHeader(2, command, None, None, tlvs, authority, alpn, trailing)
         return _decode_v2(header, family, trailing)
 
 

@@ -47,9 +47,13 @@ V2_TLVS_BODY = (bytes.fromhex("c0a80001 c0a8000b dc04 01bb")
                 + b"\x02\x00\x0bapi.example" + b"\x01\x00\x02h2" + b"\x04\x00\x03\x00\x00\x00"
                 + b"\xe0\x00\x01x")
 V2_TLVS = SIG + b"\x21\x11" + len(V2_TLVS_BODY).to_bytes(2, "big") + V2_TLVS_BODY
+# Captured from HAProxy 2.6.12 (Debian 12): a health check sent with `check-send-proxy` and
+# `proxy-v2-options crc32c`: LOCAL, UNSPEC, and a CRC32c TLV computed by HAProxy.
+HAPROXY_LOCAL_CRC32C = bytes.fromhex("0d0a0d0a000d0a515549540a 20 00 0007 03 0004 a9b87e8f")
 
 VALID = {"v1-example": V1_EXAMPLE, **{f"v1-{k}": v for k, v in V1_LONGEST.items()},
-         "v2-tcp4": V2_TCP4, "v2-tcp6": V2_TCP6, "v2-local": V2_LOCAL, "v2-tlvs": V2_TLVS}
+         "v2-tcp4": V2_TCP4, "v2-tcp6": V2_TCP6, "v2-local": V2_LOCAL, "v2-tlvs": V2_TLVS,
+         "v2-haproxy-local": HAPROXY_LOCAL_CRC32C}
 
 
 def ep(host: str, port: int) -> Endpoint:
@@ -138,10 +142,20 @@ def test_v2_local_means_the_connection_address() -> None:
     assert header.source is None and header.destination is None and header.trailing == b"x"
 
 
-def test_v2_local_ignores_family_and_block() -> None:
-    # "discard the protocol block including the family which is ignored"
-    header = read([v2(0x20, 0xFF, b"\xff" * 20)])
-    assert header.command is ProxyCommand.LOCAL and header.tlvs == ()
+def test_v2_local_from_haproxy_with_its_checksum() -> None:
+    header = read([HAPROXY_LOCAL_CRC32C])
+    assert header.command is ProxyCommand.LOCAL and header.uses_connection_address
+    assert header.tlvs == (Tlv(0x03, bytes.fromhex("a9b87e8f")),)
+    tampered = HAPROXY_LOCAL_CRC32C[:-1] + b"\x8e"
+    assert error_of(tampered).reason == BAD_CHECKSUM
+
+
+def test_v2_local_ignores_the_family_but_not_the_tlvs() -> None:
+    # "discard the protocol block including the family which is ignored"; no address is sent
+    # with LOCAL, so the block is TLVs, as HAProxy reads it.
+    header = read([v2(0x20, 0xFF, b"\x02\x00\x01a")])
+    assert header.command is ProxyCommand.LOCAL and header.authority == "a"
+    assert error_of(v2(0x20, 0x11, TCP4_ADDRESSES)).reason == MALFORMED
 
 
 def test_v2_tlvs_decoded_and_kept() -> None:
@@ -159,8 +173,9 @@ def test_v2_valid_families_not_decoded_fall_back(family: int, size: int) -> None
 
 
 def test_v2_proxy_with_unspec_family_uses_the_connection_address() -> None:
-    header = read([v2(0x21, 0x00, b"anything")])
+    header = read([v2(0x21, 0x00, b"\xe0\x00\x01x")])
     assert header.command is ProxyCommand.PROXY and header.uses_connection_address
+    assert header.tlvs == (Tlv(0xE0, b"x"),)
 
 
 def test_crc32c_check_values() -> None:
