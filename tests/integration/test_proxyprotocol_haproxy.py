@@ -16,6 +16,7 @@ import asyncio
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Coroutine, Iterator
@@ -28,6 +29,7 @@ import pytest
 
 from nextproxy.core.proxyprotocol import (Endpoint, ProxyCommand, ProxyHeader, ProxyHeaderReader,
                                           Tlv, build_v2)
+from nextproxy.demo import DemoPki
 
 HAPROXY = shutil.which("haproxy") or next(
     (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)), None)
@@ -214,6 +216,45 @@ backend checked
             await sink.close()
         assert header.command is ProxyCommand.LOCAL and header.uses_connection_address
         assert [t.type for t in header.tlvs] == [0x03] and payload == b""
+
+    run(main())
+
+
+def test_haproxy_tls_front_sends_authority_and_alpn(tmp_path: Path, pki: DemoPki) -> None:
+    # HAProxy terminates TLS and tells the next hop the SNI and the negotiated ALPN.
+    bundle = tmp_path / "edge.pem"
+    bundle.write_bytes(pki.edge.certificate + pki.edge.key)
+    client_tls = ssl.create_default_context(cadata=pki.ca.certificate.decode())
+    client_tls.set_alpn_protocols(["h2", "http/1.1"])
+
+    async def main() -> None:
+        sink = HeaderSink()
+        backend = await sink.start("127.0.0.1")
+        front = free_port("127.0.0.1")
+        sections = f"""
+frontend tls
+    mode tcp
+    bind 127.0.0.1:{front} ssl crt {bundle} alpn h2,http/1.1
+    default_backend sink
+backend sink
+    mode tcp
+    server s 127.0.0.1:{backend} send-proxy-v2 proxy-v2-options authority,ssl,crc32c
+"""
+        try:
+            with haproxy(tmp_path, sections):
+                _, writer = await asyncio.open_connection(
+                    "127.0.0.1", front, ssl=client_tls, server_hostname="ns-api.localhost")
+                client = writer.get_extra_info("sockname")
+                writer.write(b"decrypted by haproxy")
+                await writer.drain()
+                header, payload = await asyncio.wait_for(sink.received.get(), STEP)
+                writer.close()
+        finally:
+            await sink.close()
+        assert header.source == Endpoint(ip_address("127.0.0.1"), client[1])
+        assert header.authority == "ns-api.localhost" and header.alpn == b"h2"
+        assert [t.type for t in header.tlvs] == [0x03, 0x01, 0x02, 0x20]  # 0x20: SSL, kept raw
+        assert payload == b"decrypted by haproxy"
 
     run(main())
 
