@@ -13,9 +13,10 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 
+from nextproxy.core.crc32c import crc32c
 from nextproxy.core.proxyprotocol import (
     BAD_CHECKSUM, MALFORMED, MAX_V1_LINE, MAX_V2_PAYLOAD, NOT_PROXY_PROTOCOL, TOO_LONG, TRUNCATED,
-    V2_SIGNATURE, Endpoint, ProxyCommand, ProxyHeader, ProxyHeaderReader, Tlv, build_v2, crc32c,
+    V2_SIGNATURE, Endpoint, ProxyCommand, ProxyHeader, ProxyHeaderReader, Tlv, build_v2,
     looks_like_proxy_protocol)
 from nextproxy.core.sources import normalise_address
 from nextproxy.errors import ProxyProtocolError
