@@ -84,3 +84,20 @@ class HttpError(NextproxyError):
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}"
+
+
+class ProxyProtocolError(NextproxyError):
+    """A PROXY protocol header (v1 or v2) that must not be accepted.
+
+    The answer on the wire is no answer: the specification says to abort the connection at
+    once, before reading anything else. ``reason`` is a short fixed token for a metric label
+    (``nextproxy.core.proxyprotocol`` lists them); ``detail`` says what exactly was wrong.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason

@@ -1,0 +1,409 @@
+"""PROXY protocol v1 (text) and v2 (binary): an incremental, capped reader and a v2 writer.
+
+An L4 load balancer in front of the proxy prepends one header to each connection saying who the
+client really is; a passthrough route does the same towards an API server. The reader follows
+HAProxy's specification (doc/proxy-protocol.txt) strictly: anything that does not match it
+exactly is refused, because a lenient reader on a port that trusts these headers lets a client
+choose its own address. It keeps the bytes that follow the header (the ClientHello).
+
+It must never do I/O, never buffer more than the largest header it accepts (107 bytes for v1,
+16 + ``max_v2_payload`` for v2), and never let anything but ``ProxyProtocolError`` escape.
+Whether a peer may send a header at all is the caller's decision (the trusted networks): the
+specification forbids guessing from the bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+from nextproxy.core.crc32c import crc32c
+from nextproxy.errors import ProxyProtocolError
+
+KiB = 1024
+MAX_V1_LINE = 107
+"""Longest v1 line including CRLF (the specification's worst case, "PROXY UNKNOWN" + two
+full IPv6 addresses and ports); a receiver must declare a longer line invalid."""
+V2_HEADER_SIZE = 16
+MAX_V2_PAYLOAD = 4 * KiB
+"""Default cap on the v2 bytes after the 16-byte header (addresses + TLVs). Load balancers send
+a few dozen bytes (AWS adds a VPC endpoint id, HAProxy an authority and a unique id); only a
+sender that forwards whole client certificates needs more, and then the cap is configurable."""
+
+V1_SIGNATURE = b"PROXY "
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+# Error reasons: a fixed set, so the shell can use them as metric label values.
+NOT_PROXY_PROTOCOL = "not_proxy_protocol"  # a peer that must send a header sent something else
+MALFORMED = "malformed"
+TOO_LONG = "too_long"
+BAD_CHECKSUM = "bad_checksum"
+TRUNCATED = "truncated"  # the connection ended inside the header
+
+PP2_TYPE_ALPN = 0x01
+PP2_TYPE_AUTHORITY = 0x02
+PP2_TYPE_CRC32C = 0x03
+PP2_TYPE_NOOP = 0x04
+PP2_TYPE_UNIQUE_ID = 0x05
+_TLV_HEADER = 3
+_MAX_AUTHORITY = 255  # a DNS name; HAProxy refuses longer authorities too
+_MAX_UNIQUE_ID = 128  # "up to 128 bytes" (section 2.2.5)
+
+_V2_VERSION = 0x2
+_TCP4, _TCP6 = 0x11, 0x21
+# The family/protocol bytes section 2.2 lists as valid, with their address block sizes (UNSPEC
+# has none: TLVs start right after the 16 bytes). Only TCP over IPv4/IPv6 is decoded; for the
+# others a receiver "falls back to the UNSPEC mode" (use the connection's own addresses), and
+# any other byte "must be rejected as invalid".
+_V2_ADDRESS_SIZES = {0x00: 0, 0x11: 12, 0x12: 12, 0x21: 36, 0x22: 36, 0x31: 216, 0x32: 216}
+
+_V1_IPV4 = re.compile(rb"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                      rb"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)")  # no leading zeros: not octal
+_V1_IPV6_CHARS = re.compile(rb"[0-9A-Fa-f:.]{2,45}")  # dotted tail for IPv4-mapped; no %scope
+_V1_PORT = re.compile(rb"0|[1-9]\d{0,4}")
+
+
+class ProxyCommand(enum.Enum):
+    """v2's command nibble. v1 has no command: its lines count as PROXY."""
+
+    LOCAL = "local"  # the balancer's own connection (a health check): no client behind it
+    PROXY = "proxy"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One side of the original connection."""
+
+    ip: IPv4Address | IPv6Address
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tlv:
+    """One v2 type-length-value entry, exactly as received."""
+
+    type: int
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyHeader:
+    """A complete, valid header and the bytes that followed it."""
+
+    version: int
+    """1 (text) or 2 (binary)."""
+    command: ProxyCommand
+    source: Endpoint | None
+    """The client. None means "use the connection's own address": a LOCAL command, a v1
+    UNKNOWN line, or a v2 family this reader does not decode (UNSPEC, UDP, UNIX)."""
+    destination: Endpoint | None
+    """The address the client connected to; None exactly when ``source`` is None."""
+    tlvs: tuple[Tlv, ...]
+    """Every v2 TLV in wire order, the decoded ones included; empty for v1."""
+    authority: str | None
+    """PP2_TYPE_AUTHORITY: the server name the client asked for (its SNI), if sent."""
+    alpn: bytes | None
+    """PP2_TYPE_ALPN: the application protocol, if sent."""
+    trailing: bytes
+    """Bytes fed after the header: the start of the client's own stream (its ClientHello),
+    which the caller must process next."""
+
+    @property
+    def uses_connection_address(self) -> bool:
+        """True when the caller keeps the socket's peer address as the client's."""
+        return self.source is None
+
+
+def _detached(error: ProxyProtocolError) -> ProxyProtocolError:
+    """An unraised copy for the sticky error (a raised one's traceback pins the caller)."""
+    return ProxyProtocolError(error.reason, error.detail)
+
+
+class ProxyHeaderReader:
+    """Feed bytes as they arrive; ``feed`` returns the header once it is complete.
+
+    ``feed(b"")`` means the peer closed the connection. After an error every later ``feed``
+    raises the same error. The reader is single-use: once it has returned a header, the bytes
+    after it are in ``ProxyHeader.trailing`` and feeding it again is a caller bug.
+    """
+
+    def __init__(self, max_v2_payload: int = MAX_V2_PAYLOAD) -> None:
+        if not 0 <= max_v2_payload <= 0xFFFF:
+            raise ValueError(f"max_v2_payload must be 0..65535, got {max_v2_payload}")
+        self._max_v2_payload = max_v2_payload
+        # Never holds more than the cap between feeds: an incomplete header longer than
+        # the cap is refused in the same feed that made it so.
+        self._buffer = bytearray()
+        self._error: ProxyProtocolError | None = None
+        self._done = False
+
+    def feed(self, data: bytes) -> ProxyHeader | None:
+        """Consume ``data``; return the header when complete, None if more bytes are needed."""
+        if self._error is not None:
+            raise _detached(self._error)
+        if self._done:
+            raise RuntimeError("ProxyHeaderReader.feed after the header was returned")
+        try:
+            if not data:
+                raise ProxyProtocolError(
+                    TRUNCATED, f"connection closed after {len(self._buffer)} header bytes")
+            self._buffer += data
+            header = self._parse(self._buffer)
+        except ProxyProtocolError as exc:
+            self._fail(exc)
+            raise
+        except (ValueError, IndexError) as exc:  # ValueError includes UnicodeDecodeError
+            # Every length is checked, so this is a bug; the shell still gets our type.
+            error = ProxyProtocolError(MALFORMED, f"unparseable header: {exc!r}")
+            self._fail(error)
+            raise error from exc
+        if header is not None:
+            self._done = True
+            self._buffer = bytearray()
+        return header
+
+    def _fail(self, error: ProxyProtocolError) -> None:
+        self._error = _detached(error)
+        self._buffer = bytearray()
+
+    def _parse(self, buf: bytearray) -> ProxyHeader | None:
+        if buf[0] == V1_SIGNATURE[0]:
+            return _parse_v1(buf) if _signature_seen(buf, V1_SIGNATURE) else None
+        if buf[0] == V2_SIGNATURE[0]:
+            return self._parse_v2(buf) if _signature_seen(buf, V2_SIGNATURE) else None
+        raise ProxyProtocolError(NOT_PROXY_PROTOCOL, f"first byte {buf[0]:#04x}")
+
+    def _parse_v2(self, buf: bytearray) -> ProxyHeader | None:
+        # Each field is judged as soon as it arrives: never wait for bytes we will refuse.
+        if len(buf) <= 12:
+            return None
+        version, command_bits = buf[12] >> 4, buf[12] & 0x0F
+        if version != _V2_VERSION:
+            raise ProxyProtocolError(MALFORMED, f"v2 version nibble {version}, not 2")
+        if command_bits > 1:
+            raise ProxyProtocolError(MALFORMED, f"v2 command {command_bits}, not LOCAL or PROXY")
+        command = ProxyCommand.PROXY if command_bits else ProxyCommand.LOCAL
+        if len(buf) <= 13:
+            return None
+        family = buf[13]
+        # LOCAL: "the receiver ... must discard the protocol block including the family".
+        if command is ProxyCommand.PROXY and family not in _V2_ADDRESS_SIZES:
+            raise ProxyProtocolError(MALFORMED, f"v2 address family/protocol {family:#04x}")
+        if len(buf) < V2_HEADER_SIZE:
+            return None
+        length = buf[14] << 8 | buf[15]
+        if length > self._max_v2_payload:
+            raise ProxyProtocolError(
+                TOO_LONG, f"v2 header announces {length} bytes, cap is {self._max_v2_payload}")
+        end = V2_HEADER_SIZE + length
+        if len(buf) < end:
+            return None
+        header, trailing = bytes(buf[:end]), bytes(buf[end:])
+        if command is ProxyCommand.LOCAL:
+            # The family is ignored and no address is sent ("it sets this field to zero"),
+            # so the block is TLVs only: HAProxy reads it so, and its health checks put a
+            # CRC32c there, which is verified like any other.
+            tlvs = _parse_tlvs(header, V2_HEADER_SIZE)
+            authority, alpn = _known_tlvs(tlvs)
+            return ProxyHeader(2, command, None, None, tlvs, authority, alpn, trailing)
+        return _decode_v2(header, family, trailing)
+
+
+def _signature_seen(buf: bytearray, signature: bytes) -> bool:
+    """True once ``buf`` holds the whole signature; raises as soon as it cannot match."""
+    seen = bytes(buf[:len(signature)])
+    if not signature.startswith(seen):
+        raise ProxyProtocolError(NOT_PROXY_PROTOCOL, f"bad signature {seen!r}")
+    return len(seen) == len(signature)
+
+
+def _parse_v1(buf: bytearray) -> ProxyHeader | None:
+    """A v1 line ends at the first CRLF within 107 bytes; a lone CR or LF is an error."""
+    window = bytes(buf[:MAX_V1_LINE])
+    lf = window.find(b"\n")
+    cr = window.find(b"\r")
+    if 0 <= cr < len(window) - 1 and window[cr + 1] != 0x0A:
+        raise ProxyProtocolError(MALFORMED, "v1 line has a CR without LF")
+    if lf == -1:
+        if len(window) >= MAX_V1_LINE:
+            raise ProxyProtocolError(TOO_LONG, f"no CRLF in the first {MAX_V1_LINE} bytes")
+        return None
+    if cr != lf - 1:
+        raise ProxyProtocolError(MALFORMED, "v1 line has an LF without CR")
+    fields = window[:cr].split(b" ")
+    trailing = bytes(buf[lf + 1:])
+    protocol = fields[1]
+    if protocol == b"UNKNOWN":
+        # "the receiver must ignore anything presented before the CRLF"
+        return ProxyHeader(1, ProxyCommand.PROXY, None, None, (), None, None, trailing)
+    if protocol not in (b"TCP4", b"TCP6"):
+        raise ProxyProtocolError(MALFORMED, f"v1 protocol {protocol[:16]!r}")
+    if len(fields) != 6:
+        raise ProxyProtocolError(
+            MALFORMED, f"v1 {protocol.decode()} line has {len(fields)} single-space fields, not 6")
+    source = Endpoint(_v1_address(protocol, fields[2]), _v1_port(fields[4]))
+    destination = Endpoint(_v1_address(protocol, fields[3]), _v1_port(fields[5]))
+    return ProxyHeader(1, ProxyCommand.PROXY, source, destination, (), None, None, trailing)
+
+
+def _v1_address(protocol: bytes, text: bytes) -> IPv4Address | IPv6Address:
+    if protocol == b"TCP4":
+        if _V1_IPV4.fullmatch(text):
+            return IPv4Address(text.decode("ascii"))
+    elif _V1_IPV6_CHARS.fullmatch(text):
+        try:
+            return IPv6Address(text.decode("ascii"))
+        except ValueError:
+            pass
+    raise ProxyProtocolError(MALFORMED, f"v1 {protocol.decode()} address {text[:48]!r}")
+
+
+def _v1_port(text: bytes) -> int:
+    if _V1_PORT.fullmatch(text) and int(text) <= 0xFFFF:
+        return int(text)
+    raise ProxyProtocolError(MALFORMED, f"v1 port {text[:16]!r}")
+
+
+def _decode_v2(header: bytes, family: int, trailing: bytes) -> ProxyHeader:
+    """Addresses and TLVs of a complete PROXY-command header with a known family."""
+    size = _V2_ADDRESS_SIZES[family]
+    if len(header) - V2_HEADER_SIZE < size:
+        raise ProxyProtocolError(MALFORMED, f"v2 address block of {len(header) - V2_HEADER_SIZE}"
+                                            f" bytes, family {family:#04x} needs {size}")
+    source = destination = None
+    block = header[V2_HEADER_SIZE:V2_HEADER_SIZE + size]
+    if family in (_TCP4, _TCP6):
+        width = 4 if family == _TCP4 else 16
+        kind = IPv4Address if family == _TCP4 else IPv6Address
+        ports = 2 * width
+        source = Endpoint(kind(block[:width]), block[ports] << 8 | block[ports + 1])
+        destination = Endpoint(kind(block[width:ports]), block[ports + 2] << 8 | block[ports + 3])
+    tlvs = _parse_tlvs(header, V2_HEADER_SIZE + size)
+    authority, alpn = _known_tlvs(tlvs)
+    return ProxyHeader(2, ProxyCommand.PROXY, source, destination, tlvs, authority, alpn,
+                       trailing)
+
+
+def _parse_tlvs(header: bytes, pos: int) -> tuple[Tlv, ...]:
+    """Split the TLV area, which must end exactly at the header's end; verify a CRC32c."""
+    tlvs: list[Tlv] = []
+    end = len(header)
+    while pos < end:
+        if pos + _TLV_HEADER > end:
+            raise ProxyProtocolError(MALFORMED, f"truncated TLV header at offset {pos}")
+        kind, size = header[pos], header[pos + 1] << 8 | header[pos + 2]
+        start, stop = pos + _TLV_HEADER, pos + _TLV_HEADER + size
+        if stop > end:
+            raise ProxyProtocolError(MALFORMED, f"TLV {kind:#04x} of {size} bytes overruns "
+                                                f"the header by {stop - end}")
+        if kind == PP2_TYPE_CRC32C:
+            _verify_crc32c(header, start, size)
+        tlvs.append(Tlv(kind, header[start:stop]))
+        pos = stop
+    return tuple(tlvs)
+
+
+def _known_tlvs(tlvs: tuple[Tlv, ...]) -> tuple[str | None, bytes | None]:
+    """Authority and ALPN, checked; the other types' values are the sender's business."""
+    seen: set[int] = set()
+    authority: str | None = None
+    alpn: bytes | None = None
+    for tlv in tlvs:
+        if tlv.type in (PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, PP2_TYPE_CRC32C, PP2_TYPE_UNIQUE_ID):
+            # Two values for one fact: whichever we picked, the other hop may pick the other.
+            if tlv.type in seen:
+                raise ProxyProtocolError(MALFORMED, f"TLV {tlv.type:#04x} appears twice")
+            seen.add(tlv.type)
+        if tlv.type == PP2_TYPE_AUTHORITY:
+            if not 0 < len(tlv.value) <= _MAX_AUTHORITY:
+                raise ProxyProtocolError(MALFORMED, f"authority of {len(tlv.value)} bytes")
+            try:
+                authority = tlv.value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProxyProtocolError(MALFORMED, "authority is not UTF-8") from None
+        elif tlv.type == PP2_TYPE_ALPN:
+            if not tlv.value:
+                raise ProxyProtocolError(MALFORMED, "empty ALPN TLV")
+            alpn = tlv.value
+        elif tlv.type == PP2_TYPE_UNIQUE_ID and len(tlv.value) > _MAX_UNIQUE_ID:
+            raise ProxyProtocolError(MALFORMED, f"unique id of {len(tlv.value)} bytes")
+    return authority, alpn
+
+
+def _verify_crc32c(header: bytes, start: int, size: int) -> None:
+    """Section 2.2.3: the checksum covers the whole header with its own field zeroed."""
+    if size != 4:
+        raise ProxyProtocolError(MALFORMED, f"CRC32c TLV of {size} bytes, not 4")
+    sent = int.from_bytes(header[start:start + 4], "big")
+    computed = crc32c(header[:start] + bytes(4) + header[start + 4:])
+    if sent != computed:
+        raise ProxyProtocolError(BAD_CHECKSUM, f"CRC32c {sent:#010x}, header has {computed:#010x}")
+
+
+def looks_like_proxy_protocol(first_bytes: bytes) -> bool:
+    """True if a connection's first bytes start with either signature (at least 5 bytes).
+
+    For counting headers from peers that are not trusted to send one: such a connection is
+    refused either way, and this only names why. Pass the first read from the socket: senders
+    write the header at once, so that read holds the signature.
+    """
+    for signature in (V1_SIGNATURE, V2_SIGNATURE):
+        head = first_bytes[:len(signature)]
+        if len(head) >= 5 and signature.startswith(head):
+            return True
+    return False
+
+
+def build_v2(source: Endpoint, destination: Endpoint, authority: str | None = None,
+             alpn: bytes | None = None, *, checksum: bool = False) -> bytes:
+    """A v2 PROXY-command header for a TCP connection, with optional TLVs.
+
+    Both ends are sent in one family: IPv4 when both are IPv4 (or IPv4-mapped IPv6, as a
+    dual-stack socket reports IPv4 peers), else IPv6 with any IPv4 end mapped. ``authority``
+    is the client's server name, ``alpn`` one protocol name; ``checksum`` adds a CRC32c TLV.
+    Raises ValueError for values no receiver could accept (a caller bug, not peer input).
+    """
+    src, dst = _unmapped(source.ip), _unmapped(destination.ip)
+    if isinstance(src, IPv4Address) and isinstance(dst, IPv4Address):
+        family, addresses = _TCP4, src.packed + dst.packed
+    else:
+        family, addresses = _TCP6, _as_ipv6(src).packed + _as_ipv6(dst).packed
+    for port in (source.port, destination.port):
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"port {port} out of range")
+    body = addresses + source.port.to_bytes(2, "big") + destination.port.to_bytes(2, "big")
+    if authority is not None:
+        value = authority.encode("utf-8")
+        if not 0 < len(value) <= _MAX_AUTHORITY:
+            raise ValueError(f"authority of {len(value)} bytes")
+        body += _tlv(PP2_TYPE_AUTHORITY, value)
+    if alpn is not None:
+        if not 0 < len(alpn) <= 255:  # RFC 7301: a protocol name is 1..255 bytes
+            raise ValueError(f"ALPN protocol of {len(alpn)} bytes")
+        body += _tlv(PP2_TYPE_ALPN, alpn)
+    crc_at = V2_HEADER_SIZE + len(body) + _TLV_HEADER
+    if checksum:
+        body += _tlv(PP2_TYPE_CRC32C, bytes(4))
+    header = V2_SIGNATURE + bytes((_V2_VERSION << 4 | 1, family)) + len(body).to_bytes(2, "big")
+    header += body
+    if checksum:
+        header = header[:crc_at] + crc32c(header).to_bytes(4, "big") + header[crc_at + 4:]
+    return header
+
+
+def _tlv(kind: int, value: bytes) -> bytes:
+    return bytes((kind,)) + len(value).to_bytes(2, "big") + value
+
+
+def _unmapped(ip: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _as_ipv6(ip: IPv4Address | IPv6Address) -> IPv6Address:
+    if isinstance(ip, IPv6Address):
+        return ip
+    return IPv6Address(0xFFFF << 32 | int(ip))
