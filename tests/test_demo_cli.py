@@ -183,14 +183,19 @@ def test_healthcheck_probes_the_ports_of_running_standins() -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
     )  # fmt: skip
     try:
-        # The stand-ins' own command line, as /proc/1/cmdline shows it in their container.
-        cmdline = Path(f"/proc/{process.pid}/cmdline")
+        # Wait until they listen: before that (and briefly during exec) the command line may not
+        # be theirs yet, which a container's healthcheck never sees.
         deadline = time.monotonic() + TIMEOUT
-        # (An exited process shows an empty command line: check that it still runs first.)
-        while process.poll() is None and cli.healthcheck(None, cmdline) != 0:
-            assert time.monotonic() < deadline, "the stand-ins never became healthy"
-            time.sleep(0.1)
-        assert process.poll() is None, process.communicate()[0].decode()
+        while True:
+            assert process.poll() is None, process.communicate()[0].decode()
+            try:
+                socket.create_connection((f"{QUIET_NET}.1", 8888), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the stand-ins never listened"
+                time.sleep(0.05)
+        # Their own command line, as /proc/1/cmdline shows it in their container.
+        assert cli.healthcheck(None, Path(f"/proc/{process.pid}/cmdline")) == 0
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=TIMEOUT)
