@@ -187,6 +187,8 @@ def pki(directory: str, owner: str | None = None) -> int:
             hand_over(folder, files, uid_gid)
     except OSError as exc:
         print(f"nextproxy pki: cannot write {folder}: {exc.strerror or exc}", file=sys.stderr)
+        if isinstance(exc, PermissionError):
+            print("nextproxy pki: in a container, run it as root with --owner UID:GID (see the README)", file=sys.stderr)
         return 1
     print(f"nextproxy pki: wrote a throwaway demo PKI (valid one year) to {folder}:")
     for name, path in sorted(files.items()):
