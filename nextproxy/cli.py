@@ -12,6 +12,7 @@ import os
 import signal
 import ssl
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from nextproxy import __version__
@@ -37,11 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the proxy with a throwaway PKI and stand-in ns/mc/sfs upstreams")
     demo.add_argument("--port", type=int, default=8443, help="edge port on 127.0.0.1 (default 8443)")
     demo.add_argument("--admin-port", type=int, default=9613, help="admin port on 127.0.0.1 (default 9613)")
-    demo.add_argument("--dir", default=None, help="where to write the demo PKI (default: a temp dir)")
+    demo.add_argument(
+        "--keep-pki", "--dir", dest="keep_pki", metavar="DIR", default=None,
+        help="write the demo PKI into DIR and keep it (default: a temp folder removed when the demo stops)",
+    )
     health = sub.add_parser("healthcheck", help="exit 0 if this host's proxy answers /readyz with 200 (for container healthchecks)")
     health.add_argument("--config", metavar="FILE")
     pki = sub.add_parser("pki", help="write a throwaway demo PKI (CA, edge, upstream, client) into DIR")
     pki.add_argument("dir", metavar="DIR")
+    pki.add_argument("--owner", metavar="UID:GID", default=None, help="hand DIR and its files to UID:GID, keys 0640 (run as root)")
     standins = sub.add_parser("standins", help="serve the preset's stand-in upstreams for one service")
     standins.add_argument("--service", choices=("ns", "mc", "sfs", "all"), default="all")
     standins.add_argument(
@@ -105,11 +110,15 @@ def run(path: str | None) -> int:
     return run_loop(serve(config, logger, config_path=path, contexts=contexts))
 
 
-def demo(port: int, admin_port: int, directory: str | None) -> int:
-    """The proxy on its embedded preset, with a fresh PKI and stand-in upstreams on loopback."""
-    import tempfile
-    from pathlib import Path
+def demo(port: int, admin_port: int, keep_pki: str | None) -> int:
+    """The proxy on its embedded preset, with a fresh PKI (removed on exit unless kept) and stand-ins."""
+    from nextproxy.demo.pki import demo_pki_folder
 
+    with demo_pki_folder(keep_pki) as folder:
+        return _demo(port, admin_port, folder, kept=keep_pki is not None)
+
+
+def _demo(port: int, admin_port: int, folder: Path, *, kept: bool) -> int:
     from nextproxy.config import from_environment
     from nextproxy.demo.pki import (
         DEMO_API_SERVER_NAMES,
@@ -121,7 +130,6 @@ def demo(port: int, admin_port: int, directory: str | None) -> int:
     from nextproxy.process.lifecycle import serve
     from nextproxy.process.logs import Logger
 
-    folder = Path(directory or tempfile.mkdtemp(prefix="nextproxy-demo-"))
     pki = make_pki()
     files = pki.write(folder)
     env = demo_environment(files, listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{admin_port}")
@@ -131,7 +139,7 @@ def demo(port: int, admin_port: int, directory: str | None) -> int:
     resolve = f"--resolve localhost:{port}:127.0.0.1"
     print(f"""nextproxy demo: edge https://localhost:{port}  admin http://127.0.0.1:{admin_port}
   stand-in upstreams: ns on {DEMO_HOSTS['ns']}, mc on {DEMO_HOSTS['mc']}, sfs on {DEMO_HOSTS['sfs']} (ports 9999, 8888, 8080)
-  demo PKI (throwaway CA, edge and client certificates): {folder}
+  demo PKI (throwaway CA, edge and client certificates): {folder} ({"kept" if kept else "removed on exit"})
 
 Try, in another terminal:
   curl --cacert {ca} {resolve} https://localhost:{port}/ns/sigmai/hello
@@ -166,12 +174,14 @@ PKI_EDGE_SERVICE_NAMES = ("nextproxy",)
 STANDIN_SERVICES = ("ns", "mc", "sfs")
 
 
-def pki(directory: str) -> int:
+def pki(directory: str, owner: str | None = None) -> int:
     """Write the demo PKI into ``directory`` unless it already holds one (compose runs this on every ``up``)."""
-    from pathlib import Path
+    from nextproxy.demo.pki import DEMO_EDGE_NAMES, hand_over, make_pki, parse_owner
 
-    from nextproxy.demo.pki import DEMO_EDGE_NAMES, make_pki
-
+    try:
+        uid_gid = None if owner is None else parse_owner(owner)
+    except ValueError as exc:
+        raise ConfigError("--owner", str(exc)) from None
     folder = Path(directory)
     if (folder / "ca.pem").is_file() and (folder / "edge.pem").is_file():
         print(f"nextproxy pki: {folder} already holds ca.pem and edge.pem; left unchanged", flush=True)
@@ -179,8 +189,12 @@ def pki(directory: str) -> int:
     names = (*DEMO_EDGE_NAMES, *PKI_EDGE_SERVICE_NAMES)
     try:
         files = make_pki(names).write(folder)
+        if uid_gid is not None:
+            hand_over(folder, files, uid_gid)
     except OSError as exc:
         print(f"nextproxy pki: cannot write {folder}: {exc.strerror or exc}", file=sys.stderr)
+        if isinstance(exc, PermissionError):
+            print("nextproxy pki: in a container, run it as root with --owner UID:GID (see the README)", file=sys.stderr)
         return 1
     print(f"nextproxy pki: wrote a throwaway demo PKI (valid one year) to {folder}:")
     for name, path in sorted(files.items()):
@@ -260,11 +274,47 @@ def standins(service: str, host: str | None, pki_dir: str | None) -> int:
         return 1
 
 
-def healthcheck(path: str | None) -> int:
-    """GET /readyz on the configured admin address (a wildcard address means this host)."""
+# The container's main process: PID 1 itself, or under --init (tini, catatonit) PID 1's command line
+# still carries it after "--". One image serves both roles, so its HEALTHCHECK asks what runs here.
+MAIN_CMDLINE = Path("/proc/1/cmdline")
+
+
+def _standins_argv(cmdline: Path) -> list[str] | None:
+    """The ``standins ...`` arguments when ``cmdline`` runs ``nextproxy standins``, else None."""
+    try:
+        argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for index in range(1, len(argv)):
+        if argv[index] == "standins" and Path(argv[index - 1]).name == "nextproxy":
+            return [arg for arg in argv[index:] if arg]
+    return None
+
+
+def _standins_healthcheck(argv: list[str]) -> int:
+    """Exit 0 when every port of the stand-ins that ``argv`` describes accepts a connection."""
+    import socket
+
+    args = _parser().parse_args(argv)
+    for name, host, port, _ in _standin_plan(args.service, args.host):
+        target = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        try:
+            socket.create_connection((target, port), timeout=3).close()
+        except OSError as exc:
+            print(f"nextproxy healthcheck: standins {name} on {target}:{port}: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def healthcheck(path: str | None, main_cmdline: Path = MAIN_CMDLINE) -> int:
+    """The stand-ins' ports when ``main_cmdline`` is ``nextproxy standins``, else GET /readyz on the
+    configured admin address (a wildcard address means this host)."""
     import http.client
     import ssl
 
+    standins_argv = _standins_argv(main_cmdline)
+    if standins_argv is not None:
+        return _standins_healthcheck(standins_argv)
     config = load(os.environ, path)
     address = config.admin_listen
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
@@ -296,11 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "check":
             return check(args.config)
         if command == "demo":
-            return demo(args.port, args.admin_port, args.dir)
+            return demo(args.port, args.admin_port, args.keep_pki)
         if command == "healthcheck":
             return healthcheck(args.config)
         if command == "pki":
-            return pki(args.dir)
+            return pki(args.dir, args.owner)
         if command == "standins":
             return standins(args.service, args.host, args.pki)
         return run(getattr(args, "config", None))

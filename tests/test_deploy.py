@@ -1,5 +1,7 @@
-"""The deployment artifacts: docker-compose.yml, deploy/kubernetes/, deploy/grafana/, and the two
-CLI pieces they run (``nextproxy pki`` and ``nextproxy standins``).
+"""The deployment artifacts: Dockerfile, docker-compose.yml, the README's ``docker run`` recipe,
+deploy/kubernetes/, deploy/grafana/, and the two CLI pieces they run (``nextproxy pki`` and
+``nextproxy standins``). tests/test_demo_cli.py runs ``--owner``, ``--keep-pki`` and the
+role-aware healthcheck for real.
 
 No container engine, cluster or network here: the YAML is read with a small reader for the plain
 subset these files are written in (PyYAML is not a dependency), which refuses anything outside
@@ -12,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import shlex
 import signal
 import socket
 import ssl
@@ -33,6 +36,9 @@ from nextproxy.config import from_environment, from_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+README = ROOT / "README.md"
+IMAGE_GID = 10001
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 DASHBOARD = ROOT / "deploy" / "grafana" / "nextproxy-dashboard.json"
 STANDIN_SERVICES = ("ns", "mc", "sfs")
@@ -273,6 +279,21 @@ def test_compose_has_the_proxy_the_standins_and_the_pki_from_one_image(compose: 
     assert "nextproxy pki /certs" in " ".join(services["pki"]["entrypoint"])
 
 
+def test_compose_pki_hands_the_files_to_the_project_owner_and_the_image_group(compose: dict[str, Any]) -> None:
+    pki = compose["services"]["pki"]
+    assert pki["user"] == "0:0", "root, to write into ./certs whoever created it"
+    entrypoint = pki["entrypoint"]
+    assert entrypoint[:2] == ["sh", "-c"]
+    words = shlex.split(entrypoint[2])
+    assert words[:2] == ["exec", "nextproxy"]
+    owner = words[words.index("--owner") + 1]
+    # "$$" is compose's escape: the shell sees "$(stat -c %u /project)", the project folder's owner.
+    assert owner == f"$$(stat -c %u /project):{IMAGE_GID}"
+    assert ".:/project:ro" in pki["volumes"]
+    args = cli._parser().parse_args(words[2:])
+    assert (args.command, args.dir, args.owner) == ("pki", "/certs", owner)
+
+
 def test_compose_env_is_a_valid_preset_with_passthrough_api_names(
     compose: dict[str, Any], pki_files: dict[str, Path]
 ) -> None:
@@ -323,13 +344,141 @@ def test_compose_startup_order_and_standin_healthchecks(compose: dict[str, Any])
         assert depends[name]["condition"] == "service_healthy"
         standin = services[name]
         assert standin["init"] is True
-        # Their own check, not the image's /readyz one (a stand-in has no admin port).
-        probe = " ".join(standin["healthcheck"]["test"])
-        assert "9613" not in probe
-        port = int(re.search(r"'127\.0\.0\.1', (\d+)", probe).group(1))  # type: ignore[union-attr]
-        assert port in {p for _, _, svc, p in PRESET_PATH_ROUTES if svc.lower() == name}
+        # No override: the image's `nextproxy healthcheck` sees that it runs the stand-ins and
+        # probes their ports (tests/test_demo_cli.py runs it against real stand-ins).
+        assert "healthcheck" not in standin, name
+    assert _instruction(_stages()[-1], "HEALTHCHECK").endswith('CMD ["nextproxy", "healthcheck"]')
     for name in ("ns", "mc"):
         assert services[name]["depends_on"]["pki"]["condition"] == "service_completed_successfully"
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def _stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile as (INSTRUCTION, arguments) per stage, continuation lines joined."""
+    stages: list[list[tuple[str, str]]] = []
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    for line in re.sub(r"\\\n", " ", "\n".join(lines)).splitlines():
+        if line.strip():
+            keyword, _, rest = line.strip().partition(" ")
+            if keyword.upper() == "FROM":
+                stages.append([])
+            stages[-1].append((keyword.upper(), " ".join(rest.split())))
+    return stages
+
+
+def _instruction(stage: list[tuple[str, str]], keyword: str) -> str:
+    [value] = [rest for key, rest in stage if key == keyword]
+    return value
+
+
+def test_image_is_multi_stage_and_ships_only_the_installed_venv() -> None:
+    *builders, final = _stages()
+    assert builders, "a build stage, so the final image holds no source or build leftovers"
+    build_name = _instruction(builders[-1], "FROM").split()[-1]
+    build_runs = " ".join(rest for key, rest in builders[-1] if key == "RUN")
+    # pip runs in a venv, so it never warns about root; the wheel is built, then installed.
+    assert "python -m venv /opt/venv" in build_runs
+    assert "/opt/venv/bin/pip wheel" in build_runs and "/opt/venv/bin/pip install /wheels/" in build_runs
+    copies = [rest for key, rest in final if key in ("COPY", "ADD")]
+    assert copies == [f"--from={build_name} /opt/venv /opt/venv"], "nothing but the venv reaches the image"
+    assert not any("pip" in rest for key, rest in final if key == "RUN")
+    assert "PATH=/opt/venv/bin:$PATH" in _instruction(final, "ENV")
+    # `python -m nextproxy` from the working directory must find the installed package, not a copy.
+    assert _instruction(final, "WORKDIR") == "/"
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if not line.startswith("#")}
+    assert {"tests", "benchmarks", ".git", "*.egg-info", "build", "certs"} <= ignored, "no keys in the build context"
+
+
+def test_image_runs_as_10001_stops_with_sigterm_and_checks_its_role() -> None:
+    final = _stages()[-1]
+    assert _instruction(final, "USER") == f"10001:{IMAGE_GID}"
+    assert f"groupadd --gid {IMAGE_GID}" in _instruction(final, "RUN")
+    assert _instruction(final, "STOPSIGNAL") == "SIGTERM"
+    assert _instruction(final, "ENTRYPOINT") == '["nextproxy"]'
+    assert _instruction(final, "CMD") == '["run"]'
+    # One check for every role: `nextproxy healthcheck` looks at what the container runs.
+    healthcheck = _instruction(final, "HEALTHCHECK")
+    assert healthcheck.endswith('CMD ["nextproxy", "healthcheck"]')
+    assert cli._parser().parse_args(["healthcheck"]).command == "healthcheck"
+    text = DOCKERFILE.read_text()
+    assert "--stop-timeout 40" in text, "the stop timeout a Dockerfile cannot set is documented in it"
+
+
+# --------------------------------------------------------------------------- README: docker run
+
+
+def _readme_docker_run() -> tuple[str, list[list[str]]]:
+    """The README's "Docker without compose" section and each `docker run` in its recipe, as argv.
+
+    The recipe's one loop (``for s in ns mc sfs``) is unrolled, so every container it starts is
+    checked.
+    """
+    section = README.read_text().split("### Docker without compose", 1)[1].split("\n### ", 1)[0]
+    script = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    script = re.sub(r"\\\n\s*", " ", script)
+    commands: list[list[str]] = []
+    loop = None
+    for line in script.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if line.startswith("for s in "):
+            loop = line.removeprefix("for s in ").removesuffix("; do").split()
+        elif line == "done":
+            loop = None
+        elif line.startswith("docker run"):
+            for value in loop or [""]:
+                commands.append(shlex.split(line.replace('"$s"', value)))
+    return section, commands
+
+
+def _split_run(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """docker run options (name -> values; flags map to []) and the arguments after the image."""
+    image = argv.index("nextproxy:local")
+    options: dict[str, list[str]] = {}
+    words = argv[2:image]
+    index = 0
+    flags = {"-d", "--rm", "--init", "--read-only"}
+    while index < len(words):
+        word = words[index]
+        if word in flags:
+            options.setdefault(word, [])
+            index += 1
+        else:
+            options.setdefault(word, []).append(words[index + 1])
+            index += 2
+    return options, argv[image + 1 :]
+
+
+def test_readme_docker_run_recipe_parses_and_outwaits_the_drain(pki_files: dict[str, Path]) -> None:
+    section, commands = _readme_docker_run()
+    runs = [_split_run(argv) for argv in commands]
+    # No arguments after the image: its CMD, ["run"].
+    runs = [(options, args or ["run"]) for options, args in runs]
+    assert [args[0] for _, args in runs] == ["pki", "standins", "standins", "standins", "run"]
+    for _, args in runs:
+        cli._parser().parse_args(args)  # every container's command is one the real CLI accepts
+    (pki_options, pki_args), *standins, (proxy, proxy_args) = runs
+    # The pki step: root, so the bind mount's owner does not matter; files handed to the caller.
+    assert pki_options["--user"] == ["0:0"]
+    assert pki_args[pki_args.index("--owner") + 1] == f"$(id -u):{IMAGE_GID}"
+    assert {f"{s[0]['--name'][0]}" for s in standins} == set(STANDIN_SERVICES)
+    for options, args in standins:
+        assert args[args.index("--service") + 1] == options["--name"][0]
+        assert "--init" in options
+    # The proxy: init, certificates by *_FILE from a read-only mount, a stop timeout over the drain.
+    assert "--init" in proxy and "--read-only" in proxy
+    env = dict(item.split("=", 1) for item in proxy["-e"])
+    mounts = {volume.split(":")[1]: volume.split(":")[2:] for volume in proxy["-v"]}
+    for key in ("NEXTPROXY_TLS_CERTIFICATE_FILE", "NEXTPROXY_TLS_KEY_FILE"):
+        assert mounts[str(Path(env[key]).parent)] == ["ro"], key
+    config = from_environment(_with_pki_paths(env, pki_files))
+    assert {route.name for route in config.sni_routes} == {"ns-api", "mc-api"}
+    drain = config.timeouts.shutdown_delay + config.timeouts.drain
+    assert int(proxy["--stop-timeout"][0]) > drain
+    assert {"8443:8443", "9613:9613"} == set(proxy["-p"])
+    for words in ("STOPSIGNAL", "--stop-timeout", "X-Forwarded-For", "bridge gateway", "--network host"):
+        assert words in section, words
 
 
 # --------------------------------------------------------------------------- deploy/kubernetes

@@ -15,9 +15,11 @@ import asyncio
 import datetime
 import ipaddress
 import os
+import shutil
 import ssl
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +33,8 @@ from nextproxy.demo.standins import PATTERN, StandIn, pattern, pattern_sha256, s
 
 __all__ = [
     "DEMO_API_SERVER_NAMES", "DEMO_HOSTS", "DEMO_EDGE_NAMES", "PATTERN", "DemoPki", "Pem", "StandIn",
-    "client_ssl_context", "demo_environment", "make_pki", "pattern", "pattern_sha256",
-    "server_ssl_context", "start_demo_upstreams", "start_http_ws", "start_tls_api",
+    "client_ssl_context", "demo_environment", "demo_pki_folder", "hand_over", "make_pki", "parse_owner",
+    "pattern", "pattern_sha256", "server_ssl_context", "start_demo_upstreams", "start_http_ws", "start_tls_api",
 ]  # fmt: skip
 
 DAYS = datetime.timedelta(days=1)
@@ -290,3 +292,43 @@ def demo_environment(
         env["NEXTPROXY_UPSTREAM_TLS_CERTIFICATE_FILE"] = str(files["client.pem"])
         env["NEXTPROXY_UPSTREAM_TLS_KEY_FILE"] = str(files["client.key"])
     return env
+
+
+# --------------------------------------------------------------------------- the PKI on disk
+
+
+@contextmanager
+def demo_pki_folder(keep: str | None) -> Iterator[Path]:
+    """Where ``nextproxy demo`` writes its PKI: ``keep`` if given (left in place), else a fresh temp
+    folder removed on the way out, so a stopped demo leaves no CA private key behind.
+    """
+    if keep is not None:
+        yield Path(keep)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="nextproxy-demo-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def parse_owner(text: str) -> tuple[int, int]:
+    """``UID:GID`` (numbers: the names on the host and in a container need not agree)."""
+    uid, sep, gid = text.partition(":")
+    if not (sep and uid.isdigit() and gid.isdigit()):
+        raise ValueError(f"expected UID:GID (numbers), got {text!r}")
+    return int(uid), int(gid)
+
+
+def hand_over(folder: Path, files: Mapping[str, Path], owner: tuple[int, int]) -> None:
+    """Give ``folder`` and ``files`` to ``owner``, keys readable by its group (0640).
+
+    A container's root writes the PKI into a host folder for a host user, who must be able to use
+    the client key and delete the folder; the group is for the container user (the image's gid
+    10001) that has to read the edge and upstream keys. Needs root, or to be ``owner`` already.
+    """
+    uid, gid = owner
+    for path in (folder, *files.values()):
+        os.chown(path, uid, gid)
+        if path.suffix == ".key":
+            os.chmod(path, 0o640)
