@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, cast
 from nextproxy.config import SniAction, SniRoute
 from nextproxy.connection import TerminatedConnection
 from nextproxy.core.clienthello import ClientHello, ClientHelloReader
-from nextproxy.errors import ClientHelloError
+from nextproxy.errors import ClientHelloError, HelloAnswer
 from nextproxy.passthrough import Splice
 from nextproxy.upstream import first_that_answers
 
@@ -27,6 +27,9 @@ USE_HTTPS = (
     b"content-length: 42\r\nconnection: close\r\n\r\n"
     b"This port speaks TLS: use https:// instead\n"
 )
+LINGER = 0.5
+"""After refusing, keep reading (and dropping) this long before closing, as after a failed
+handshake: closing at once makes the kernel reset in-flight bytes, and the answer is lost."""
 
 
 class Accepted(asyncio.Protocol):
@@ -57,13 +60,12 @@ class Accepted(asyncio.Protocol):
         self._timer = self._loop.call_later(rt.config.timeouts.client_hello, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return  # lingering after a refusal: bytes are read only so the kernel does not reset
         try:
             hello = self._reader.feed(data)
         except ClientHelloError as exc:
-            self.rt.observer.bad_hello(exc, self.peer)
-            if exc.plaintext_http and self.transport is not None:
-                self.transport.write(USE_HTTPS)
-            self.close()
+            self._refused(exc)
             return
         except Exception as exc:  # a bug: log it, close this connection only
             self.rt.observer.bug(exc, self.peer)
@@ -73,8 +75,43 @@ class Accepted(asyncio.Protocol):
             self._hand_over(hello)
 
     def eof_received(self) -> bool:
+        if self.transport is not None:
+            try:
+                self._reader.feed(b"")  # raises: the hello is unfinished
+            except ClientHelloError as exc:
+                if exc.answer is HelloAnswer.TLS_LIBRARY:
+                    return self._to_openssl().eof_received()
+            except Exception as exc:
+                self.rt.observer.bug(exc, self.peer)
         self.close()
         return False
+
+    def _to_openssl(self) -> TerminatedConnection:
+        """OpenSSL with the default context gets every byte and answers as a plain server would;
+        the connection then fails (or, rarely, succeeds) like any handshake."""
+        assert self.transport is not None
+        return self._terminate(self.transport, None, ClientHello(None, (), False, self._reader.received()))
+
+    def _refused(self, exc: ClientHelloError) -> None:
+        """Answer first bytes the reader cannot route by (design.md: the peek only routes)."""
+        transport = self.transport
+        assert transport is not None
+        if exc.answer is HelloAnswer.TLS_LIBRARY:
+            self._to_openssl()
+            return
+        self.rt.observer.bad_hello(exc, self.peer)
+        counted = self in self.rt.pending
+        self._forget()
+        answer = {HelloAnswer.USE_HTTPS: USE_HTTPS, HelloAnswer.ALERT: exc.alert_record()}.get(exc.answer)
+        if answer:
+            transport.write(answer)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._loop.call_later(LINGER, transport.close)
+        else:
+            transport.close()
+        if counted:
+            self.rt.observer.connection_closed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
@@ -93,9 +130,14 @@ class Accepted(asyncio.Protocol):
         if route is not None and route.action is SniAction.PASSTHROUGH:
             self._passthrough(transport, route, hello)
             return
+        self._terminate(transport, route, hello)
+
+    def _terminate(self, transport: asyncio.Transport, route: SniRoute | None, hello: ClientHello) -> TerminatedConnection:
+        self._forget()
         connection = TerminatedConnection(self.rt, transport, self.peer, route, hello, self._loop)
         transport.set_protocol(connection)
         connection.start()
+        return connection
 
     def _passthrough(self, transport: asyncio.Transport, route: SniRoute, hello: ClientHello) -> None:
         rt, peer = self.rt, self.peer
