@@ -112,7 +112,7 @@ class TerminatedConnection(asyncio.Protocol):
 
     def start(self) -> None:
         """Begin the handshake with the bytes the hello reader already took off the socket."""
-        hello, self._hello = self._hello, None  # its raw bytes (up to 64 KiB) are not kept
+        hello, self._hello = self._hello, None  # its raw bytes (up to max_client_hello) are not kept
         assert hello is not None
         self._start_tls(self._sni_route, hello)
 

@@ -433,7 +433,7 @@ def test_fuzzed_real_hellos_only_raise_client_hello_error() -> None:
                 if result is not None:
                     break
         except ClientHelloError as exc:
-            assert isinstance(exc.alert, TlsAlert)
+            assert isinstance(exc.alert, TlsAlert) and isinstance(exc.answer, HelloAnswer)
             outcomes["error"] += 1
             continue
         if result is None:

@@ -326,3 +326,29 @@ def test_passthrough_leaves_alpn_to_the_upstream(edge: Edge) -> None:
     with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as raw:
         with context.wrap_socket(raw, server_hostname=API_NAME) as sock:
             assert sock.version() == "TLSv1.3"  # the upstream stand-in took it; we never judged
+
+
+# --------------------------------------------------------------------------- no answer lost to a reset
+
+
+@pytest.mark.parametrize("first,answer", [
+    (b"GET / HTTP/1.1\r\n", b"HTTP/1.1 400 "),
+    (sslv2_hello(0x0303), b"\x15\x03\x03\x00\x02\x02\x46"),
+    (b"\x16\x03\x01\x00\x05hello", b"\x15\x03\x03\x00\x02\x02\x0a"),  # OpenSSL's unexpected_message
+    (b"SSH-2.0-OpenSSH_9.6\r\n", b""),
+])
+def test_bytes_after_a_refusal_do_not_reset_the_answer(edge: Edge, first: bytes, answer: bytes) -> None:
+    # Closing right after answering would make the kernel answer the client's next bytes with a
+    # reset, which can discard the answer before the client reads it; the proxy half-closes and
+    # drains instead, like a plain server after a failed handshake.
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as sock:
+        sock.sendall(first)
+        time.sleep(0.05)
+        sock.sendall(b"more bytes the server will never use\r\n" * 100)
+        out = bytearray()
+        for _ in range(100):
+            chunk = sock.recv(65536)  # a reset raises ConnectionResetError here
+            if not chunk:
+                break
+            out += chunk
+    assert bytes(out).startswith(answer) and (answer or not out)
