@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Iterator
 
 from OpenSSL import SSL
-from tlslite.messages import ClientHello as TlsliteHello
+from tlslite.messages import ClientHello as TlsliteHello  # type: ignore[import-untyped]
 
 from tests.hellos import HANDSHAKE, MAX_RECORD, build_hello, handshake_payload, record, records, split_hello
 
