@@ -157,7 +157,8 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_client_hello: int = 64 * KiB
+    max_client_hello: int = 132 * KiB
+    """Bytes of ClientHello records, headers included: OpenSSL's 131,396-byte hello fits in full-size records."""
     max_header_size: int = 32 * KiB
     """Request line plus headers; larger gets 431."""
     max_upstream_header_size: int = 64 * KiB

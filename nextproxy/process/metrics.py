@@ -24,7 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
-TLS_HANDSHAKE_RESULTS = ("ok", "protocol_version", "no_client_cert", "bad_client_cert", "timeout", "other")
+TLS_HANDSHAKE_RESULTS = ("ok", "protocol_version", "no_client_cert", "bad_client_cert", "no_application_protocol", "timeout", "other")
 LISTENERS = ("edge", "admin")
 CLIENT_TO_UPSTREAM = "client_to_upstream"
 UPSTREAM_TO_CLIENT = "upstream_to_client"

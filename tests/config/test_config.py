@@ -40,7 +40,7 @@ def test_preset_defaults_are_the_contract() -> None:
     }
     assert all(r.websocket is WebSocketMode.FRAMES for r in config.routes)
     assert config.sni_routes == ()  # API names are not exposed unless set
-    assert config.timeouts.client_hello == 10 and config.limits.max_client_hello == 64 * 1024
+    assert config.timeouts.client_hello == 10 and config.limits.max_client_hello == 132 * 1024
     assert config.limits.max_header_size == 32 * 1024 and config.timeouts.pool_idle < 5
     assert config.certificates[0].certificate.pem == CERT.encode()
     assert config.certificates[0].certificate.origin == "NEXTPROXY_TLS_CERTIFICATE"
