@@ -15,7 +15,7 @@ import signal
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine
+from typing import Callable
 
 from nextproxy import __version__
 from nextproxy.process import metrics
@@ -198,12 +198,3 @@ async def _publish_stats(proc: Process, state: AdminState, heartbeat: Callable[[
             state.connections_active = server.active()
             state.websocket_sessions_active = server.websocket_sessions()
         await asyncio.sleep(1.0)
-
-
-def run_loop(coro: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when it is installed (production), else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro)
-    return uvloop.run(coro)
