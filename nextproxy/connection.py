@@ -195,7 +195,8 @@ class TerminatedConnection(asyncio.Protocol):
             self.rt.observer.upstream_error(self._route.upstream, f"TLS to upstream failed: {exc}", self.peer)
         self._up = None
         if self._session is not None and self.phase is Phase.HTTP:
-            self._run(self._session.upstream_data(b""))
+            # A reset or read error is not an end of body: the session cuts the response short.
+            self._run(self._session.upstream_data(b"") if exc is None else self._session.upstream_failed(f"upstream connection lost: {exc!r}"))
         elif self.phase is Phase.TUNNEL:
             self._close()
         elif self.phase is Phase.WEBSOCKET and self._relay is not None and not self._relay.closed:
