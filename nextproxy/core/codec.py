@@ -90,8 +90,8 @@ class RequestHead:
     target: bytes
     version: bytes
     """b"1.1" or b"1.0"."""
-    fields: list[tuple[bytes, bytes]]
-    """As received: lower-cased names, values without surrounding whitespace."""
+    head_lines: list[bytes]
+    """The head as received, split at CRLF; the first line is the request line."""
     length: int
     """Body length, or ``CHUNKED``; 0 for none."""
     keep_alive: bool
@@ -105,6 +105,12 @@ class RequestHead:
     forward: bytes
     """Header lines for the upstream, ending with the empty line."""
 
+    @property
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        """As received: lower-cased names, values without surrounding whitespace (for tests
+        and logs; the hot path never builds this list)."""
+        return _fields(self.head_lines)
+
 
 @dataclass(slots=True)
 class ResponseHead:
@@ -113,7 +119,8 @@ class ResponseHead:
     status: int
     reason: bytes
     version: bytes
-    fields: list[tuple[bytes, bytes]]
+    head_lines: list[bytes]
+    """The head as received, split at CRLF; the first line is the status line."""
     length: int
     """Content-Length, ``CHUNKED`` or ``UNTIL_CLOSE`` (framing as sent, before HEAD/204/304 rules)."""
     keep_alive: bool
@@ -121,6 +128,16 @@ class ResponseHead:
     """Forwardable field lines, each ending in CRLF, without the empty line."""
     accept: bytes
     protocol: str | None
+
+    @property
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        """As received: lower-cased names, values without surrounding whitespace."""
+        return _fields(self.head_lines)
+
+
+def _fields(head_lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    pairs = [line.partition(b":") for line in head_lines[1:]]
+    return [(name.lower(), value.strip(b" \t")) for name, _, value in pairs]
 
 
 class RequestParser:
@@ -142,7 +159,6 @@ class RequestParser:
         if version not in _SUPPORTED:
             raise HttpError(505, "http version not supported")
         lines = head[:-4].split(b"\r\n")
-        fields: list[tuple[bytes, bytes]] = []
         out: list[bytes] = []
         host: bytes | None = None
         length: bytes | None = None
@@ -155,10 +171,8 @@ class RequestParser:
         key = b""
         for index in range(1, len(lines)):
             line = lines[index]
-            name, _, value = line.partition(b":")
-            lname = name.lower()
-            value = value.strip(b" \t")
-            fields.append((lname, value))
+            colon = line.find(b":")
+            lname = line[:colon].lower()
             role = _REQUEST_ROLES.get(lname)
             if role is None:
                 if b"_" in lname:
@@ -168,7 +182,9 @@ class RequestParser:
                     if alias == _WS_EXTENSIONS:
                         extensions.append(line)
                 out.append(line)
-            elif role == _HOST:
+                continue
+            value = line[colon + 1 :].strip(b" \t")
+            if role == _HOST:
                 hosts += 1
                 host = value
                 out.append(line)
@@ -225,7 +241,7 @@ class RequestParser:
             forward += b"x-forwarded-host: " + host + b"\r\n"
         forward += self._cert + b"\r\n"
         return RequestHead(
-            method, target, version, fields, body, keep_alive, expect and version == b"1.1", is_upgrade, key,
+            method, target, version, lines, body, keep_alive, expect and version == b"1.1", is_upgrade, key,
             hosts == 1, misdirected, forward,
         )  # fmt: skip
 
@@ -262,7 +278,6 @@ def parse_response(head: bytes) -> ResponseHead:
     if status < 100:
         raise HttpError(502, "invalid status code")
     lines = head[:-4].split(b"\r\n")
-    fields: list[tuple[bytes, bytes]] = []
     out: list[bytes] = []
     length: bytes | None = None
     codings: list[bytes] = []
@@ -271,10 +286,8 @@ def parse_response(head: bytes) -> ResponseHead:
     protocol: str | None = None
     for index in range(1, len(lines)):
         line = lines[index]
-        name, _, value = line.partition(b":")
-        lname = name.lower()
-        value = value.strip(b" \t")
-        fields.append((lname, value))
+        colon = line.find(b":")
+        lname = line[:colon].lower()
         role = _RESPONSE_ROLES.get(lname)
         if role is None:
             if b"_" in lname:
@@ -282,7 +295,9 @@ def parse_response(head: bytes) -> ResponseHead:
                 if alias in _RESPONSE_ALIASES or (alias == _WS_EXTENSIONS and status == 101):
                     continue
             out.append(line)
-        elif role == _LENGTH:
+            continue
+        value = line[colon + 1 :].strip(b" \t")
+        if role == _LENGTH:
             if length is not None:
                 raise HttpError(502, "repeated content-length")
             if not (0 < len(value) <= MAX_LENGTH_DIGITS and value.isdigit()):
@@ -319,7 +334,7 @@ def parse_response(head: bytes) -> ResponseHead:
         if named:
             out = [line for line in out if _alias(line) not in named]
     lines_out = b"\r\n".join(out) + b"\r\n" if out else b""
-    return ResponseHead(status, reason or b"", version, fields, body, keep_alive, lines_out, accept, protocol)
+    return ResponseHead(status, reason or b"", version, lines, body, keep_alive, lines_out, accept, protocol)
 
 
 def check_partial(buffer: bytes, *, request: bool) -> None:

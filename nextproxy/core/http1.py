@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nextproxy.config import AllowRule, Limits, PathRoute, SniRoute, WebSocketMode
+from nextproxy.config import Limits, PathRoute, SniRoute, WebSocketMode
 from nextproxy.core.actions import (
     Action,
     AuthorizationDenied,
@@ -34,17 +34,8 @@ from nextproxy.core.actions import (
     StartWebSocket,
 )
 from nextproxy.core.chunked import LAST_CHUNK, ChunkedReader, encode_chunk
-from nextproxy.core.codec import (
-    CHUNKED,
-    UNTIL_CLOSE,
-    RequestHead,
-    RequestParser,
-    ResponseHead,
-    check_partial,
-    parse_response,
-    trailer_lines,
-    without_field,
-)
+from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE, RequestHead, RequestParser, ResponseHead, check_partial, parse_response, trailer_lines
+from nextproxy.core.responses import CONTINUE, authorize, client_response, refusal, request_line, switching_protocols
 from nextproxy.core.headers import ClientInfo, websocket_accept
 from nextproxy.core.routing import RouteTable
 from nextproxy.core.upstream_leg import UpstreamLeg
@@ -54,26 +45,6 @@ __all__ = ["HttpSession", "UpstreamLeg", "IDEMPOTENT_METHODS", "NO_ROUTE"]
 
 # RFC 9110 section 9.2.2: methods a proxy may replay when a reused connection turns out dead.
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_REASONS = {
-    400: b"Bad Request",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    421: b"Misdirected Request",
-    431: b"Request Header Fields Too Large",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-    505: b"HTTP Version Not Supported",
-}
-# Our own answers to upstream trouble say only what kind of trouble: the detail (which may
-# quote the upstream's bytes, secrets included) goes to the log through RequestCompleted.
-_GENERIC_BODIES = {502: b"bad gateway\n", 503: b"service unavailable\n", 504: b"gateway timeout\n"}
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CLOSE = b"connection: close\r\n"
-_CHUNKED_LINE = b"transfer-encoding: chunked\r\n"
-
 NO_ROUTE = "-"
 """Route label for requests that matched no route (bounded, unlike the raw path)."""
 
@@ -184,7 +155,7 @@ class HttpSession:
         a response in progress is cut short, not completed.
         """
         if self._upstream is not None:
-            return self._upstream_broken(reason, aborted=True)
+            return self._upstream_broken(reason)
         self._connecting = False
         return self._upstream_error(504 if timeout else 502, reason)
 
@@ -247,7 +218,7 @@ class HttpSession:
         try:
             head = self._parser.parse(raw)
         except HttpError as exc:
-            method, target = _request_line(raw)
+            method, target = request_line(raw)
             return self._refuse(method, target, exc.status, exc.reason)
         method, target = head.method, head.target
         self._set_request_body(head.length)  # known now, so a refusal can skip the body
@@ -261,7 +232,7 @@ class HttpSession:
             return self._refuse(method, target, 404, "no route for this path")
         allow = route.allow if route.allow is not None else (self._sni_route.allow if self._sni_route else None)
         if allow is not None:
-            denied = self._authorize(route.name, allow)
+            denied = authorize(self._client_info.certificate, route.name, allow)
             if denied is not None:
                 return [denied] + self._refuse(method, target, 403, denied.reason, route.name)
         if head.upgrade and self.draining:
@@ -334,25 +305,6 @@ class HttpSession:
             return self._client_error(HttpError(400, "client closed before the request body ended"))
         return []  # the request is complete: answer it, then close
 
-    def _authorize(self, route: str, allow: tuple[AllowRule, ...]) -> AuthorizationDenied | None:
-        """Allow-list check. Name rules need a verified chain: anyone can self-sign any name."""
-        cert = self._client_info.certificate
-        if cert is None:
-            return AuthorizationDenied(route, "no_certificate", "-")
-        for rule in allow:
-            if rule.kind == "sha256" and rule.value == cert.sha256:
-                return None
-            if rule.kind == "spki" and rule.value == cert.spki_sha256:
-                return None
-            if cert.verified and (
-                (rule.kind == "dns" and rule.value in cert.dns_names)
-                or (rule.kind == "uri" and rule.value in cert.uris)
-                or (rule.kind == "cn" and rule.value == cert.common_name)
-            ):
-                return None
-        reason = "not_allowed" if cert.verified else "not_allowed_unverified"
-        return AuthorizationDenied(route, reason, cert.sha256)
-
     # ------------------------------------------------------------------ upstream leg
 
     def _response_heads(self, leg: UpstreamLeg, exchange: _Exchange) -> list[Action]:
@@ -382,14 +334,14 @@ class HttpSession:
                 return actions + self._switch_protocols(leg, exchange, head)
             if status == 100 and exchange.head.expect_continue and exchange.response_status == 0:
                 exchange.head.expect_continue = False
-                actions.append(SendToClient(_CONTINUE))
+                actions.append(SendToClient(CONTINUE))
             # other 1xx (102, 103) are optional hints: not forwarded
         return actions
 
     def _switch_protocols(self, leg: UpstreamLeg, exchange: _Exchange, head: ResponseHead) -> list[Action]:
         if not exchange.head.upgrade or head.accept != websocket_accept(exchange.head.websocket_key):
             return self._drop_upstream() + self._upstream_error(502, "upstream sent an invalid 101")
-        data = b"HTTP/1.1 101 " + head.reason + b"\r\n" + head.lines + b"connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        data = switching_protocols(head)
         exchange.response_status = 101
         from_client, from_upstream = self._buffer, leg.buffer
         self._buffer = leg.buffer = b""
@@ -405,29 +357,13 @@ class HttpSession:
         return [ResponseStarted(101), SendToClient(data), completed, start]
 
     def _start_response(self, leg: UpstreamLeg, exchange: _Exchange, head: ResponseHead) -> list[Action]:
-        status = head.status
-        exchange.response_status = status
+        exchange.response_status = head.status
         leg.keep_alive = head.keep_alive
-        request = exchange.head
-        client_close = not request.keep_alive or self.draining or self._client_eof
-        lines = head.lines
-        length = head.length
-        if status == 204 or status == 304 or request.method == b"HEAD":
-            length = 0
-            if status == 204:
-                lines = without_field(lines, b"content-length")  # RFC 9110 8.6: never on a 204
-        elif length == CHUNKED or length == UNTIL_CLOSE:
-            if request.version == b"1.1":
-                lines += _CHUNKED_LINE
-                exchange.client_chunked = True
-            else:
-                client_close = True  # an HTTP/1.0 client reads this body until we close
-        exchange.client_close = client_close
-        if client_close:
-            lines += _CLOSE
-        data = b"HTTP/1.1 %d " % status + head.reason + b"\r\n" + lines + b"\r\n"
-        actions: list[Action] = [ResponseStarted(status), SendToClient(data)]
-        leg.begin_body(length, self._limits.max_header_size)
+        close = not exchange.head.keep_alive or self.draining or self._client_eof
+        response = client_response(head, exchange.head, close=close)
+        exchange.client_chunked, exchange.client_close = response.chunked, response.close
+        actions: list[Action] = [ResponseStarted(head.status), SendToClient(response.data)]
+        leg.begin_body(response.length, self._limits.max_header_size)
         if leg.finished:
             return actions + self._response_done(leg, exchange)
         if leg.buffer:
@@ -439,7 +375,7 @@ class HttpSession:
         try:
             pieces = leg.body(data)
         except HttpError as exc:
-            return self._upstream_broken(f"invalid response body from upstream: {exc.reason}", aborted=True)
+            return self._upstream_broken(f"invalid response body from upstream: {exc.reason}")
         actions: list[Action] = []
         chunked = exchange.client_chunked
         for piece in pieces:
@@ -485,7 +421,7 @@ class HttpSession:
             if leg.length == UNTIL_CLOSE:
                 leg.end_at_close()
                 return self._response_done(leg, exchange)
-            return self._upstream_broken("upstream closed the connection mid-body", aborted=True)
+            return self._upstream_broken("upstream closed the connection mid-body")
         if leg.buffer:
             detail = f"upstream closed the connection mid-head: {leg.buffer[:200]!r}"
             return self._upstream_broken(detail)
@@ -493,7 +429,7 @@ class HttpSession:
 
     # ------------------------------------------------------------------ failures
 
-    def _upstream_broken(self, reason: str, *, aborted: bool = False) -> list[Action]:
+    def _upstream_broken(self, reason: str) -> list[Action]:
         """The upstream connection failed: retry once, answer 502, or cut the client short."""
         exchange, leg = self._exchange, self._upstream
         self._upstream = None
@@ -560,19 +496,11 @@ class HttpSession:
         retry_after: bool = False,
     ) -> list[Action]:
         """The proxy's own short answer, in one write; keeps the connection when it safely can."""
-        body = _GENERIC_BODIES.get(status) or reason.encode("ascii", "replace") + b"\n"
         self._exchange = None
         self._connecting = False
         keep = status in (403, 404, 421, 503) and not self.draining and not self._client_eof and self._skip_request_body()
-        head = b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % (
-            status, _REASONS.get(status, b""), len(body),
-        )  # fmt: skip
-        if retry_after:
-            head += b"retry-after: 1\r\n"
-        if not keep:
-            head += _CLOSE
         completed = RequestCompleted(route, method.decode("ascii", "replace"), target.decode("ascii", "replace"), status, 0, 0, reason)
-        actions: list[Action] = [SendToClient(head + b"\r\n" + body), completed]
+        actions: list[Action] = [SendToClient(refusal(status, reason, keep=keep, retry_after=retry_after)), completed]
         if not keep:  # when kept, the caller (_pump_client's loop) reads the next request
             self._closed = True
             actions.append(CloseClient())
@@ -610,10 +538,3 @@ class HttpSession:
             reason,
         )
 
-
-def _request_line(raw: bytes) -> tuple[bytes, bytes]:
-    """Method and target of a refused head, for the log only when they are well-formed."""
-    parts = raw.split(b"\r\n", 1)[0].split(b" ")
-    if len(parts) == 3 and parts[0].isascii() and parts[1].isascii():
-        return parts[0][:32], parts[1][:512]
-    return b"", b""
