@@ -6,9 +6,15 @@ several Host headers), answers 421 when Host and SNI disagree, strips hop-by-hop
 every client-sent copy of the headers the edge owns (X-Forwarded-*, Forwarded, XFCC,
 Client-Cert...), and adds them afresh from what the connection actually saw.
 
+The policy's names (HOP_BY_HOP, EDGE_OWNED, FRAMING), its token and Host rules and the
+certificate headers are shared with ``core/codec.py``, which applies the same policy inside
+its one loop over a raw head on the hot path. The list-shaped functions here are the policy
+in its plain form: the reference that codec is fuzzed against (h11's parse + this module must
+accept whatever the codec accepts, with the same forwarded fields), and the API for callers
+that hold h11 events.
+
 It must never do I/O, keep time, log, or hand h11 a value it would reject (certificate fields
-come from the client and are escaped to printable ASCII here). It is on every request's path:
-one pass over the headers, frozen sets of normalized names, no regular expressions.
+come from the client and are escaped to printable ASCII here).
 """
 
 from __future__ import annotations
