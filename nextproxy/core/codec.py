@@ -337,6 +337,23 @@ def parse_response(head: bytes) -> ResponseHead:
     return ResponseHead(status, reason or b"", version, lines, body, keep_alive, lines_out, accept, protocol)
 
 
+def head_end(buffer: bytes, limit: int, *, request: bool) -> int:
+    """Where the head at the start of ``buffer`` ends (past its empty line); -1 if not yet.
+
+    Raises the limit's answer (431 for a request, 502 for a response) for a head longer than
+    ``limit``, complete or not, and refuses a partial head that already shows a bare CR or LF.
+    """
+    end = buffer.find(b"\r\n\r\n")
+    size = len(buffer) if end < 0 else end + 4
+    if size > limit:
+        if request:
+            raise HttpError(431, "request header fields too large")
+        raise HttpError(502, "upstream response head too large")
+    if end < 0:
+        check_partial(buffer, request=request)
+    return -1 if end < 0 else end + 4
+
+
 def check_partial(buffer: bytes, *, request: bool) -> None:
     """An incomplete head already holding a bare CR or LF is refused now, not at the size limit.
 

@@ -33,10 +33,11 @@ from nextproxy.core.actions import (
     StartTunnel,
     StartWebSocket,
 )
-from nextproxy.core.chunked import LAST_CHUNK, ChunkedReader, encode_chunk
-from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE, RequestHead, RequestParser, ResponseHead, check_partial, parse_response, trailer_lines
-from nextproxy.core.responses import CONTINUE, authorize, client_response, refusal, request_line, switching_protocols
+from nextproxy.core.chunked import LAST_CHUNK, encode_chunk
+from nextproxy.core.codec import UNTIL_CLOSE, RequestHead, RequestParser, ResponseHead, head_end, trailer_lines
 from nextproxy.core.headers import ClientInfo, websocket_accept
+from nextproxy.core.request_body import RequestBody
+from nextproxy.core.responses import CONTINUE, authorize, client_response, refusal, request_line, switching_protocols
 from nextproxy.core.routing import RouteTable
 from nextproxy.core.upstream_leg import UpstreamLeg
 from nextproxy.errors import HttpError
@@ -45,6 +46,9 @@ __all__ = ["HttpSession", "UpstreamLeg", "IDEMPOTENT_METHODS", "NO_ROUTE"]
 
 # RFC 9110 section 9.2.2: methods a proxy may replay when a reused connection turns out dead.
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_NO_BODY = RequestBody(0, 0)
+"""Shared: a body of length 0 is closed and never changes."""
+
 NO_ROUTE = "-"
 """Route label for requests that matched no route (bounded, unlike the raw path)."""
 
@@ -56,7 +60,6 @@ class _Exchange:
     route: PathRoute
     head: RequestHead
     retried: bool = False
-    request_sent: bool = False
     response_status: int = 0
     client_chunked: bool = False
     """The response goes to the client chunked (re-framed)."""
@@ -79,9 +82,8 @@ class HttpSession:
         self._parser = RequestParser(client)
         self._buffer = b""
         """Client bytes not yet consumed: a partial head, or what was pipelined behind a request."""
-        self._body_left = 0
-        """Content-Length bytes of the request body still to come."""
-        self._body_chunks: ChunkedReader | None = None
+        self._body = _NO_BODY
+        """The body of the request in flight (or being skipped)."""
         self._client_eof = False
         self._exchange: _Exchange | None = None
         self._upstream: UpstreamLeg | None = None
@@ -108,7 +110,7 @@ class HttpSession:
 
     @property
     def _request_open(self) -> bool:
-        return self._body_left > 0 or self._body_chunks is not None
+        return self._body.open
 
     # ------------------------------------------------------------------ inputs
 
@@ -139,7 +141,6 @@ class HttpSession:
         line = head.method + b" " + head.target + b" HTTP/1.1\r\n"
         if not head.has_host:
             line += b"host: " + leg.authority.encode("ascii") + b"\r\n"
-        exchange.request_sent = True
         actions: list[Action] = [SendToUpstream(line + head.forward)]
         if not self._request_open:
             actions.append(AwaitResponse())
@@ -190,29 +191,18 @@ class HttpSession:
         actions: list[Action] = []
         while self._exchange is None and not self._closed and not self._connecting:
             buffer = self._buffer
-            end = buffer.find(b"\r\n\r\n")
+            try:
+                end = head_end(buffer, self._limits.max_header_size, request=True)
+            except HttpError as exc:
+                actions += self._refuse(b"", b"", exc.status, exc.reason)
+                break
             if end < 0:
                 self.awaiting_head = bool(buffer)
-                if buffer:
-                    actions += self._partial_head(buffer)
                 break
             self.awaiting_head = False
-            end += 4
-            if end > self._limits.max_header_size:
-                actions += self._refuse(b"", b"", 431, "request header fields too large")
-                break
             self._buffer = buffer[end:]
             actions += self._start_exchange(buffer[:end] if self._buffer else buffer)
         return actions
-
-    def _partial_head(self, buffer: bytes) -> list[Action]:
-        if len(buffer) > self._limits.max_header_size:
-            return self._refuse(b"", b"", 431, "request header fields too large")
-        try:
-            check_partial(buffer, request=True)
-        except HttpError as exc:
-            return self._refuse(b"", b"", exc.status, exc.reason)
-        return []
 
     def _start_exchange(self, raw: bytes) -> list[Action]:
         try:
@@ -242,48 +232,24 @@ class HttpSession:
         return [ConnectUpstream(route)]
 
     def _set_request_body(self, length: int) -> None:
-        if length == CHUNKED:
-            self._body_left, self._body_chunks = 0, ChunkedReader(self._limits.max_header_size)
-        else:
-            self._body_left, self._body_chunks = length, None
+        self._body = RequestBody(length, self._limits.max_header_size) if length else _NO_BODY
 
     def _request_body(self, data: bytes) -> list[Action]:
         """Forward request body bytes as they come; keep what follows the body for later."""
         exchange = self._exchange
         assert exchange is not None
         exchange.head.expect_continue = False  # the client stopped waiting for our 100
-        reader = self._body_chunks
-        if reader is None:
-            take = self._body_left
-            if len(data) > take:
-                self._buffer, data = data[take:], data[:take]
-            self._body_left -= len(data)
-            exchange.bytes_in += len(data)
-            out: list[Action] = [SendToUpstream(data)] if self._upstream_wants_body() else []
-            if not self._body_left:
-                out += self._end_request(exchange)
-            return out
-        pieces: list[bytes] = []
         try:
-            used = reader.feed(data, pieces)
+            sends, decoded, rest = self._body.take(data)
         except HttpError as exc:
             return self._client_error(exc)
-        if used < len(data):
-            self._buffer = data[used:]
-        wants = self._upstream_wants_body()
-        sends: list[Action] = []
-        for piece in pieces:
-            exchange.bytes_in += len(piece)
-            if wants:
-                sends.append(SendToUpstream(encode_chunk(piece)))
-        if reader.done:
-            # Request trailers are not forwarded (as nginx): they could carry fields the edge
-            # owns (X-Forwarded-For, Host, Content-Length) past the header policy.
-            self._body_chunks = None
-            if wants:
-                sends.append(SendToUpstream(LAST_CHUNK))
-            sends += self._end_request(exchange)
-        return sends
+        if rest:
+            self._buffer = rest
+        exchange.bytes_in += decoded
+        out: list[Action] = [SendToUpstream(piece) for piece in sends] if self._upstream_wants_body() else []
+        if not self._body.open:
+            out += self._end_request(exchange)
+        return out
 
     def _upstream_wants_body(self) -> bool:
         leg = self._upstream
@@ -311,22 +277,13 @@ class HttpSession:
         """Parse buffered response heads (1xx first, then the final one)."""
         actions: list[Action] = []
         while self._upstream is leg and not leg.in_body:
-            buffer = leg.buffer
-            end = buffer.find(b"\r\n\r\n")
             try:
-                if end < 0:
-                    if len(buffer) > leg.max_header_size:
-                        raise HttpError(502, "upstream response head too large")
-                    check_partial(buffer, request=False)
-                    return actions
-                end += 4
-                if end > leg.max_header_size:
-                    raise HttpError(502, "upstream response head too large")
-                head = parse_response(buffer[:end] if end < len(buffer) else buffer)
+                head = leg.next_head()
             except HttpError as exc:
-                detail = f"invalid response from upstream: {exc.reason}: {buffer[:200]!r}"
+                detail = f"invalid response from upstream: {exc.reason}: {leg.buffer[:200]!r}"
                 return actions + self._drop_upstream() + self._upstream_error(502, detail)
-            leg.buffer = buffer[end:]
+            if head is None:
+                return actions
             status = head.status
             if status >= 200:
                 return actions + self._start_response(leg, exchange, head)
@@ -472,14 +429,14 @@ class HttpSession:
         """
         self._exchange = None
         self._closed = True
-        self._body_left, self._body_chunks = 0, None
+        self._body = _NO_BODY
         return [self._completed(exchange, status, reason), CloseClient()]
 
     def _client_error(self, exc: HttpError) -> list[Action]:
         exchange = self._exchange
         if exchange is not None and exchange.response_status != 0:
             return self._drop_upstream() + self._abort(exchange, exchange.response_status, exc.reason)
-        self._body_left, self._body_chunks = 0, None
+        self._body = _NO_BODY
         actions = self._drop_upstream()
         method = exchange.head.method if exchange else b""
         target = exchange.head.target if exchange else b""
@@ -512,18 +469,11 @@ class HttpSession:
         A body we did not read would be parsed as the next request, so when it is not all
         buffered we close the connection instead of waiting for it.
         """
-        reader, left = self._body_chunks, self._body_left
-        self._body_left, self._body_chunks = 0, None
-        if reader is not None:
-            try:
-                used = reader.feed(self._buffer, [])
-            except HttpError:
-                return False
-            self._buffer = self._buffer[used:]
-            return reader.done
-        if left > len(self._buffer):
+        rest = self._body.skip(self._buffer)
+        self._body = _NO_BODY
+        if rest is None:
             return False
-        self._buffer = self._buffer[left:]
+        self._buffer = rest
         return True
 
     def _completed(self, exchange: _Exchange, status: int, reason: str = "") -> RequestCompleted:

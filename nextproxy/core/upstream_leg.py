@@ -12,7 +12,7 @@ Sans-IO: the session feeds it bytes; it never reads a socket. Raises only ``Http
 from __future__ import annotations
 
 from nextproxy.core.chunked import ChunkedReader
-from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE
+from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE, ResponseHead, head_end, parse_response
 
 
 class UpstreamLeg:
@@ -48,6 +48,16 @@ class UpstreamLeg:
     def start(self) -> None:
         """A new exchange begins on this connection."""
         self.in_body = self.finished = False
+
+    def next_head(self) -> ResponseHead | None:
+        """The next response head in the buffer (1xx ones too), or None until it is all here."""
+        buffer = self.buffer
+        end = head_end(buffer, self.max_header_size, request=False)
+        if end < 0:
+            return None
+        head = parse_response(buffer[:end] if end < len(buffer) else buffer)
+        self.buffer = buffer[end:]
+        return head
 
     def begin_body(self, length: int, max_trailer: int) -> None:
         """The response head said how the body ends (``length`` already 0 for HEAD/204/304)."""
