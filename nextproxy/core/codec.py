@@ -337,32 +337,38 @@ def parse_response(head: bytes) -> ResponseHead:
     return ResponseHead(status, reason or b"", version, lines, body, keep_alive, lines_out, accept, protocol)
 
 
-def head_end(buffer: bytes, limit: int, *, request: bool) -> int:
+def head_end(buffer: bytes | bytearray, limit: int, *, request: bool, scanned: int = 0) -> int:
     """Where the head at the start of ``buffer`` ends (past its empty line); -1 if not yet.
 
     Raises the limit's answer (431 for a request, 502 for a response) for a head longer than
     ``limit``, complete or not, and refuses a partial head that already shows a bare CR or LF.
+    ``scanned`` bytes at the start were searched before and found clean (see core/buffer.py).
     """
-    end = buffer.find(b"\r\n\r\n")
+    end = buffer.find(b"\r\n\r\n", max(0, scanned - 3))
     size = len(buffer) if end < 0 else end + 4
     if size > limit:
         if request:
             raise HttpError(431, "request header fields too large")
         raise HttpError(502, "upstream response head too large")
     if end < 0:
-        check_partial(buffer, request=request)
+        check_partial(buffer, request=request, scanned=scanned)
     return -1 if end < 0 else end + 4
 
 
-def check_partial(buffer: bytes, *, request: bool) -> None:
+def check_partial(buffer: bytes | bytearray, *, request: bool, scanned: int = 0) -> None:
     """An incomplete head already holding a bare CR or LF is refused now, not at the size limit.
 
     Without this a head that uses bare LF line ends never shows the CRLFCRLF we look for, and
-    would sit in the buffer until the 431.
+    would sit in the buffer until the 431. Only what follows ``scanned`` is looked at, plus
+    one byte before it: a CR that ended the previous look may be paired with an LF now.
     """
-    crlf = buffer.count(b"\r\n")
-    carriage = buffer.count(b"\r") - buffer.endswith(b"\r")
-    if buffer.count(b"\n") != crlf or carriage != crlf:
+    start = max(0, scanned - 1)
+    tail = buffer[start:]
+    crlf = tail.count(b"\r\n")
+    # An LF at ``start`` was already judged (with the CR before it) by the previous look.
+    lf = tail.count(b"\n") - (start > 0 and tail[:1] == b"\n")
+    carriage = tail.count(b"\r") - tail.endswith(b"\r")
+    if lf != crlf or carriage != crlf:
         raise HttpError(400 if request else 502, "bare CR or LF line ending")
 
 

@@ -33,8 +33,9 @@ from nextproxy.core.actions import (
     StartTunnel,
     StartWebSocket,
 )
+from nextproxy.core.buffer import ByteBuffer
 from nextproxy.core.chunked import LAST_CHUNK, encode_chunk
-from nextproxy.core.codec import UNTIL_CLOSE, RequestHead, RequestParser, ResponseHead, head_end, trailer_lines
+from nextproxy.core.codec import UNTIL_CLOSE, RequestHead, RequestParser, ResponseHead, trailer_lines
 from nextproxy.core.headers import ClientInfo, websocket_accept
 from nextproxy.core.request_body import RequestBody
 from nextproxy.core.responses import CONTINUE, authorize, client_response, refusal, request_line, switching_protocols
@@ -80,7 +81,7 @@ class HttpSession:
         self._client_info = client
         self._limits = limits
         self._parser = RequestParser(client)
-        self._buffer = b""
+        self._buffer = ByteBuffer()
         """Client bytes not yet consumed: a partial head, or what was pipelined behind a request."""
         self._body = _NO_BODY
         """The body of the request in flight (or being skipped)."""
@@ -122,12 +123,11 @@ class HttpSession:
             return self._client_closed()
         if self._exchange is not None and self._request_open and not self._connecting and not self._buffer:
             return self._request_body(data)
-        self._buffer = self._buffer + data if self._buffer else data
+        self._buffer.add(data)
         if self._exchange is None and not self._connecting:
             return self._pump_client()
         if self._request_open and not self._connecting:
-            data, self._buffer = self._buffer, b""
-            return self._request_body(data)
+            return self._request_body(self._buffer.take_all())
         return []
 
     def upstream_connected(self, leg: UpstreamLeg) -> list[Action]:
@@ -145,8 +145,7 @@ class HttpSession:
         if not self._request_open:
             actions.append(AwaitResponse())
         elif self._buffer:
-            data, self._buffer = self._buffer, b""
-            actions += self._request_body(data)
+            actions += self._request_body(self._buffer.take_all())
         return actions
 
     def upstream_failed(self, reason: str, *, timeout: bool = False) -> list[Action]:
@@ -173,7 +172,7 @@ class HttpSession:
             return self._upstream_eof(leg, exchange)
         if leg.in_body:
             return self._response_body(leg, exchange, data)
-        leg.buffer = leg.buffer + data if leg.buffer else data
+        leg.buffer.add(data)
         return self._response_heads(leg, exchange)
 
     def drain(self) -> list[Action]:
@@ -190,18 +189,16 @@ class HttpSession:
         """Take the next request head from the buffer, if it is all there."""
         actions: list[Action] = []
         while self._exchange is None and not self._closed and not self._connecting:
-            buffer = self._buffer
             try:
-                end = head_end(buffer, self._limits.max_header_size, request=True)
+                raw = self._buffer.take_head(self._limits.max_header_size, request=True)
             except HttpError as exc:
                 actions += self._refuse(b"", b"", exc.status, exc.reason)
                 break
-            if end < 0:
-                self.awaiting_head = bool(buffer)
+            if raw is None:
+                self.awaiting_head = bool(self._buffer)
                 break
             self.awaiting_head = False
-            self._buffer = buffer[end:]
-            actions += self._start_exchange(buffer[:end] if self._buffer else buffer)
+            actions += self._start_exchange(raw)
         return actions
 
     def _start_exchange(self, raw: bytes) -> list[Action]:
@@ -244,7 +241,7 @@ class HttpSession:
         except HttpError as exc:
             return self._client_error(exc)
         if rest:
-            self._buffer = rest
+            self._buffer.put_back(rest)
         exchange.bytes_in += decoded
         out: list[Action] = [SendToUpstream(piece) for piece in sends] if self._upstream_wants_body() else []
         if not self._body.open:
@@ -280,7 +277,7 @@ class HttpSession:
             try:
                 head = leg.next_head()
             except HttpError as exc:
-                detail = f"invalid response from upstream: {exc.reason}: {leg.buffer[:200]!r}"
+                detail = f"invalid response from upstream: {exc.reason}"
                 return actions + self._drop_upstream() + self._upstream_error(502, detail)
             if head is None:
                 return actions
@@ -300,8 +297,7 @@ class HttpSession:
             return self._drop_upstream() + self._upstream_error(502, "upstream sent an invalid 101")
         data = switching_protocols(head)
         exchange.response_status = 101
-        from_client, from_upstream = self._buffer, leg.buffer
-        self._buffer = leg.buffer = b""
+        from_client, from_upstream = self._buffer.take_all(), leg.buffer.take_all()
         self._exchange = None
         self._upstream = None
         self._closed = True  # the session is done; the relay or tunnel owns both legs now
@@ -324,8 +320,7 @@ class HttpSession:
         if leg.finished:
             return actions + self._response_done(leg, exchange)
         if leg.buffer:
-            rest, leg.buffer = leg.buffer, b""
-            actions += self._response_body(leg, exchange, rest)
+            actions += self._response_body(leg, exchange, leg.buffer.take_all())
         return actions
 
     def _response_body(self, leg: UpstreamLeg, exchange: _Exchange, data: bytes) -> list[Action]:
@@ -380,7 +375,7 @@ class HttpSession:
                 return self._response_done(leg, exchange)
             return self._upstream_broken("upstream closed the connection mid-body")
         if leg.buffer:
-            detail = f"upstream closed the connection mid-head: {leg.buffer[:200]!r}"
+            detail = f"upstream closed the connection mid-head: {leg.buffer.preview()!r}"
             return self._upstream_broken(detail)
         return self._upstream_broken("upstream closed the connection before responding")
 
@@ -469,11 +464,11 @@ class HttpSession:
         A body we did not read would be parsed as the next request, so when it is not all
         buffered we close the connection instead of waiting for it.
         """
-        rest = self._body.skip(self._buffer)
+        rest = self._body.skip(self._buffer.take_all())
         self._body = _NO_BODY
         if rest is None:
             return False
-        self._buffer = rest
+        self._buffer.put_back(rest)
         return True
 
     def _completed(self, exchange: _Exchange, status: int, reason: str = "") -> RequestCompleted:

@@ -12,7 +12,9 @@ Sans-IO: the session feeds it bytes; it never reads a socket. Raises only ``Http
 from __future__ import annotations
 
 from nextproxy.core.chunked import ChunkedReader
-from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE, ResponseHead, head_end, parse_response
+from nextproxy.core.buffer import ByteBuffer
+from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE, ResponseHead, parse_response
+from nextproxy.errors import HttpError
 
 
 class UpstreamLeg:
@@ -30,7 +32,7 @@ class UpstreamLeg:
         """Bytes of a response head before the upstream is judged broken (502)."""
         self.exchanges = 0
         """Completed exchanges; above zero means a reused (pooled) connection."""
-        self.buffer = b""
+        self.buffer = ByteBuffer()
         """Response bytes not yet parsed (a partial head, or what followed one)."""
         self.in_body = False
         self.finished = False
@@ -51,13 +53,13 @@ class UpstreamLeg:
 
     def next_head(self) -> ResponseHead | None:
         """The next response head in the buffer (1xx ones too), or None until it is all here."""
-        buffer = self.buffer
-        end = head_end(buffer, self.max_header_size, request=False)
-        if end < 0:
-            return None
-        head = parse_response(buffer[:end] if end < len(buffer) else buffer)
-        self.buffer = buffer[end:]
-        return head
+        raw: bytes | None = None
+        try:
+            raw = self.buffer.take_head(self.max_header_size, request=False)
+            return None if raw is None else parse_response(raw)
+        except HttpError as exc:  # the detail (for the log only) quotes what the upstream sent
+            sample = raw[:200] if raw is not None else self.buffer.preview()
+            raise HttpError(exc.status, f"{exc.reason}: {sample!r}") from None
 
     def begin_body(self, length: int, max_trailer: int) -> None:
         """The response head said how the body ends (``length`` already 0 for HEAD/204/304)."""
