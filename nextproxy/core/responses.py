@@ -8,6 +8,7 @@ and never more: for 5xx it is generic, because the detail may quote an upstream'
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from nextproxy.config import AllowRule
@@ -33,6 +34,7 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CLOSE = b"connection: close\r\n"
 _CHUNKED_LINE = b"transfer-encoding: chunked\r\n"
 _UPGRADE_LINES = b"connection: upgrade\r\nupgrade: websocket\r\n"
+_VISIBLE = re.compile(rb"[\x21-\x7e]+")
 
 
 def refusal(status: int, reason: str, *, keep: bool, retry_after: bool = False) -> bytes:
@@ -106,8 +108,12 @@ def authorize(cert: PeerCertificate | None, route: str, allow: tuple[AllowRule, 
 
 
 def request_line(raw: bytes) -> tuple[bytes, bytes]:
-    """Method and target of a refused head, for the log, when the line splits into three."""
+    """Method and target of a refused head, for the log, when both are visible ASCII.
+
+    Anything else (a bare LF inside the "target", control bytes) is left out: the log line
+    must not carry what the head regex refused.
+    """
     parts = raw.split(b"\r\n", 1)[0].split(b" ")
-    if len(parts) == 3 and parts[0].isascii() and parts[1].isascii():
+    if len(parts) == 3 and _VISIBLE.fullmatch(parts[0]) and _VISIBLE.fullmatch(parts[1]):
         return parts[0][:32], parts[1][:512]
     return b"", b""

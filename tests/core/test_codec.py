@@ -290,3 +290,13 @@ def test_a_head_sent_a_byte_at_a_time_costs_linear_time() -> None:
     for i in range(len(head)):
         s.client_data(head[i : i + 1])
     assert time.process_time() - start < 0.5 and s.awaiting_head
+
+
+def test_refused_heads_log_no_control_bytes() -> None:
+    s = session()
+    actions = s.client_data(b"GET /a\nInjected: 1 HTTP/1.1\r\nHost: edge.test\r\n\r\n")
+    done = next(a for a in actions if isinstance(a, RequestCompleted))
+    assert (done.status, done.method, done.target) == (400, "", "")
+    actions = session().client_data(head(HOST, b"X-A: \x01\r\n"))
+    done = next(a for a in actions if isinstance(a, RequestCompleted))
+    assert (done.method, done.target) == ("POST", "/ns/sigmai")
