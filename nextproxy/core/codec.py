@@ -18,7 +18,9 @@ Sans-IO: no sockets, clocks or logs. Raises only ``HttpError`` with the status t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from nextproxy.core.headers import (
     EDGE_OWNED,
@@ -73,6 +75,17 @@ _RESPONSE_ROLES = {name: _DROP for name in HOP_BY_HOP} | {
 _REQUEST_ALIASES = HOP_BY_HOP | EDGE_OWNED | FRAMING
 _RESPONSE_ALIASES = HOP_BY_HOP | FRAMING
 
+
+def _special(names: Iterable[bytes]) -> re.Pattern[bytes]:
+    """Finds, in a lower-cased validated head, the field lines the loop must look at: the named
+    ones and any name with '_'. The rest pass through as slices of the head, unexamined."""
+    alternatives = b"|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    return re.compile(rb"\r\n(" + alternatives + rb"|[^:\r\n_]*_[^:\r\n]*):")
+
+
+_REQUEST_SPECIAL = _special(_REQUEST_ROLES)
+_RESPONSE_SPECIAL = _special(_RESPONSE_ROLES)
+
 CHUNKED = -1
 """``length`` of a chunked body."""
 UNTIL_CLOSE = -2
@@ -90,8 +103,8 @@ class RequestHead:
     target: bytes
     version: bytes
     """b"1.1" or b"1.0"."""
-    head_lines: list[bytes]
-    """The head as received, split at CRLF; the first line is the request line."""
+    raw: bytes
+    """The head as received, request line through empty line."""
     length: int
     """Body length, or ``CHUNKED``; 0 for none."""
     keep_alive: bool
@@ -109,7 +122,7 @@ class RequestHead:
     def fields(self) -> list[tuple[bytes, bytes]]:
         """As received: lower-cased names, values without surrounding whitespace (for tests
         and logs; the hot path never builds this list)."""
-        return _fields(self.head_lines)
+        return _fields(self.raw)
 
 
 @dataclass(slots=True)
@@ -119,8 +132,8 @@ class ResponseHead:
     status: int
     reason: bytes
     version: bytes
-    head_lines: list[bytes]
-    """The head as received, split at CRLF; the first line is the status line."""
+    raw: bytes
+    """The head as received, status line through empty line."""
     length: int
     """Content-Length, ``CHUNKED`` or ``UNTIL_CLOSE`` (framing as sent, before HEAD/204/304 rules)."""
     keep_alive: bool
@@ -132,11 +145,11 @@ class ResponseHead:
     @property
     def fields(self) -> list[tuple[bytes, bytes]]:
         """As received: lower-cased names, values without surrounding whitespace."""
-        return _fields(self.head_lines)
+        return _fields(self.raw)
 
 
-def _fields(head_lines: list[bytes]) -> list[tuple[bytes, bytes]]:
-    pairs = [line.partition(b":") for line in head_lines[1:]]
+def _fields(raw: bytes) -> list[tuple[bytes, bytes]]:
+    pairs = [line.partition(b":") for line in raw[:-4].split(b"\r\n")[1:]]
     return [(name.lower(), value.strip(b" \t")) for name, _, value in pairs]
 
 
@@ -158,60 +171,55 @@ class RequestParser:
         method, target, version = match.groups()
         if version not in _SUPPORTED:
             raise HttpError(505, "http version not supported")
-        lines = head[:-4].split(b"\r\n")
-        out: list[bytes] = []
+        kept: list[bytes] = []
+        pos = head.find(b"\r\n") + 2
         host: bytes | None = None
         length: bytes | None = None
         hosts = 0
         codings: list[bytes] = []
         connection: list[bytes] = []
         upgrade: list[bytes] = []
-        extensions: list[bytes] = []
-        expect = False
+        extensions = expect = False
         key = b""
-        for index in range(1, len(lines)):
-            line = lines[index]
-            colon = line.find(b":")
-            lname = line[:colon].lower()
-            role = _REQUEST_ROLES.get(lname)
-            if role is None:
-                if b"_" in lname:
-                    alias = lname.replace(b"_", b"-")
-                    if alias in _REQUEST_ALIASES:
-                        continue
-                    if alias == _WS_EXTENSIONS:
-                        extensions.append(line)
-                out.append(line)
-                continue
-            value = line[colon + 1 :].strip(b" \t")
-            if role == _HOST:
-                hosts += 1
-                host = value
-                out.append(line)
-            elif role == _LENGTH:
-                if length is not None:
-                    raise HttpError(400, "repeated content-length")
-                if not (0 < len(value) <= MAX_LENGTH_DIGITS and value.isdigit()):
-                    raise HttpError(400, "invalid content-length")
-                length = value
-                out.append(line)
-            elif role == _CODING:
-                if not codings:
-                    out.append(b"transfer-encoding: chunked")  # re-declared once, in its place
-                codings.append(value)
-            elif role == _CONNECTION:
-                connection.append(value)
-            elif role == _UPGRADE:
-                upgrade.append(value)
-            elif role == _EXPECT:
-                expect = value.lower() == b"100-continue"
-                out.append(line)
-            elif role == _KEY:
-                key = value
-                out.append(line)
-            elif role == _EXTENSIONS:
-                extensions.append(line)
-                out.append(line)
+        for field in _REQUEST_SPECIAL.finditer(head.lower(), pos - 2):
+            name, end = field.group(1), head.find(b"\r\n", field.end())
+            role = _REQUEST_ROLES.get(name)
+            if role is None:  # an underscore name: an alias of one we own, or kept
+                alias = name.replace(b"_", b"-")
+                extensions = extensions or alias == _WS_EXTENSIONS
+                if alias not in _REQUEST_ALIASES:
+                    continue
+            else:
+                value = head[field.end() : end].strip(b" \t")
+                if role == _HOST:
+                    hosts, host = hosts + 1, value
+                    continue
+                if role == _LENGTH:
+                    if length is not None:
+                        raise HttpError(400, "repeated content-length")
+                    if not (0 < len(value) <= MAX_LENGTH_DIGITS and value.isdigit()):
+                        raise HttpError(400, "invalid content-length")
+                    length = value
+                    continue
+                if role == _EXPECT:
+                    expect = value.lower() == b"100-continue"
+                    continue
+                if role == _KEY or role == _EXTENSIONS:
+                    key = value if role == _KEY else key
+                    extensions = extensions or role == _EXTENSIONS
+                    continue
+                if role == _CODING:
+                    if not codings:  # re-declared once, in its place
+                        kept += (head[pos : field.start() + 2], b"transfer-encoding: chunked\r\n")
+                        pos = end + 2
+                    codings.append(value)
+                elif role == _CONNECTION:
+                    connection.append(value)
+                elif role == _UPGRADE:
+                    upgrade.append(value)
+            kept.append(head[pos : field.start() + 2])  # drop this line
+            pos = end + 2
+        forward = b"".join(kept) + head[pos:-2] if kept else head[pos:-2]
         body = _request_body(version, length, codings)
         if hosts > 1 or (hosts == 0 and version == b"1.1"):
             raise HttpError(400, "several host headers" if hosts else "missing host header")
@@ -222,28 +230,37 @@ class RequestParser:
         keep_alive = version == b"1.1"
         is_upgrade = False
         if connection:
-            named = set(tokens(connection))
-            keep_alive = keep_alive and b"close" not in named
-            is_upgrade = method == b"GET" and b"upgrade" in named and b"websocket" in set(tokens(upgrade))
-            named -= PLAIN_TOKENS
-            named -= FRAMING
+            options, named = connection_options(b",".join(connection))
+            keep_alive = keep_alive and b"close" not in options
+            is_upgrade = method == b"GET" and b"upgrade" in options and b"websocket" in set(tokens(upgrade))
             if named:
-                out = [line for line in out if _alias(line) not in named]
-        if is_upgrade and extensions:
-            # The frame relay re-frames messages: an extension negotiated end to end would be
-            # applied to frames it never sees, so permessage-deflate is stripped both ways.
-            out = [line for line in out if line not in extensions]
-        forward = b"\r\n".join(out) + b"\r\n" if out else b""
+                forward = without_fields(forward, named)
         if is_upgrade:
+            if extensions:
+                # The frame relay re-frames messages: an extension negotiated end to end would
+                # be applied to frames it never sees, so permessage-deflate is stripped both ways.
+                forward = without_fields(forward, {_WS_EXTENSIONS})
             forward += _UPGRADE_LINES
         forward += self._edge
         if host is not None:
             forward += b"x-forwarded-host: " + host + b"\r\n"
         forward += self._cert + b"\r\n"
         return RequestHead(
-            method, target, version, lines, body, keep_alive, expect and version == b"1.1", is_upgrade, key,
+            method, target, version, head, body, keep_alive, expect and version == b"1.1", is_upgrade, key,
             hosts == 1, misdirected, forward,
         )  # fmt: skip
+
+
+@lru_cache(maxsize=256)
+def connection_options(value: bytes) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    """The Connection tokens (normalized), and the field names among them to drop.
+
+    Cached: nearly every message says one of a handful of values ("keep-alive", "close",
+    "Upgrade"). Framing fields may not be named away (a client sending "Connection:
+    content-length" would otherwise turn its body into a second request upstream).
+    """
+    options = frozenset(tokens([value]))
+    return options, options - PLAIN_TOKENS - FRAMING
 
 
 def _request_body(version: bytes, length: bytes | None, codings: list[bytes]) -> int:
@@ -277,45 +294,45 @@ def parse_response(head: bytes) -> ResponseHead:
     status = int(status_text)
     if status < 100:
         raise HttpError(502, "invalid status code")
-    lines = head[:-4].split(b"\r\n")
-    out: list[bytes] = []
+    kept: list[bytes] = []
+    pos = head.find(b"\r\n") + 2
     length: bytes | None = None
     codings: list[bytes] = []
     connection: list[bytes] = []
     accept = b""
     protocol: str | None = None
-    for index in range(1, len(lines)):
-        line = lines[index]
-        colon = line.find(b":")
-        lname = line[:colon].lower()
-        role = _RESPONSE_ROLES.get(lname)
-        if role is None:
-            if b"_" in lname:
-                alias = lname.replace(b"_", b"-")
-                if alias in _RESPONSE_ALIASES or (alias == _WS_EXTENSIONS and status == 101):
-                    continue
-            out.append(line)
-            continue
-        value = line[colon + 1 :].strip(b" \t")
-        if role == _LENGTH:
-            if length is not None:
-                raise HttpError(502, "repeated content-length")
-            if not (0 < len(value) <= MAX_LENGTH_DIGITS and value.isdigit()):
-                raise HttpError(502, "invalid content-length")
-            length = value
-            out.append(line)
-        elif role == _CODING:
-            codings.append(value)
-        elif role == _CONNECTION:
-            connection.append(value)
-        elif role == _ACCEPT:
-            accept = value
-            out.append(line)
-        elif role == _PROTOCOL:
-            protocol = value.decode("latin-1")
-            out.append(line)
-        elif role == _EXTENSIONS and status != 101:
-            out.append(line)
+    for field in _RESPONSE_SPECIAL.finditer(head.lower(), pos - 2):
+        name, end = field.group(1), head.find(b"\r\n", field.end())
+        role = _RESPONSE_ROLES.get(name)
+        if role is None:  # an underscore name: an alias of one that frames, or kept
+            alias = name.replace(b"_", b"-")
+            if alias not in _RESPONSE_ALIASES and (alias != _WS_EXTENSIONS or status != 101):
+                continue
+        elif role == _EXTENSIONS:
+            if status != 101:
+                continue
+        else:
+            value = head[field.end() : end].strip(b" \t")
+            if role == _LENGTH:
+                if length is not None:
+                    raise HttpError(502, "repeated content-length")
+                if not (0 < len(value) <= MAX_LENGTH_DIGITS and value.isdigit()):
+                    raise HttpError(502, "invalid content-length")
+                length = value
+                continue
+            if role == _ACCEPT:
+                accept = value
+                continue
+            if role == _PROTOCOL:
+                protocol = value.decode("latin-1")
+                continue
+            if role == _CODING:
+                codings.append(value)
+            elif role == _CONNECTION:
+                connection.append(value)
+        kept.append(head[pos : field.start() + 2])  # drop this line
+        pos = end + 2
+    lines = b"".join(kept) + head[pos:-2] if kept else head[pos:-2]
     body = UNTIL_CLOSE
     if codings:
         if length is not None:
@@ -327,14 +344,11 @@ def parse_response(head: bytes) -> ResponseHead:
         body = int(length)
     keep_alive = version == b"1.1"
     if connection:
-        named = set(tokens(connection))
-        keep_alive = keep_alive and b"close" not in named
-        named -= PLAIN_TOKENS
-        named -= FRAMING
+        options, named = connection_options(b",".join(connection))
+        keep_alive = keep_alive and b"close" not in options
         if named:
-            out = [line for line in out if _alias(line) not in named]
-    lines_out = b"\r\n".join(out) + b"\r\n" if out else b""
-    return ResponseHead(status, reason or b"", version, lines, body, keep_alive, lines_out, accept, protocol)
+            lines = without_fields(lines, named)
+    return ResponseHead(status, reason or b"", version, head, body, keep_alive, lines, accept, protocol)
 
 
 def head_end(buffer: bytes | bytearray, limit: int, *, request: bool, scanned: int = 0) -> int:
@@ -405,6 +419,7 @@ def trailer_lines(trailer: bytes) -> bytes:
     return b"".join(line + b"\r\n" for line in trailer[:-2].split(b"\r\n") if line and _alias(line) not in _RESPONSE_ALIASES)
 
 
-def without_field(lines: bytes, name: bytes) -> bytes:
-    """``lines`` (field lines, each ending in CRLF) without the fields called ``name``."""
-    return b"".join(line + b"\r\n" for line in lines.split(b"\r\n")[:-1] if _alias(line) != name)
+def without_fields(lines: bytes, names: set[bytes] | frozenset[bytes]) -> bytes:
+    """``lines`` (field lines, each ending in CRLF) without the fields named in ``names``
+    (compared lower-cased, with '_' as '-'). The rare path: Connection-named fields, upgrades."""
+    return b"".join(line + b"\r\n" for line in lines.split(b"\r\n")[:-1] if _alias(line) not in names)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from nextproxy.config import AllowRule
 from nextproxy.core.actions import AuthorizationDenied
-from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE, RequestHead, ResponseHead, without_field
+from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE, RequestHead, ResponseHead, without_fields
 from nextproxy.core.headers import PeerCertificate
 
 REASONS = {
@@ -70,7 +70,7 @@ def client_response(head: ResponseHead, request: RequestHead, *, close: bool) ->
     if status == 204 or status == 304 or request.method == b"HEAD":
         length = 0
         if status == 204:
-            lines = without_field(lines, b"content-length")  # RFC 9110 section 8.6: never on a 204
+            lines = without_fields(lines, {b"content-length"})  # RFC 9110 section 8.6: never on a 204
     elif length == CHUNKED or length == UNTIL_CLOSE:
         if request.version == b"1.1":
             lines += _CHUNKED_LINE
