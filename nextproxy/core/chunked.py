@@ -43,7 +43,7 @@ class ChunkedReader:
     def __init__(self, max_trailer: int) -> None:
         self._state = _SIZE
         self._remaining = 0
-        self._line = b""
+        self._line: bytes | bytearray = b""
         self._crlf = 0
         self._max_trailer = max_trailer
         self.trailer = b""
@@ -105,18 +105,20 @@ class ChunkedReader:
         return end + 1
 
     def _trailer_line(self, data: bytes, pos: int) -> int:
+        # A bytearray: a trailer section sent a byte at a time must not cost a copy per byte.
+        if type(self._line) is bytes:
+            self._line = bytearray(self._line)
         end = data.find(b"\n", pos)
-        chunk = data[pos:] if end < 0 else data[pos : end + 1]
-        self._line += chunk
-        if len(self._line) > self._max_trailer:
+        self._line += data[pos:] if end < 0 else data[pos : end + 1]
+        line = self._line
+        if len(line) > self._max_trailer:
             raise HttpError(400, "trailer section too large")
         if end < 0:
             return len(data)
-        line = self._line
         if not line.endswith(b"\r\n"):
             raise HttpError(400, "bare LF in trailer section")
         if line.endswith(b"\r\n\r\n") or line == b"\r\n":
             if _FIELDS.fullmatch(line) is None:
                 raise HttpError(400, "invalid trailer section")
-            self.trailer, self._line, self._state = line, b"", _DONE
+            self.trailer, self._line, self._state = bytes(line), b"", _DONE
         return end + 1

@@ -316,7 +316,7 @@ class HttpSession:
         response = client_response(head, exchange.head, close=close)
         exchange.client_chunked, exchange.client_close = response.chunked, response.close
         actions: list[Action] = [ResponseStarted(head.status), SendToClient(response.data)]
-        leg.begin_body(response.length, self._limits.max_header_size)
+        leg.begin_body(response.length, leg.max_header_size)
         if leg.finished:
             return actions + self._response_done(leg, exchange)
         if leg.buffer:
