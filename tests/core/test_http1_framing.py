@@ -146,3 +146,11 @@ def test_pipelined_request_after_a_body_waits_in_the_buffer() -> None:
     out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     out += s.upstream_connected(leg)
     assert to_upstream(out).startswith(b"GET /ns/sigmai/x?y=1 HTTP/1.1\r\n")
+
+
+def test_head_response_followed_by_a_body_anyway_never_reaches_the_client_or_the_pool() -> None:
+    """The httptools failure mode: a HEAD answer's stray body would be read as the next response."""
+    s = session()
+    connect(s, GET.replace(b"GET", b"HEAD", 1))
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    assert b"hello" not in to_client(out) and not released(out)
