@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import replace
 
 from nextproxy.config.model import Address, Limits
-from nextproxy.edge.accept import USE_HTTPS, Accepted
+from nextproxy.edge.accept import LINGER, USE_HTTPS, Accepted
 from nextproxy.edge.connection import TerminatedConnection
 from nextproxy.edge.listener import Runtime
 from tests.edge.fakes import PASSTHROUGH_NAME, FakeTransport, RecordingObserver, config, run, runtime
@@ -37,15 +37,19 @@ def test_over_the_connection_cap_a_connection_is_refused_at_once() -> None:
     assert len(rt.pending) == 1
 
 
-def test_plaintext_http_gets_a_hint_and_is_closed() -> None:
-    async def scenario() -> tuple[FakeTransport, Runtime]:
+def test_plaintext_http_gets_a_hint_then_a_half_close_and_a_linger() -> None:
+    async def scenario() -> tuple[FakeTransport, Runtime, bool]:
         rt, _ = runtime()
         accepted, transport = _accept(rt)
         accepted.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        return transport, rt
+        closed_at_once = transport.closed
+        await asyncio.sleep(LINGER + 0.1)
+        return transport, rt, closed_at_once
 
-    transport, rt = run(scenario())
-    assert bytes(transport.written) == USE_HTTPS and transport.closed and not rt.pending
+    transport, rt, closed_at_once = run(scenario())
+    assert bytes(transport.written) == USE_HTTPS and transport.eof_written and not rt.pending
+    # Closing at once would let the kernel reset unread request bytes and lose the answer.
+    assert not closed_at_once and transport.closed
 
 
 def test_a_client_that_never_says_hello_is_timed_out() -> None:

@@ -18,7 +18,7 @@ from nextproxy.core.actions import (
     StartTunnel,
     StartWebSocket,
 )
-from nextproxy.core.http1 import new_upstream_leg
+from nextproxy.core.upstream_leg import new_upstream_leg
 from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.dispatch import HANDLERS
 from nextproxy.edge.listener import Runtime
@@ -76,7 +76,7 @@ def test_the_tunnel_relays_bytes_passes_half_close_and_ends_with_either_side() -
         phase, started = upgrade(StartTunnel(route, to_upstream=b"early", to_client=b"HTTP/1.1 101 \r\n\r\n"), conn, shell)
         assert isinstance(phase, TunnelPhase) and phase.quiet == 30
         results = [started, phase.client_data(b"abc"), phase.client_data(b""), phase.upstream_data(b"xyz")]
-        results += [phase.upstream_data(b""), phase.upstream_lost(), phase.deadline(Timer.IDLE), phase.drain()]
+        results += [phase.upstream_data(b""), phase.upstream_lost(None), phase.deadline(Timer.IDLE), phase.drain()]
         return results, transport, shell.deadline.kind
 
     results, transport, kind = run(scenario())
@@ -114,7 +114,7 @@ def test_the_websocket_phase_outlives_the_client_until_the_relay_is_closed() -> 
         shell = _shell()
         phase = WebSocketPhase(shell.rt.config.routes[0], shell)
         before = phase.outlives_client
-        actions = phase.upstream_lost() + phase.client_data(b"")
+        actions = phase.upstream_lost(None) + phase.client_data(b"")
         return before, phase.finished, actions
 
     before, finished, actions = run(scenario())
