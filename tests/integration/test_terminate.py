@@ -44,6 +44,14 @@ def test_each_path_reaches_its_upstream(edge: Edge, route: str, prefix: str) -> 
     assert report["path"] == prefix + "/hello?x=1"  # forwarded unchanged
 
 
+def test_encoded_slashes_reach_the_upstream_byte_for_byte(edge: Edge) -> None:
+    assert echo(edge, "/ns/sigmai/files/a%2Fb%2fc%5Cd")["path"] == "/ns/sigmai/files/a%2Fb%2fc%5Cd"
+    # ... but never a way out of the route: dot segments, or another route once decoded.
+    for escape in ("/ns/sigmai/a%2F..%2F..%2Fmc/sigmai", "/ns%2Fsigmai/x", "/mc/sigmai/..%2F..%2Fns/sigmai"):
+        status, _, body = edge.request("GET", escape)
+        assert status == 400, (escape, body)
+
+
 def test_headers_as_the_upstream_received_them(edge: Edge) -> None:
     spoofed = {
         "X-Forwarded-For": "6.6.6.6",
