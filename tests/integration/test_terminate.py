@@ -178,6 +178,26 @@ def test_no_route_404_and_misdirected_421(edge: Edge) -> None:
     assert status == 400
 
 
+def test_an_http2_preface_gets_a_clean_505_and_is_counted(edge: Edge) -> None:
+    from prometheus_client import REGISTRY
+
+    labels = {"route": "-", "code": "505"}
+    before = REGISTRY.get_sample_value("nextproxy_requests_total", labels) or 0.0
+    sock = edge.tls_socket()  # ALPN http/1.1 negotiated; a client speaking h2 anyway (prior knowledge)
+    try:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), answer
+    assert REGISTRY.get_sample_value("nextproxy_requests_total", labels) == before + 1
+
+
 def test_content_length_with_transfer_encoding_is_400_and_never_forwarded(edge: Edge) -> None:
     standin = edge.standins["ns-sigmai"]
     before = standin.requests
