@@ -19,6 +19,7 @@ class TlsAlert(enum.IntEnum):
     HANDSHAKE_FAILURE = 40
     BAD_CERTIFICATE = 42
     CERTIFICATE_EXPIRED = 45
+    ILLEGAL_PARAMETER = 47
     UNKNOWN_CA = 48
     DECODE_ERROR = 50
     PROTOCOL_VERSION = 70
@@ -56,18 +57,46 @@ class ConfigError(NextproxyError):
         return f"{self.key}: {self.reason}"
 
 
+class HelloAnswer(enum.Enum):
+    """Who answers first bytes that the ClientHello reader cannot route by, and how.
+
+    The reader only routes; the TLS library judges (design.md). It answers by itself only
+    where OpenSSL would not answer as a TLS server should.
+    """
+
+    TLS_LIBRARY = "tls_library"
+    """They look like TLS: OpenSSL (default context) gets every byte read and answers."""
+    ALERT = "alert"
+    """The reader refuses by itself (over its cap; an SSLv2 hello, which OpenSSL 4 drops
+    without a word): send ``alert_record()``, then linger like any handshake failure."""
+    USE_HTTPS = "use_https"
+    """Clear-text HTTP: a 400 that says to use https://."""
+    CLOSE = "close"
+    """Not TLS at all (or nothing at all): closed without an answer, as OpenSSL does."""
+
+
 class ClientHelloError(NextproxyError):
     """The first bytes are not a usable TLS ClientHello.
 
-    ``alert`` is what a TLS server would answer; ``plaintext_http`` is set when the bytes look
-    like a clear-text HTTP request, so the shell can answer 400 "use https" instead.
+    ``answer`` says who answers them; ``alert`` is what the reader found wrong (the alert it
+    sends itself when ``answer`` is ``ALERT``).
     """
 
-    def __init__(self, alert: TlsAlert, reason: str, *, plaintext_http: bool = False) -> None:
+    def __init__(self, alert: TlsAlert, reason: str, *, answer: HelloAnswer = HelloAnswer.TLS_LIBRARY,
+                 record_version: int = 0x0303) -> None:  # fmt: skip
         super().__init__(alert, reason)
         self.alert = alert
         self.reason = reason
-        self.plaintext_http = plaintext_http
+        self.answer = answer
+        self.record_version = record_version
+
+    @property
+    def plaintext_http(self) -> bool:
+        return self.answer is HelloAnswer.USE_HTTPS
+
+    def alert_record(self) -> bytes:
+        """The fatal alert record (RFC 8446 6) the reader writes itself for ``HelloAnswer.ALERT``."""
+        return bytes((21, self.record_version >> 8, self.record_version & 0xFF, 0, 2, 2, self.alert))
 
     def __str__(self) -> str:
         return f"{self.reason} ({self.alert.name.lower()})"

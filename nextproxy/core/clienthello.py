@@ -3,7 +3,11 @@
 The proxy reads the ClientHello itself so that one port can serve both passthrough and
 termination, and so that the whole TLS context is chosen per SNI before OpenSSL sees a byte.
 The reader reassembles one handshake message across any number of records and segments, keeps
-every byte it was fed (``raw``) for replay, and parses the hello strictly.
+every byte it was fed (``raw``) for replay, and checks only what routing needs: the framing
+that locates the extensions, and the SNI, ALPN and supported_versions it reads. Everything else
+is the TLS library's to judge (design.md: the peek only routes). Each refusal says who answers
+(``HelloAnswer``): bytes that look like TLS go to OpenSSL, which answers as a plain server
+would; the reader answers by itself only over its cap and for SSLv2-format hellos.
 
 It must never do I/O, never re-parse what it has already consumed (a client sending 1-byte
 records would otherwise cost quadratic CPU), never buffer more than ``max_size`` bytes, and never
@@ -15,17 +19,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NoReturn
 
-from nextproxy.errors import ClientHelloError, TlsAlert
+from nextproxy.errors import ClientHelloError, HelloAnswer, TlsAlert
 
 KiB = 1024
-# Envoy caps the hello at 64 KiB too; real hellos are 0.2-2 KiB (post-quantum key shares ~1.8).
-MAX_CLIENT_HELLO = 64 * KiB
+OPENSSL_MAX_HELLO_BODY = 131_396
+"""OpenSSL's CLIENT_HELLO_MAX_LENGTH: every field of a ClientHello at its maximum (65,534 bytes
+of cipher suites, 65,535 of extensions). A longer one is refused from its handshake header."""
+# Real hellos are 0.2-2 KiB (post-quantum key shares ~1.8), but the cap must not refuse what
+# OpenSSL accepts. It counts record headers too, or 1-byte records would make the reader buffer
+# six times the hello: the largest hello in full-size records is 131,400 + 9 x 5 bytes, and
+# 132 KiB leaves room for some 750 more record headers.
+MAX_CLIENT_HELLO = 132 * KiB
 
 _RECORD_HEADER = 5
 _HANDSHAKE_HEADER = 4
 _MAX_RECORD = 16384  # RFC 8446 section 5.1: TLSPlaintext.length MUST NOT exceed 2^14
 _CONTENT_HANDSHAKE = 22
 _HANDSHAKE_CLIENT_HELLO = 1
+_SSL2_CLIENT_HELLO = 1
 _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _EXT_SUPPORTED_VERSIONS = 43
@@ -59,7 +70,13 @@ class ClientHello:
 
 
 def _fail(alert: TlsAlert, reason: str) -> ClientHelloError:
+    """Looks like TLS, but no routing facts: OpenSSL gets the bytes and gives the answer."""
     return ClientHelloError(alert, reason)
+
+
+def _over_cap(reason: str) -> ClientHelloError:
+    """The reader's own refusal, with the alert OpenSSL gives a hello over its size limit."""
+    return ClientHelloError(TlsAlert.ILLEGAL_PARAMETER, reason, answer=HelloAnswer.ALERT)
 
 
 def _detached(error: ClientHelloError) -> ClientHelloError:
@@ -69,7 +86,7 @@ def _detached(error: ClientHelloError) -> ClientHelloError:
     reader and its caller (the connection): keeping the raised one would tie them into a
     reference cycle that only a full garbage collection frees.
     """
-    return ClientHelloError(error.alert, error.reason, plaintext_http=error.plaintext_http)
+    return ClientHelloError(error.alert, error.reason, answer=error.answer, record_version=error.record_version)
 
 
 class ClientHelloReader:
@@ -77,6 +94,7 @@ class ClientHelloReader:
 
     After an error every later ``feed`` raises the same error (alert and reason). After a hello
     has been returned, a later ``feed`` returns it again with the new bytes appended to ``raw``.
+    ``feed(b"")`` is the client's end of stream (the core's EOF convention).
     """
 
     def __init__(self, max_size: int = MAX_CLIENT_HELLO) -> None:
@@ -97,20 +115,21 @@ class ClientHelloReader:
         if self._error is not None:
             raise _detached(self._error)
         chunk = bytes(data)
-        self._chunks.append(chunk)
+        if chunk:
+            self._chunks.append(chunk)
         if self._hello is not None:
             self._hello = self._with_raw(self._hello)
             return self._hello
         try:
+            if not chunk:
+                raise self._end_of_stream()
             done = self._consume(chunk)
             if not done:
                 if self._consumed > self._max_size:
-                    raise _fail(TlsAlert.HANDSHAKE_FAILURE,
-                                f"no complete ClientHello within {self._max_size} bytes")
+                    raise _over_cap(f"no complete ClientHello within {self._max_size} bytes")
                 return None
             if self._consumed > self._max_size:
-                raise _fail(TlsAlert.HANDSHAKE_FAILURE,
-                            f"ClientHello records exceed {self._max_size} bytes")
+                raise _over_cap(f"ClientHello records exceed {self._max_size} bytes")
             hello = _parse_body(bytes(self._message[_HANDSHAKE_HEADER:]))
         except ClientHelloError as exc:
             self._error = _detached(exc)
@@ -124,10 +143,24 @@ class ClientHelloReader:
         self._hello = self._with_raw(hello)
         return self._hello
 
-    def _with_raw(self, hello: ClientHello) -> ClientHello:
+    def received(self) -> bytes:
+        """Every byte fed so far: what OpenSSL gets when the reader cannot route by it."""
         if len(self._chunks) > 1:
             self._chunks = [b"".join(self._chunks)]
-        return ClientHello(hello.server_name, hello.alpn, hello.offers_tls13, self._chunks[0])
+        return self._chunks[0] if self._chunks else b""
+
+    def _with_raw(self, hello: ClientHello) -> ClientHello:
+        return ClientHello(hello.server_name, hello.alpn, hello.offers_tls13, self.received())
+
+    def _end_of_stream(self) -> ClientHelloError:
+        """The client stopped before a complete hello: who answers depends on what came."""
+        if not self._chunks or self._chunks[0][0] != _CONTENT_HANDSHAKE:
+            # Nothing, or the start of something that is not TLS (a port scan, half a request
+            # line): closed. OpenSSL would send decode_error even to a silent connection.
+            return ClientHelloError(TlsAlert.DECODE_ERROR, "end of stream before any TLS record",
+                                    answer=HelloAnswer.CLOSE)
+        # OpenSSL answers a truncated hello with decode_error once it sees the end of stream.
+        return _fail(TlsAlert.DECODE_ERROR, "end of stream inside the ClientHello")
 
     def _consume(self, data: bytes) -> bool:
         """Walk ``data`` once; return True when the handshake message is complete.
@@ -154,12 +187,12 @@ class ClientHelloReader:
                     header = data[pos:pos + _RECORD_HEADER]
                     pos += _RECORD_HEADER
                 left = header[3] << 8 | header[4]
-                if header[0] != _CONTENT_HANDSHAKE or header[1] != 3 or not 0 < left <= _MAX_RECORD:
-                    _refuse_record(header[0], header[1], left)
+                # An empty handshake record is skipped (left stays 0), as OpenSSL does.
+                if header[0] != _CONTENT_HANDSHAKE or header[1] != 3 or left > _MAX_RECORD:
+                    _refuse_record(header[0], header[1], left, first=self._records == 0)
                 consumed += _RECORD_HEADER
                 if consumed > limit:
-                    raise _fail(TlsAlert.HANDSHAKE_FAILURE,
-                                f"no complete ClientHello within {limit} bytes")
+                    raise _over_cap(f"no complete ClientHello within {limit} bytes")
                 self._records += 1
                 continue
             take = left if left < end - pos else end - pos
@@ -190,7 +223,7 @@ class ClientHelloReader:
         self._header += piece
         if self._header[0] != _CONTENT_HANDSHAKE:
             # Refuse now rather than wait for a length we would not use.
-            _refuse_record(self._header[0], 3, 1)
+            _refuse_record(self._header[0], 3, 1, first=False)
         if len(self._header) < _RECORD_HEADER:
             return None
         header = bytes(self._header)
@@ -200,8 +233,8 @@ class ClientHelloReader:
     def _sniff_first_bytes(self, data: bytes) -> bool:
         """Decide what a stream that does not start with a handshake record is.
 
-        Returns False while it could still be an HTTP request line (wait for more bytes);
-        otherwise raises. Only called before any record is complete.
+        Returns False while it could still be an HTTP request line or an SSLv2 hello (wait for
+        more bytes); otherwise raises. Only called before any record is complete.
         """
         first = bytes(self._header) + data[:_SNIFF_MAX]
         if first[0] == _CONTENT_HANDSHAKE:
@@ -209,13 +242,26 @@ class ClientHelloReader:
         head = first[:_SNIFF_MAX]
         if any(head.startswith(token) for token in _HTTP_TOKENS):
             raise ClientHelloError(TlsAlert.UNEXPECTED_MESSAGE, "clear-text HTTP on a TLS port",
-                                   plaintext_http=True)
-        if any(token.startswith(head) for token in _HTTP_TOKENS):
+                                   answer=HelloAnswer.USE_HTTPS)
+        if head[0] & 0x80:
+            # An SSLv2 record header: 15-bit length, then msg_type and version. OpenSSL 4
+            # closes on these without an alert; OpenSSL 3 answered protocol_version, in a
+            # record carrying the client's version, and so do we.
+            if len(head) < 5:
+                self._header = bytearray(head)
+                return False
+            if head[2] == _SSL2_CLIENT_HELLO:
+                version = head[3] << 8 | head[4]
+                raise ClientHelloError(TlsAlert.PROTOCOL_VERSION, "SSLv2-format ClientHello",
+                                       answer=HelloAnswer.ALERT,
+                                       record_version=version if 0x0301 <= version <= 0x0303 else 0x0303)
+        elif any(token.startswith(head) for token in _HTTP_TOKENS):
             # Kept in the header buffer (at most 7 bytes) until the token is complete.
             self._header = bytearray(head)
             return False
-        raise _fail(TlsAlert.UNEXPECTED_MESSAGE,
-                    f"first record has content type {first[0]}, not handshake")
+        # OpenSSL sends no alert either to what "doesn't look like TLS".
+        raise ClientHelloError(TlsAlert.UNEXPECTED_MESSAGE, f"first byte {first[0]} is not a TLS record",
+                               answer=HelloAnswer.CLOSE)
 
     def _check_message_header(self) -> int:
         """Check type and length as soon as they arrive; the message size once known, else -1."""
@@ -224,28 +270,30 @@ class ClientHelloReader:
                         f"handshake message type {self._message[0]}, not ClientHello")
         if len(self._message) < _HANDSHAKE_HEADER:
             return -1
-        size = _HANDSHAKE_HEADER + int.from_bytes(self._message[1:4], "big")
+        body = int.from_bytes(self._message[1:4], "big")
+        if body > OPENSSL_MAX_HELLO_BODY:
+            # OpenSSL refuses this from the header alone; let it say so in its own words.
+            raise _fail(TlsAlert.ILLEGAL_PARAMETER, f"ClientHello of {body} bytes exceeds OpenSSL's limit")
+        size = _HANDSHAKE_HEADER + body
         # Fail early on a hello that cannot fit, counting the record headers it needs:
         # never wait for (and buffer) bytes we are going to refuse anyway.
         records = -(-size // _MAX_RECORD)
         if size + records * _RECORD_HEADER > self._max_size:
-            raise _fail(TlsAlert.HANDSHAKE_FAILURE,
-                        f"ClientHello of {size} bytes exceeds the {self._max_size}-byte cap")
+            raise _over_cap(f"ClientHello of {size} bytes exceeds the {self._max_size}-byte cap")
         return size
 
 
-def _refuse_record(content_type: int, major: int, length: int) -> NoReturn:
+def _refuse_record(content_type: int, major: int, length: int, *, first: bool) -> NoReturn:
     """Raise the error for a record header that cannot carry (part of) a ClientHello."""
     if content_type != _CONTENT_HANDSHAKE:
         raise _fail(TlsAlert.UNEXPECTED_MESSAGE,
                     f"record content type {content_type} before the ClientHello")
     # legacy_record_version "MUST be ignored" (RFC 8446 5.1) beyond being SSL3/TLS at all.
     if major != 3:
-        raise _fail(TlsAlert.PROTOCOL_VERSION, f"record version major {major} is not TLS")
-    if length > _MAX_RECORD:
-        raise _fail(TlsAlert.RECORD_OVERFLOW, f"record of {length} bytes exceeds 2^14")
-    # RFC 8446 5.1: zero-length handshake fragments MUST NOT be sent.
-    raise _fail(TlsAlert.DECODE_ERROR, "zero-length handshake record")
+        # A first record of another major "doesn't look like TLS": OpenSSL closes silently.
+        raise ClientHelloError(TlsAlert.PROTOCOL_VERSION, f"record version major {major} is not TLS",
+                               answer=HelloAnswer.CLOSE if first else HelloAnswer.TLS_LIBRARY)
+    raise _fail(TlsAlert.RECORD_OVERFLOW, f"record of {length} bytes exceeds 2^14")
 
 
 def _vector(buf: bytes, pos: int, end: int, width: int, field: str) -> tuple[int, int]:
@@ -269,21 +317,18 @@ def _expect_end(pos: int, end: int, field: str) -> None:
 
 
 def _parse_body(body: bytes) -> ClientHello:
-    """Parse a complete ClientHello body (RFC 8446 4.1.2), strictly."""
+    """Parse a complete ClientHello body (RFC 8446 4.1.2) as far as routing needs.
+
+    The fixed fields are only walked, not judged: legacy_version, the session id, cipher
+    suites and compression methods are OpenSSL's (or the passthrough upstream's) to refuse.
+    Judging them here would only send a hello OpenSSL accepts to the default route.
+    """
     end = len(body)
     if end < 34:
         raise _fail(TlsAlert.DECODE_ERROR, "ClientHello: legacy_version or random truncated")
-    if body[0] != 3:
-        raise _fail(TlsAlert.PROTOCOL_VERSION, f"legacy_version major {body[0]} is not TLS")
-    start, pos = _vector(body, 34, end, 1, "legacy_session_id")
-    if pos - start > 32:
-        raise _fail(TlsAlert.DECODE_ERROR, "legacy_session_id longer than 32 bytes")
-    start, pos = _vector(body, pos, end, 2, "cipher_suites")
-    if pos - start < 2 or (pos - start) % 2:
-        raise _fail(TlsAlert.DECODE_ERROR, f"cipher_suites length {pos - start} is invalid")
-    start, pos = _vector(body, pos, end, 1, "legacy_compression_methods")
-    if pos == start:
-        raise _fail(TlsAlert.DECODE_ERROR, "no compression methods")
+    _, pos = _vector(body, 34, end, 1, "legacy_session_id")
+    _, pos = _vector(body, pos, end, 2, "cipher_suites")
+    _, pos = _vector(body, pos, end, 1, "legacy_compression_methods")
     extensions: dict[int, bytes] = {}
     # A pre-TLS-1.2 style hello may end here; TLS 1.3 clients always send extensions.
     if pos < end:
@@ -304,7 +349,6 @@ def _parse_body(body: bytes) -> ClientHello:
 
 def _split_extensions(buf: bytes, pos: int, end: int) -> dict[int, bytes]:
     """Extension type -> data for the three we read; every extension is bounds-checked."""
-    seen: set[int] = set()
     wanted: dict[int, bytes] = {}
     # The hottest loop of a normal parse (a dozen or more extensions), so _vector is inlined.
     while pos < end:
@@ -315,11 +359,11 @@ def _split_extensions(buf: bytes, pos: int, end: int) -> dict[int, bytes]:
         pos = start + (buf[pos + 2] << 8 | buf[pos + 3])
         if pos > end:
             raise _fail(TlsAlert.DECODE_ERROR, f"extension {ext_type}: {pos - end} bytes missing")
-        if ext_type in seen:
-            # RFC 8446 4.2: no more than one extension of the same type.
-            raise _fail(TlsAlert.DECODE_ERROR, f"duplicate extension {ext_type}")
-        seen.add(ext_type)
         if ext_type in _WANTED_EXTENSIONS:
+            if ext_type in wanted:
+                # RFC 8446 4.2: no more than one of a type; two SNIs leave no route. OpenSSL
+                # only catches duplicates of types it knows, so others are its business.
+                raise _fail(TlsAlert.DECODE_ERROR, f"duplicate extension {ext_type}")
             wanted[ext_type] = buf[start:pos]
     return wanted
 

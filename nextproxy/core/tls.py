@@ -33,7 +33,7 @@ from nextproxy.config.model import ClientAuth
 from nextproxy.core.handshake import VerifyNote, openssl_failure_reason
 from nextproxy.errors import TlsError
 
-__all__ = ["PeerCertificate", "TlsEngine", "TlsServerContext", "note_verify_error"]
+__all__ = ["NoApplicationProtocol", "PeerCertificate", "TlsEngine", "TlsServerContext", "note_verify_error"]
 
 # One TLS record carries at most 16 KiB of plaintext (RFC 8446 section 5.1) and SSL_read
 # returns at most one record, so a bigger buffer would only cost allocation.
@@ -45,15 +45,21 @@ _T = TypeVar("_T")
 
 # Client certificates often carry only a subject CN; the WebPKI default policy would refuse
 # them for lacking a SAN, which is a server-certificate rule, not a client-certificate one.
-_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-    x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
-)
+_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
 _CA_POLICY = ExtensionPolicy.webpki_defaults_ca()
+
+
+class NoApplicationProtocol(Exception):
+    """Raised by an ALPN select callback to refuse the handshake (RFC 7301 3.2).
+
+    pyOpenSSL turns any exception in that callback into SSL_TLSEXT_ERR_ALERT_FATAL, so OpenSSL
+    queues the no_application_protocol alert, and then re-raises it from the handshake call.
+    """
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class TlsServerContext:
-    """One edge TLS configuration, chosen per SNI before the handshake (built by ``tlsconfig``).
+    """One edge TLS configuration, chosen per SNI before the handshake (``edge.tlscontexts``).
 
     ``context`` is immutable once a connection used it (pyOpenSSL >= 26.2), so a reload builds
     new ones. ``client_cas`` are the configured client CA certificates, used for the verdict in
@@ -184,6 +190,16 @@ class TlsEngine:
                 raise self._fail(exc) from None
         return b"".join(parts)
 
+    def end_of_stream(self) -> bytes:
+        """The client's end of stream; afterwards the same as ``receive(b"")``.
+
+        During the handshake OpenSSL is told (its BIO reports EOF), so it answers a truncated
+        handshake exactly as a plain server on a socket would: decode_error, then TlsError.
+        """
+        if not self.handshake_complete and self.error is None:
+            self._conn.bio_shutdown()
+        return self.receive(b"")
+
     # ------------------------------------------------------------------ bytes out
 
     def send(self, plaintext: bytes) -> None:
@@ -250,7 +266,10 @@ class TlsEngine:
     def _fail(self, exc: Exception) -> TlsError:
         """Turn a pyOpenSSL exception into a TlsError, noting whether an alert is queued."""
         text = str(exc).lower()
-        reason = error_reason(text, self._verify_note.code if hasattr(self, "_verify_note") else 0)
+        if isinstance(exc, NoApplicationProtocol):
+            reason = "no_application_protocol"
+        else:
+            reason = error_reason(text, self._verify_note.code if hasattr(self, "_verify_note") else 0)
         received_alert = "alert" in text and reason != "protocol_version"
         # OpenSSL writes its fatal alert into the BIO before raising; a peer's alert gets no answer.
         queued = self._drain_into_stash() if hasattr(self, "_conn") else False

@@ -12,18 +12,21 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from nextproxy.config.model import SniAction
+from nextproxy.config.model import SniAction, SniRoute
 from nextproxy.core.clienthello import ClientHello, ClientHelloReader
 from nextproxy.edge.connection import TerminatedConnection
 from nextproxy.edge.host import Group, Host
 from nextproxy.edge.passthrough import start_passthrough
-from nextproxy.errors import ClientHelloError
+from nextproxy.errors import ClientHelloError, HelloAnswer
 
 USE_HTTPS = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"content-length: 42\r\nconnection: close\r\n\r\n"
     b"This port speaks TLS: use https:// instead\n"
 )
+LINGER = 0.5
+"""After refusing, keep reading (and dropping) this long before closing, as after a failed
+handshake: closing at once makes the kernel reset in-flight bytes, and the answer is lost."""
 
 
 class Accepted(asyncio.Protocol):
@@ -54,13 +57,12 @@ class Accepted(asyncio.Protocol):
         self._timer = self._loop.call_later(rt.config.timeouts.client_hello, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return  # lingering after a refusal: bytes are read only so the kernel does not reset
         try:
             hello = self._reader.feed(data)
         except ClientHelloError as exc:
-            self.rt.observer.bad_hello(exc, self.peer)
-            if exc.plaintext_http and self.transport is not None:
-                self.transport.write(USE_HTTPS)
-            self.close()
+            self._refused(exc)
             return
         except Exception as exc:  # a bug: log it, close this connection only
             self.rt.observer.bug(exc, self.peer)
@@ -70,8 +72,43 @@ class Accepted(asyncio.Protocol):
             self._hand_over(hello)
 
     def eof_received(self) -> bool:
+        if self.transport is not None:
+            try:
+                self._reader.feed(b"")  # raises: the hello is unfinished
+            except ClientHelloError as exc:
+                if exc.answer is HelloAnswer.TLS_LIBRARY:
+                    return self._to_openssl().eof_received()
+            except Exception as exc:
+                self.rt.observer.bug(exc, self.peer)
         self.close()
         return False
+
+    def _to_openssl(self) -> TerminatedConnection:
+        """OpenSSL with the default context gets every byte and answers as a plain server would;
+        the connection then fails (or, rarely, succeeds) like any handshake."""
+        assert self.transport is not None
+        return self._terminate(self.transport, None, ClientHello(None, (), False, self._reader.received()))
+
+    def _refused(self, exc: ClientHelloError) -> None:
+        """Answer first bytes the reader cannot route by (design.md: the peek only routes)."""
+        transport = self.transport
+        assert transport is not None
+        if exc.answer is HelloAnswer.TLS_LIBRARY:
+            self._to_openssl()
+            return
+        self.rt.observer.bad_hello(exc, self.peer)
+        counted = self.rt.leave(self, Group.PENDING)
+        self._forget()
+        answer = {HelloAnswer.USE_HTTPS: USE_HTTPS, HelloAnswer.ALERT: exc.alert_record()}.get(exc.answer)
+        if answer:
+            transport.write(answer)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._loop.call_later(LINGER, transport.close)
+        else:
+            transport.close()
+        if counted:
+            self.rt.observer.connection_closed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
@@ -90,9 +127,14 @@ class Accepted(asyncio.Protocol):
         if route is not None and route.action is SniAction.PASSTHROUGH:
             start_passthrough(self.rt, transport, route, hello, self.peer)
             return
+        self._terminate(transport, route, hello)
+
+    def _terminate(self, transport: asyncio.Transport, route: SniRoute | None, hello: ClientHello) -> TerminatedConnection:
+        self._forget()
         connection = TerminatedConnection(self.rt, transport, self.peer, route, hello, self._loop)
         transport.set_protocol(connection)
         connection.start()
+        return connection
 
     def _forget(self) -> None:
         """This protocol is done with the connection (closed, or handed over)."""

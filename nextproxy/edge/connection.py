@@ -131,7 +131,7 @@ class TerminatedConnection(asyncio.Protocol):
         self.upstream.conn = None
         phase = self._phase
         if phase is not None:
-            self._guarded(lambda: self.run(phase.upstream_lost()))
+            self._guarded(lambda: self.run(phase.upstream_lost(exc)))
 
     def upstream_writing(self, paused: bool) -> None:
         self.upstream.paused = paused
@@ -144,7 +144,8 @@ class TerminatedConnection(asyncio.Protocol):
         if engine is None:
             return
         try:
-            plaintext = engine.receive(data)
+            # EOF goes to OpenSSL too: mid-handshake it answers as a plain server would.
+            plaintext = engine.receive(data) if data else engine.end_of_stream()
         except TlsError as exc:
             self._tls_failed(exc)
             return

@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
 from nextproxy.config.model import CertificateConfig, ClientAuth, Config, SniAction, SniRoute, UpstreamTls
-from nextproxy.core.tls import TlsServerContext, note_verify_error
+from nextproxy.core.tls import NoApplicationProtocol, TlsServerContext, note_verify_error
 from nextproxy.errors import ConfigError
 
 __all__ = [
@@ -162,10 +162,13 @@ def load_ca_file(key: str, path: str) -> tuple[x509.Certificate, ...]:
 # --------------------------------------------------------------------------- edge contexts
 
 
-def _choose_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes | SSL._NoOverlappingProtocols:
-    # HTTP/1.1 is all we speak; a client offering only h2 gets no ALPN (and may still send
-    # HTTP/1.1) rather than a no_application_protocol alert.
-    return ALPN_HTTP1 if ALPN_HTTP1 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+def _choose_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
+    # HTTP/1.1 is all we speak. A client that offers ALPN without it (an h2-only client) gets
+    # the no_application_protocol alert RFC 7301 3.2 asks for, not a 400 it cannot read; a
+    # client offering no ALPN at all never gets here and is served HTTP/1.1.
+    if ALPN_HTTP1 in offered:
+        return ALPN_HTTP1
+    raise NoApplicationProtocol(f"ALPN offers {b', '.join(offered)!r}, not http/1.1")
 
 
 def _accept_any(connection: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:

@@ -16,7 +16,7 @@ import ssl
 from typing import Awaitable, Callable, Protocol, Sequence, TypeVar, cast
 
 from nextproxy.config.model import Address, Config, Upstream
-from nextproxy.core.http1 import UpstreamLeg, new_upstream_leg
+from nextproxy.core.upstream_leg import UpstreamLeg, new_upstream_leg
 
 HEALTH_INTERVAL = 10.0
 """Seconds between TCP probes of every upstream server (nextproxy_upstream_up)."""

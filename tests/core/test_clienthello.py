@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from nextproxy.core.clienthello import MAX_CLIENT_HELLO, ClientHello, ClientHelloReader
-from nextproxy.errors import ClientHelloError, TlsAlert
+from nextproxy.core.clienthello import MAX_CLIENT_HELLO, OPENSSL_MAX_HELLO_BODY, ClientHello, ClientHelloReader
+from nextproxy.errors import ClientHelloError, HelloAnswer, TlsAlert
 from tests.hellos import (build_hello, handshake_payload, openssl_hello, record, refragment,
                           split_hello, sni_extension, stdlib_hello)
 
@@ -199,11 +199,42 @@ def test_hello_without_extensions() -> None:
 # --- what is refused ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("data", [b"\x00" * 64, b"\xff\xfe garbage", b"SSH-2.0-OpenSSH_9.6\r\n",
-                                  b"\x80\x2e\x01\x03\x01"])  # the last is an SSLv2 hello
-def test_garbage(data: bytes) -> None:
+                                  b"\x80\x2e\x02\x03\x01", b"\x16\x00\x01\x00\x05hello"])
+def test_garbage_is_closed_without_an_answer(data: bytes) -> None:
+    # The last two: an SSLv2 record that is no hello; a "handshake" record of major version 0,
+    # which OpenSSL also closes on without an alert ("doesn't look like TLS").
     for bytewise in (False, True):
         err = error_of(data, bytewise=bytewise)
-        assert err.alert is TlsAlert.UNEXPECTED_MESSAGE and not err.plaintext_http
+        assert err.answer is HelloAnswer.CLOSE and not err.plaintext_http
+
+
+@pytest.mark.parametrize("version,record_version", [(0x0301, 0x0301), (0x0302, 0x0302), (0x0303, 0x0303),
+                                                    (0x0304, 0x0303), (0x0002, 0x0303)])
+def test_sslv2_hello_gets_protocol_version_from_the_reader(version: int, record_version: int) -> None:
+    # OpenSSL 4 drops these silently; the reader answers as OpenSSL 3 did (the oracle test checks).
+    data = b"\x80\x2e\x01" + version.to_bytes(2, "big") + b"\x00" * 20
+    for bytewise in (False, True):
+        err = error_of(data, bytewise=bytewise)
+        assert err.answer is HelloAnswer.ALERT and err.alert is TlsAlert.PROTOCOL_VERSION
+        assert err.alert_record() == b"\x15" + record_version.to_bytes(2, "big") + b"\x00\x02\x02\x46"
+    assert ClientHelloReader().feed(data[:4]) is None  # the version is waited for
+
+
+def test_end_of_stream() -> None:
+    reader = ClientHelloReader()
+    assert reader.feed(STDLIB[:40]) is None
+    with pytest.raises(ClientHelloError) as info:
+        reader.feed(b"")
+    # A truncated hello is OpenSSL's to answer (decode_error), with every byte read so far.
+    assert info.value.answer is HelloAnswer.TLS_LIBRARY and reader.received() == STDLIB[:40]
+    for data in (b"", b"GE", b"\x80\x2e"):
+        reader = ClientHelloReader()
+        assert data == b"" or reader.feed(data) is None
+        with pytest.raises(ClientHelloError) as info:
+            reader.feed(b"")
+        assert info.value.answer is HelloAnswer.CLOSE, data
+    reader = ClientHelloReader()
+    assert reader.feed(STDLIB) is not None and reader.feed(b"") is not None  # after the hello: nothing new
 
 
 @pytest.mark.parametrize("line", [b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.1\r\n", b"HEAD / HTTP/1.0\r\n",
@@ -212,7 +243,7 @@ def test_garbage(data: bytes) -> None:
 def test_clear_text_http(line: bytes) -> None:
     for bytewise in (False, True):
         err = error_of(line, bytewise=bytewise)
-        assert err.plaintext_http is True
+        assert err.plaintext_http is True and err.answer is HelloAnswer.USE_HTTPS
 
 
 def test_clear_text_sniff_waits_only_while_ambiguous() -> None:
@@ -242,7 +273,8 @@ def test_non_handshake_record(content_type: int) -> None:
     payload = handshake_payload(STDLIB)
     data = record(payload[:10]) + record(payload[10:], content_type=content_type)
     for bytewise in (False, True):
-        assert error_of(data, bytewise=bytewise).alert is TlsAlert.UNEXPECTED_MESSAGE
+        err = error_of(data, bytewise=bytewise)
+        assert err.alert is TlsAlert.UNEXPECTED_MESSAGE and err.answer is HelloAnswer.TLS_LIBRARY
 
 
 def test_non_client_hello_handshake_message() -> None:
@@ -255,7 +287,11 @@ def test_non_client_hello_handshake_message() -> None:
 def test_wrong_record_version_major() -> None:
     data = bytearray(STDLIB)
     data[1] = 2
-    assert error_of(bytes(data)).alert is TlsAlert.PROTOCOL_VERSION
+    assert error_of(bytes(data)).answer is HelloAnswer.CLOSE  # the first record: not TLS
+    payload = handshake_payload(STDLIB)
+    later = record(payload[:10]) + record(payload[10:], version=0x0203)
+    err = error_of(later)
+    assert err.alert is TlsAlert.PROTOCOL_VERSION and err.answer is HelloAnswer.TLS_LIBRARY
 
 
 def test_oversize_record_is_refused_from_its_header() -> None:
@@ -264,42 +300,56 @@ def test_oversize_record_is_refused_from_its_header() -> None:
     assert error_of(header, bytewise=True).alert is TlsAlert.RECORD_OVERFLOW
 
 
-def test_zero_length_record() -> None:
-    assert error_of(record(b"") + STDLIB).alert is TlsAlert.DECODE_ERROR
+def test_empty_records_are_skipped_as_openssl_does() -> None:
+    payload = handshake_payload(STDLIB)
+    data = record(b"") + record(payload[:10]) + record(b"") + record(b"") + record(payload[10:])
+    for bytewise in (False, True):
+        chunks = [data[i:i + 1] for i in range(len(data))] if bytewise else [data]
+        assert feed_all(chunks).server_name == "example.com"
 
 
-def test_default_cap_is_64_kib() -> None:
-    assert MAX_CLIENT_HELLO == 65536
+def test_default_cap_holds_the_largest_hello_openssl_accepts() -> None:
+    # 131,396 bytes of body + 4 of header, in nine full-size records of 5-byte headers.
+    assert MAX_CLIENT_HELLO == 132 * 1024 >= OPENSSL_MAX_HELLO_BODY + 4 + 9 * 5
     prefix, extensions = split_hello(STDLIB)
-    # Pad with an unknown extension to just fit the cap, records included; then one byte more.
+    # Pad with an unknown extension to just fit a 64 KiB cap, records included; then one byte more.
+    cap = 64 * 1024
     message = len(build_hello(prefix, extensions + [(0xFAFA, b"")])) - 5
-    fitting = MAX_CLIENT_HELLO - 4 * 5 - message  # the padded message needs four records
+    fitting = cap - 4 * 5 - message  # the padded message needs four records
     for pad, fits in ((fitting, True), (fitting + 1, False)):
         data = build_hello(prefix, extensions + [(0xFAFA, b"p" * pad)])
-        assert len(data) == MAX_CLIENT_HELLO + (0 if fits else 1)
+        assert len(data) == cap + (0 if fits else 1)
+        assert feed_all([data]).server_name == "example.com"  # the default cap takes both
         if fits:
-            assert feed_all([data]).server_name == "example.com"
+            assert feed_all([data], max_size=cap).server_name == "example.com"
         else:
-            # Refused from the handshake header, before the rest of the first record arrives.
-            err = error_of(data[:9], bytewise=True)
-            assert err.alert is TlsAlert.HANDSHAKE_FAILURE
+            # Refused from the handshake header, before the rest of the first record arrives,
+            # by the reader itself: OpenSSL would have accepted this hello.
+            err = error_of(data[:9], max_size=cap, bytewise=True)
+            assert err.alert is TlsAlert.ILLEGAL_PARAMETER and err.answer is HelloAnswer.ALERT
+            assert err.alert_record() == b"\x15\x03\x03\x00\x02\x02\x2f"
 
 
 def test_lying_handshake_length_fails_early() -> None:
-    # A handshake header claiming 16 MB must not make the reader wait for (and buffer) it.
-    assert error_of(record(b"\x01\xff\xff\xff" + b"\x03\x03"), bytewise=True).alert \
-        is TlsAlert.HANDSHAKE_FAILURE
+    # A handshake header claiming 16 MB must not make the reader wait for (and buffer) it; past
+    # OpenSSL's own limit OpenSSL refuses it from the header too, in its own words.
+    err = error_of(record(b"\x01\xff\xff\xff" + b"\x03\x03"), bytewise=True)
+    assert err.alert is TlsAlert.ILLEGAL_PARAMETER and err.answer is HelloAnswer.TLS_LIBRARY
+    just_over = (OPENSSL_MAX_HELLO_BODY + 1).to_bytes(3, "big")
+    assert error_of(record(b"\x01" + just_over), bytewise=True).answer is HelloAnswer.TLS_LIBRARY
+    at_limit = OPENSSL_MAX_HELLO_BODY.to_bytes(3, "big")
+    assert ClientHelloReader().feed(record(b"\x01" + at_limit)) is None
 
 
 def test_small_custom_cap() -> None:
     assert feed_all([STDLIB], max_size=len(STDLIB)).raw == STDLIB
-    assert error_of(STDLIB, max_size=len(STDLIB) - 1).alert is TlsAlert.HANDSHAKE_FAILURE
+    assert error_of(STDLIB, max_size=len(STDLIB) - 1).answer is HelloAnswer.ALERT
     # Record headers count: 1-byte records of the same hello need six times the bytes.
     one_byte = refragment(STDLIB, 1)
     assert feed_all([one_byte], max_size=len(one_byte)).raw == one_byte
     for bytewise in (False, True):
         err = error_of(one_byte, max_size=len(one_byte) - 1, bytewise=bytewise)
-        assert err.alert is TlsAlert.HANDSHAKE_FAILURE
+        assert err.alert is TlsAlert.ILLEGAL_PARAMETER and err.answer is HelloAnswer.ALERT
 
 
 def test_cap_counts_bytes_before_completion_only() -> None:
@@ -314,7 +364,7 @@ def test_truncated_lengths_inside_the_hello() -> None:
         if cut == no_extensions:
             continue
         err = error_of(with_body(body[:cut]))
-        assert err.alert in (TlsAlert.DECODE_ERROR, TlsAlert.PROTOCOL_VERSION), cut
+        assert err.alert is TlsAlert.DECODE_ERROR and err.answer is HelloAnswer.TLS_LIBRARY, cut
     # And one byte too many: lengths must add up exactly.
     assert error_of(with_body(body + b"\x00")).alert is TlsAlert.DECODE_ERROR
 
@@ -329,18 +379,19 @@ def test_malformed_extensions(ext_type: int, data: bytes) -> None:
     assert error_of(edited(STDLIB, {ext_type: data})).alert is TlsAlert.DECODE_ERROR
 
 
-def test_bad_fixed_fields() -> None:
+def test_fixed_fields_are_walked_not_judged() -> None:
+    # The reader only routes: legacy_version, session id, cipher suites and compression methods
+    # are OpenSSL's to judge (the oracle test shows it refuses these); the SNI is still found.
     body = handshake_body(STDLIB)
     sid = 34
     long_session_id = body[:sid] + b"\x21" + b"s" * 33 + body[sid + 1 + body[sid]:]
-    assert error_of(with_body(long_session_id)).alert is TlsAlert.DECODE_ERROR
     suites = sid + 1 + body[sid]
-    odd_suites = body[:suites] + b"\x00\x03\x13\x01\x13" + body[suites + 2 + int.from_bytes(body[suites:suites + 2], "big"):]
-    assert error_of(with_body(odd_suites)).alert is TlsAlert.DECODE_ERROR
-    no_suites = body[:suites] + b"\x00\x00" + body[suites + 2 + int.from_bytes(body[suites:suites + 2], "big"):]
-    assert error_of(with_body(no_suites)).alert is TlsAlert.DECODE_ERROR
+    rest = body[suites + 2 + int.from_bytes(body[suites:suites + 2], "big"):]
+    odd_suites = body[:suites] + b"\x00\x03\x13\x01\x13" + rest
+    no_suites = body[:suites] + b"\x00\x00" + rest
     not_tls = b"\x02\x00" + body[2:]
-    assert error_of(with_body(not_tls)).alert is TlsAlert.PROTOCOL_VERSION
+    for edited_body in (long_session_id, odd_suites, no_suites, not_tls):
+        assert feed_all([with_body(edited_body)]).server_name == "example.com"
 
 
 def test_duplicate_extension() -> None:
@@ -348,6 +399,10 @@ def test_duplicate_extension() -> None:
     alpn = dict(extensions)[16]
     err = error_of(build_hello(prefix, extensions + [(16, alpn)]))
     assert err.alert is TlsAlert.DECODE_ERROR and "duplicate" in err.reason
+    assert err.answer is HelloAnswer.TLS_LIBRARY
+    # OpenSSL ignores duplicates of types it does not know (two GREASE values): so do we.
+    hello = feed_all([build_hello(prefix, extensions + [(0x0A0A, b""), (0x0A0A, b"x")])])
+    assert hello.server_name == "example.com"
 
 
 def test_fuzzed_real_hellos_only_raise_client_hello_error() -> None:
@@ -378,7 +433,7 @@ def test_fuzzed_real_hellos_only_raise_client_hello_error() -> None:
                 if result is not None:
                     break
         except ClientHelloError as exc:
-            assert isinstance(exc.alert, TlsAlert)
+            assert isinstance(exc.alert, TlsAlert) and isinstance(exc.answer, HelloAnswer)
             outcomes["error"] += 1
             continue
         if result is None:

@@ -65,12 +65,41 @@ def test_handshake_chooses_http11_from_h2_and_http11(tpki: TestPki, server_cert:
     assert seen is not None and seen["subject"] == ((("commonName", "localhost"),),)
 
 
-@pytest.mark.parametrize("offered", [("h2",), ()])
-def test_no_alpn_when_http11_is_not_offered(tpki: TestPki, server_cert: LoadedCertificate, offered: tuple[str, ...]) -> None:
-    peer = TlsPeer(client_context(tpki.ca, alpn=offered))
+def test_no_alpn_offered_is_served_as_http11(tpki: TestPki, server_cert: LoadedCertificate) -> None:
+    peer = TlsPeer(client_context(tpki.ca, alpn=()))
     engine = connect(context(server_cert), peer)
     assert engine.handshake_complete
     assert engine.alpn is None and peer.alpn is None
+
+
+@pytest.mark.parametrize("offered", [("h2",), ("h2", "h3", "spdy/3.1")])
+def test_alpn_without_http11_gets_no_application_protocol(tpki: TestPki, server_cert: LoadedCertificate, offered: tuple[str, ...]) -> None:
+    # RFC 7301 3.2: an HTTP/2-only client is told so, instead of a 400 it cannot read.
+    peer = TlsPeer(client_context(tpki.ca, alpn=offered))
+    engine = TlsEngine(context(server_cert), b"", now=NOW)
+    with pytest.raises(TlsError) as info:
+        engine.receive(peer.data_to_send())
+    assert info.value.reason == "no_application_protocol" and info.value.alert_sent
+    out = engine.data_to_send()
+    assert out == b"\x15\x03\x03\x00\x02\x02\x78", out.hex()
+    peer.feed(out)
+    assert isinstance(peer.error, ssl.SSLError) and "no application protocol" in str(peer.error)
+    # The same context keeps serving the next client (the refusal left nothing behind in it).
+    assert connect(context(server_cert), TlsPeer(client_context(tpki.ca))).alpn == b"http/1.1"
+
+
+def test_end_of_stream_mid_handshake_gets_openssls_decode_error(tpki: TestPki, server_cert: LoadedCertificate) -> None:
+    hello = TlsPeer(client_context(tpki.ca)).data_to_send()
+    engine = TlsEngine(context(server_cert), hello[:50], now=NOW)
+    assert engine.error is None and engine.data_to_send() == b""
+    with pytest.raises(TlsError) as info:
+        engine.end_of_stream()
+    assert info.value.alert_sent and engine.data_to_send() == b"\x15\x03\x03\x00\x02\x02\x32"
+    assert engine.end_of_stream() == b""  # raised once; inert afterwards
+    # After the handshake it is only receive(b""): plaintext so far, no error.
+    peer = TlsPeer(client_context(tpki.ca))
+    done = connect(context(server_cert), peer)
+    assert done.end_of_stream() == b"" and done.error is None
 
 
 def test_tls12_only_client_gets_protocol_version_alert(tpki: TestPki, server_cert: LoadedCertificate) -> None:

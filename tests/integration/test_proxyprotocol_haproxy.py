@@ -29,7 +29,7 @@ import pytest
 
 from nextproxy.core.proxyprotocol import (Endpoint, ProxyCommand, ProxyHeader, ProxyHeaderReader,
                                           Tlv, build_v2)
-from nextproxy.demo import DemoPki
+from nextproxy.demo.pki import DemoPki
 
 HAPROXY = shutil.which("haproxy") or next(
     (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)), None)
