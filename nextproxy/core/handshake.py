@@ -10,12 +10,14 @@ bounded as a metric label. It never sees sockets or clocks: EOF and timeouts are
 
 from __future__ import annotations
 
-from nextproxy.errors import ClientHelloError, TlsAlert
+from nextproxy.errors import ClientHelloError, HelloAnswer, TlsAlert
 
 __all__ = ["VerifyNote", "hello_failure_reason", "openssl_failure_reason"]
 
 # OpenSSL reason strings, lower-cased, in the order they are tried (first match wins).
 _OPENSSL_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # SysCallError(-1, "Unexpected EOF"): the BIO reported the client's end of stream.
+    ("eof_during_handshake", ("unexpected eof",)),
     # "tlsv1 alert protocol version" is received from a client that refuses our TLS 1.3 floor.
     ("protocol_version", ("unsupported protocol", "wrong version number", "protocol version",
                           "no protocols available", "version too low")),
@@ -42,16 +44,13 @@ _X509_EXPIRED = frozenset({10})
 """CERT_HAS_EXPIRED."""
 
 _HELLO_REASONS = {
-    TlsAlert.DECODE_ERROR: "decode_error",
-    TlsAlert.UNEXPECTED_MESSAGE: "decode_error",
-    TlsAlert.RECORD_OVERFLOW: "decode_error",
-    TlsAlert.PROTOCOL_VERSION: "protocol_version",
-    TlsAlert.HANDSHAKE_FAILURE: "hello_too_large",
-    TlsAlert.NO_APPLICATION_PROTOCOL: "no_application_protocol",
+    TlsAlert.PROTOCOL_VERSION: "protocol_version",  # an SSLv2-format hello, or a non-TLS record version
+    TlsAlert.ILLEGAL_PARAMETER: "hello_too_large",  # the reader's own cap (HelloAnswer.ALERT)
 }
-"""The reader refuses with HANDSHAKE_FAILURE only for a hello over its size cap."""
+"""The reader's refusals it answers by itself; every other one is not TLS at all: decode_error.
+(Hellos that merely look wrong go to OpenSSL, whose error then names the reason.)"""
 
-MAPPED_REASONS = frozenset({r for r, _ in _OPENSSL_REASONS} | set(_HELLO_REASONS.values()) | {"plaintext_http", "other"})
+MAPPED_REASONS = frozenset({r for r, _ in _OPENSSL_REASONS} | set(_HELLO_REASONS.values()) | {"plaintext_http", "decode_error", "other"})
 """Every reason this module can return (a test holds it inside TLS_HANDSHAKE_FAILURES)."""
 
 
@@ -95,7 +94,7 @@ def _verify_reason(code: int) -> str:
 
 def hello_failure_reason(error: ClientHelloError) -> str:
     """The reason for a ClientHello the reader refused (by the alert it answers with)."""
-    if error.plaintext_http:
+    if error.answer is HelloAnswer.USE_HTTPS:
         return "plaintext_http"
-    return _HELLO_REASONS.get(error.alert, "other")
+    return _HELLO_REASONS.get(error.alert, "decode_error")
 

@@ -14,6 +14,7 @@ from typing import cast
 
 from nextproxy.config.model import SniAction, SniRoute
 from nextproxy.core.clienthello import ClientHello, ClientHelloReader
+from nextproxy.core.handshake import hello_failure_reason
 from nextproxy.edge.connection import TerminatedConnection
 from nextproxy.edge.host import Group, Host
 from nextproxy.edge.passthrough import start_passthrough
@@ -37,6 +38,7 @@ class Accepted(asyncio.Protocol):
         self._loop = loop  # handed in: get_running_loop() costs a getpid() syscall on Python 3.11
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
+        self.port: int | None = None
         self._reader = ClientHelloReader(host.config.limits.max_client_hello)
         self._timer: asyncio.TimerHandle | None = None
 
@@ -51,6 +53,7 @@ class Accepted(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "-"
+        self.port = peer[1] if peer else None
         rt.enter(self, Group.PENDING)
         rt.observer.connection_opened()
         # A total bound, not an idle one: bytes that trickle in do not extend it.
@@ -96,7 +99,7 @@ class Accepted(asyncio.Protocol):
         if exc.answer is HelloAnswer.TLS_LIBRARY:
             self._to_openssl()
             return
-        self.rt.observer.bad_hello(exc, self.peer)
+        self.rt.observer.handshake(hello_failure_reason(exc), str(exc), self.peer, self.port)
         counted = self.rt.leave(self, Group.PENDING)
         self._forget()
         answer = {HelloAnswer.USE_HTTPS: USE_HTTPS, HelloAnswer.ALERT: exc.alert_record()}.get(exc.answer)
@@ -115,7 +118,9 @@ class Accepted(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self.rt.observer.handshake("timeout")
+        limit = self.rt.config.timeouts.client_hello
+        got = len(self._reader.received())
+        self.rt.observer.handshake("timeout", f"no ClientHello within {limit:g} s ({got} bytes received)", self.peer, self.port)
         self.close()
 
     def _hand_over(self, hello: ClientHello) -> None:
@@ -131,7 +136,7 @@ class Accepted(asyncio.Protocol):
 
     def _terminate(self, transport: asyncio.Transport, route: SniRoute | None, hello: ClientHello) -> TerminatedConnection:
         self._forget()
-        connection = TerminatedConnection(self.rt, transport, self.peer, route, hello, self._loop)
+        connection = TerminatedConnection(self.rt, transport, self.peer, route, hello, self._loop, self.port)
         transport.set_protocol(connection)
         connection.start()
         return connection

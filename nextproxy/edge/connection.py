@@ -34,12 +34,13 @@ class TerminatedConnection(asyncio.Protocol):
 
     def __init__(
         self, host: Host, transport: asyncio.Transport, peer: str, sni_route: SniRoute | None,
-        hello: ClientHello, loop: asyncio.AbstractEventLoop,
+        hello: ClientHello, loop: asyncio.AbstractEventLoop, port: int | None = None,
     ) -> None:  # fmt: skip
         self.rt = host
         self.loop = loop  # kept: on Python 3.11 every get_running_loop() costs a getpid() syscall
         self.transport: asyncio.Transport | None = transport
         self.peer = peer
+        self.port = port
         self._hello: ClientHello | None = hello
         self._server_name = hello.server_name
         self._sni_route = sni_route
@@ -85,6 +86,9 @@ class TerminatedConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._phase is None and not self.closed and self._engine is not None:
+            # A reset (no EOF first) in the middle of the handshake.
+            self._handshake_failed("eof_during_handshake", f"connection lost: {exc}" if exc else "connection lost")
         phase = self._phase
         if phase is not None and phase.outlives_client:
             self.transport = None  # let the phase finish the upstream's side (its closing handshake)
@@ -147,13 +151,15 @@ class TerminatedConnection(asyncio.Protocol):
             # EOF goes to OpenSSL too: mid-handshake it answers as a plain server would.
             plaintext = engine.receive(data) if data else engine.end_of_stream()
         except TlsError as exc:
-            self._tls_failed(exc)
+            # OpenSSL's view of an EOF mid-handshake ("unexpected eof", or decode_error for a
+            # truncated hello) is detail; the reason is what happened: the client hung up.
+            self._tls_failed(exc, None if data or engine.handshake_complete else "eof_during_handshake")
             return
         if self._phase is None:
             if not engine.handshake_complete:
                 self._flush()
                 if not data:
-                    self.rt.observer.handshake("other")
+                    self._handshake_failed("eof_during_handshake", "the client closed before the handshake finished")
                     self._close()
                 return
             self._handshake_done(engine)
@@ -172,12 +178,15 @@ class TerminatedConnection(asyncio.Protocol):
         self._phase = self.http = HttpPhase.after_handshake(self, self._sni_route, self._server_name, certificate)
         self.deadline.set(self.rt.config.timeouts.client_idle, Timer.IDLE)
 
-    def _tls_failed(self, exc: TlsError) -> None:
-        self.rt.observer.handshake(exc.reason if self._phase is None else "other", str(exc), self.peer)
+    def _tls_failed(self, exc: TlsError, reason: str | None = None) -> None:
+        self._handshake_failed(reason or (exc.reason if self._phase is None else "other"), exc.detail)
         # The alert is already in the engine's out-buffer: flush it, then half-close and linger
         # briefly, or the kernel answers the client's in-flight bytes with a reset.
         self._flush()
         self._close(linger=True)
+
+    def _handshake_failed(self, reason: str, detail: str) -> None:
+        self.rt.observer.handshake(reason, detail, self.peer, self.port, self._server_name)
 
     def _seal(self, engine: TlsEngine) -> None:
         """Encrypt what the batch produced in one SSL_write: a small response (head, body, end)
@@ -253,7 +262,8 @@ class TerminatedConnection(asyncio.Protocol):
         if phase is not None:
             self._guarded(lambda: self.run(phase.deadline(kind)))
         elif not self.closed:  # the handshake took too long
-            self.rt.observer.handshake("timeout")
+            limit = self.rt.config.timeouts.handshake
+            self._handshake_failed("timeout", f"handshake not finished within {limit:g} s")
             self._flush()
             self._close()
 

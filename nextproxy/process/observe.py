@@ -50,15 +50,15 @@ class Observer:
             self.log.log("warning", "connections_refused", reason="max_connections reached", count=self._refused)
             self._refused, self._refused_logged = 0, now
 
-    def bad_hello(self, exc: ClientHelloError, peer: str) -> None:
-        metrics.tls_handshake("other")
-        if self.log.enabled("debug"):
-            self.log.log("debug", "client_hello_rejected", client=peer, reason=str(exc))
-
-    def handshake(self, result: str, detail: str = "", peer: str = "-") -> None:
+    def handshake(
+        self, result: str, detail: str = "", peer: str = "-", port: int | None = None, server_name: str | None = None
+    ) -> None:
         metrics.tls_handshake(result)
         if result != "ok" and self.log.enabled("info"):
-            self.log.log("info", "tls_handshake_failed", client=peer, result=result, detail=detail)
+            self.log.log(
+                "info", "tls_handshake_failed", client=peer, client_port=port, sni=server_name, reason=result,
+                detail=detail[:300],
+            )  # fmt: skip
 
     # passthrough
     def passthrough_opened(self, route: str) -> None:

@@ -60,7 +60,10 @@ def test_a_client_that_never_says_hello_is_timed_out() -> None:
         return transport, observer, rt
 
     transport, observer, rt = run(scenario())
-    assert transport.closed and ("timeout",) in observer.named("handshake")
+    assert transport.closed
+    ((result, detail, peer, port),) = observer.named("handshake")
+    assert (result, peer, port) == ("timeout", "192.0.2.7", 50000)
+    assert detail == "no ClientHello within 0.05 s (0 bytes received)"
     assert not rt.pending and len(observer.named("connection_closed")) == 1
 
 
