@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Protocol
 
 from nextproxy.core.actions import AuthorizationDenied, MessageRelayed, RequestCompleted, SessionClosed, Side
-from nextproxy.errors import ClientHelloError
 
 # The facts' types, for the observer's implementation: process/ sees them only through here.
 __all__ = [
-    "AuthorizationDenied", "ClientHelloError", "EdgeObserver", "MessageRelayed", "RequestCompleted",
+    "AuthorizationDenied", "EdgeObserver", "MessageRelayed", "RequestCompleted",
     "SessionClosed", "Side",
 ]  # fmt: skip
 

@@ -12,7 +12,6 @@ import traceback
 
 from nextproxy.edge.observer import (
     AuthorizationDenied,
-    ClientHelloError,
     MessageRelayed,
     RequestCompleted,
     SessionClosed,
@@ -55,10 +54,10 @@ class Observer:
     ) -> None:
         metrics.tls_handshake(result)
         if result != "ok" and self.log.enabled("info"):
-            self.log.log(
-                "info", "tls_handshake_failed", client=peer, client_port=port, sni=server_name, reason=result,
-                detail=detail[:300],
-            )  # fmt: skip
+            where: dict[str, object] = {"client_port": port} if port is not None else {}
+            if server_name is not None:
+                where["sni"] = server_name
+            self.log.log("info", "tls_handshake_failed", client=peer, **where, reason=result, detail=detail[:300])
 
     # passthrough
     def passthrough_opened(self, route: str) -> None:

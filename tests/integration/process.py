@@ -64,7 +64,8 @@ class Proxy:
     """A `python -m nextproxy run` subprocess with its own config folder and collected stdout."""
 
     def __init__(self, folder: Path, pki: DemoPki, upstreams: Upstreams, *, workers: int = 1, drain: float = 10, route_options: str = "",
-                 shutdown_delay: float = 0, admin_tls: bool = False) -> None:  # fmt: skip
+                 shutdown_delay: float = 0, admin_tls: bool = False, extra: str = "") -> None:  # fmt: skip
+        """``extra``: TOML appended after ``[timeouts]`` (more timeout keys first, then tables)."""
         self.folder = folder
         self.pki = pki
         self.cert, self.key = folder / "edge.pem", folder / "edge.key"
@@ -100,6 +101,7 @@ allow = ["cn:nobody"]
 [timeouts]
 drain = {drain}
 shutdown_delay = {shutdown_delay}
+{extra}
 """ + (f'[admin_tls]\ncertificate_file = "{self.cert}"\nkey_file = "{self.key}"\n' if admin_tls else ""))
         self.config_file = config
         self.admin_tls = admin_tls
