@@ -8,6 +8,7 @@ its level is disabled, and metric label children are resolved once per route, no
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 
 from nextproxy.edge.observer import (
@@ -19,6 +20,7 @@ from nextproxy.edge.observer import (
 )
 from nextproxy.process import metrics
 from nextproxy.process.logs import Logger
+from nextproxy.process.status import Facts
 
 
 class Observer:
@@ -30,6 +32,9 @@ class Observer:
         self._active = metrics.CONNECTIONS_ACTIVE.labels(listener=listener)
         self._refused = 0
         self._refused_logged = -1e9
+        self.facts = Facts()
+        """The status page's non-metric facts: last upstream errors here, pools and reloads
+        filled in by the lifecycle."""
 
     def route(self, name: str) -> metrics.RouteMetrics:
         return metrics.route_metrics(name)
@@ -90,6 +95,7 @@ class Observer:
         self.log.log("warning", "authorization_denied", route=denied.route, client=peer, reason=denied.reason, fingerprint=denied.fingerprint)
 
     def upstream_error(self, name: str, detail: str, peer: str) -> None:
+        self.facts.upstream_error(name, time.time(), detail)
         self.log.log("warning", "upstream_error", upstream=name, client=peer, detail=detail)
 
     def upstream_health(self, name: str, up: bool) -> None:
