@@ -106,8 +106,9 @@ def _routes(rows: list[dict[str, Any]], span: float) -> str:
     head = ["Route", "Requests / s", "req/s", "4xx/s", "5xx/s", "p50", "p99", "in", "out", "WS open", "requests"]
     body = []
     for r in rows:
+        name = _e(r["route"]) + (' <span class="dim">(no route)</span>' if r["route"] == "-" else "")
         body.append([
-            _e(r["route"]), sparkline(r["history"], _COLOURS["requests"], f"{r['route']}: requests per second", span),
+            name, sparkline(r["history"], _COLOURS["requests"], f"{r['route']}: requests per second", span),
             _e(_rate(r["requests_per_second"])),
             _flag(_rate(r["client_errors_per_second"]), r["client_errors_per_second"], "soso"),
             _flag(_rate(r["server_errors_per_second"]), r["server_errors_per_second"], "bad"),
