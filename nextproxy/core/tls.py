@@ -266,10 +266,8 @@ class TlsEngine:
     def _fail(self, exc: Exception) -> TlsError:
         """Turn a pyOpenSSL exception into a TlsError, noting whether an alert is queued."""
         text = str(exc).lower()
-        if isinstance(exc, NoApplicationProtocol):
-            reason = "no_application_protocol"
-        else:
-            reason = error_reason(text, self._verify_note.code if hasattr(self, "_verify_note") else 0)
+        code = self._verify_note.code  # set before any OpenSSL call can fail
+        reason = "no_application_protocol" if isinstance(exc, NoApplicationProtocol) else openssl_failure_reason(text, code)
         received_alert = "alert" in text and reason != "protocol_version"
         # OpenSSL writes its fatal alert into the BIO before raising; a peer's alert gets no answer.
         queued = self._drain_into_stash() if hasattr(self, "_conn") else False
@@ -397,11 +395,6 @@ def _verify_error(message: str, leaf: x509.Certificate, now: datetime) -> str:
     if "candidates exhausted" in message:
         return "unknown_ca"
     return "invalid"
-
-
-def error_reason(text: str, verify_code: int = 0) -> str:
-    """The failure reason for an OpenSSL error text (see ``core.handshake``)."""
-    return openssl_failure_reason(text, verify_code)
 
 
 def _short(exc: SSL.Error) -> str:

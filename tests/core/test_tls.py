@@ -15,7 +15,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from nextproxy.config.model import CertificateConfig, ClientAuth, PemSource
-from nextproxy.core.tls import TlsEngine, TlsServerContext, describe_certificate, error_reason
+from nextproxy.core.handshake import openssl_failure_reason as error_reason
+from nextproxy.core.tls import TlsEngine, TlsServerContext, describe_certificate
 from nextproxy.errors import TlsError
 from nextproxy.edge.tlscontexts import LoadedCertificate, build_edge_context, load_certificate_info
 from tests.pki import Issued, TestPki, make_test_pki
