@@ -114,6 +114,9 @@ class Accepted(asyncio.Protocol):
             self.rt.observer.connection_closed()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None and exc is not None and self._reader.received():
+            # A reset in the middle of the ClientHello (a clean EOF goes through eof_received).
+            self.rt.observer.handshake("eof_during_handshake", f"connection lost: {exc}", self.peer, self.port)
         self.close()
 
     def _timed_out(self) -> None:

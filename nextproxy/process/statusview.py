@@ -7,13 +7,14 @@ agree. Figures are plain numbers (seconds, bytes, per-second rates); formatting 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from nextproxy.process.status import (
     HISTORY,
     RATE_WINDOW,
     SAMPLE_INTERVAL,
     Facts,
+    Ring,
     RouteTotals,
     Sample,
     group_reloads,
@@ -22,8 +23,23 @@ from nextproxy.process.status import (
     series,
 )
 
-if TYPE_CHECKING:
-    from nextproxy.process.admin import AdminState
+
+
+class StatusState(Protocol):
+    """What the document reads of ``admin.AdminState`` (a Protocol: admin imports this module)."""
+
+    version: str
+    ready: bool
+    not_ready_reason: str
+    started_at: float
+    config_source: str
+    connections_active: int
+    websocket_sessions_active: int
+    routes: list[tuple[str, str, str]]
+    upstreams: dict[str, bool]
+    certificates: list[tuple[str, float]]
+    route_kinds: dict[str, str]
+    ring: Ring
 
 CERTIFICATE_WARNING_DAYS = 14
 
@@ -36,7 +52,7 @@ def _points(history: list[tuple[float, float]]) -> list[list[float]]:
     return [[round(at, 3), round(value, 4)] for at, value in history]
 
 
-def status_document(state: AdminState, live: Sample, facts: Facts, now: float) -> dict[str, Any]:
+def status_document(state: StatusState, live: Sample, facts: Facts, now: float) -> dict[str, Any]:
     history = [*state.ring.samples, live]
     base = state.ring.baseline(live.at) or live
     http_rows, passthrough_rows = _route_rows(state.route_kinds, history, base, live)

@@ -71,6 +71,20 @@ def test_the_ring_is_bounded_and_the_baseline_is_a_minute_old() -> None:
     assert status.RING_SIZE * status.SAMPLE_INTERVAL >= status.HISTORY
 
 
+def test_old_samples_drop_their_buckets_but_the_baseline_keeps_them() -> None:
+    ring = Ring(interval=5)
+    for at in range(0, 300, 5):
+        sample = Sample(float(at))
+        sample.routes["app"] = status.RouteTotals(requests=at, buckets={0.1: float(at), math.inf: float(at)})
+        ring.record(sample)
+    newest = ring.samples[-1].at
+    base = ring.baseline(now=newest + 5)
+    assert base is not None and base.routes["app"].buckets  # about a minute old: kept
+    kept = [s.at for s in ring.samples if s.routes["app"].buckets]
+    assert min(kept) >= newest - status.RATE_WINDOW - 10 and len(kept) < len(ring.samples)
+    assert all(s.routes["app"].requests == s.at for s in ring.samples)  # the counts stay
+
+
 def test_series_and_sparkline() -> None:
     samples = [Sample(0.0), Sample(5.0), Sample(10.0)]
     for sample, handshakes in zip(samples, (0.0, 10.0, 10.0)):
