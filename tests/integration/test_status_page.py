@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 from pathlib import Path
@@ -85,6 +86,8 @@ def test_status_page_in_headless_chromium(tmp_path: Path, pki: DemoPki, upstream
     proxy = Proxy(tmp_path, pki, upstreams, extra=DEAD_UPSTREAM)
     try:
         drive_traffic(proxy, pki)
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.wait_for(lambda: proxy.events("reloaded"), 10, "reload")
         ws = proxy.websocket()
         ws.send("hello")
         assert ws.recv().data == "hello"
@@ -92,6 +95,7 @@ def test_status_page_in_headless_chromium(tmp_path: Path, pki: DemoPki, upstream
         doc = status(proxy)
         check_document(doc)
         assert row(doc["routes"], "route", "app")["websocket_sessions_open"] == 1
+        assert doc["reloads"]["ok"] == 1 and doc["reloads"]["recent"][0]["ok"] is True
 
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -124,10 +128,15 @@ def test_status_json_merges_workers(tmp_path: Path, pki: DemoPki, upstreams: Ups
     proxy = Proxy(tmp_path, pki, upstreams, workers=2, extra=DEAD_UPSTREAM)
     try:
         drive_traffic(proxy, pki)
+        proxy.process.send_signal(signal.SIGHUP)  # the supervisor forwards it: both workers reload
         ws = proxy.websocket()
+        proxy.wait_for(lambda: status(proxy)["reloads"]["ok"] == 2, 10, "two reloads")
         proxy.wait_for(lambda: row(status(proxy)["upstreams"], "name", "dead")["last_error"] is not None, 10, "worker facts")
         proxy.wait_for(lambda: row(status(proxy)["upstreams"], "name", "app")["open"] >= 1, 10, "pool facts")
-        check_document(status(proxy))
+        doc = status(proxy)
+        check_document(doc)
+        rows = lambda: [(r["ok"], r["processes"]) for r in status(proxy)["reloads"]["recent"]]  # noqa: E731
+        proxy.wait_for(lambda: rows() == [(True, 2)], 10, "one reload row for both workers")
         ws.close()
         code, page = proxy.get("/")
         assert code == 200 and b"<polyline" in page and b"connect failed" in page
