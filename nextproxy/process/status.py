@@ -196,7 +196,7 @@ def read_facts(directory: str, pids: Iterable[int]) -> list[Facts]:
         try:
             with open(facts_path(directory, pid), encoding="utf-8") as source:
                 found.append(Facts.from_json(source.read()))
-        except (OSError, ValueError, TypeError, KeyError, IndexError):
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
             continue
     return found
 
