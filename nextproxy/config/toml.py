@@ -16,6 +16,7 @@ from nextproxy.config.model import (
     CertificateConfig,
     ClientAuth,
     Config,
+    EncodedSlashes,
     Limits,
     PathRoute,
     PemSource,
@@ -203,6 +204,7 @@ def _toml_route(table: _Table) -> PathRoute:
         ping_interval=parse_number(table.key("ping_interval"), table.take("ping_interval", 20.0), minimum=MIN_TIMEOUT),
         ping_timeout=parse_number(table.key("ping_timeout"), table.take("ping_timeout", 20.0), minimum=MIN_TIMEOUT),
         allow=parse_allow(table.key("allow"), table.take("allow", kind=list)) if "allow" in table.data else None,
+        encoded_slashes=parse_enum(table.key("encoded_slashes"), EncodedSlashes, table.take("encoded_slashes", "forward")),
     )
     table.done()
     return route
