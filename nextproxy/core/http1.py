@@ -3,8 +3,8 @@
 Heads go through ``core/codec.py`` (one regex, one loop, the forwarding policy applied on the
 way); chunked bodies through ``core/chunked.py``. The upstream half of an exchange lives in
 ``UpstreamLeg``, which is pooled with its TCP connection; what the session does with its
-responses and failures is ``ResponseSide`` (``core/http1_response.py``), its base class. The session returns action lists
-(``core/actions.py``); it never touches sockets, clocks or logs. Bodies stream: each read
+responses and upstream failures is its base class ``ResponseSide`` (``core/http1_response.py``).
+The session returns action lists (``core/actions.py``); it never touches sockets, clocks or logs. Bodies stream: each read
 becomes at most one send, nothing is accumulated. One request is taken from the client's
 buffer at a time; a pipelined one waits there (``reading_client`` is False) until the
 response before it is done.
