@@ -179,7 +179,10 @@ class TerminatedConnection(asyncio.Protocol):
         self.deadline.set(self.rt.config.timeouts.client_idle, Timer.IDLE)
 
     def _tls_failed(self, exc: TlsError, reason: str | None = None) -> None:
-        self._handshake_failed(reason or (exc.reason if self._phase is None else "other"), exc.detail)
+        if self._phase is None:
+            self._handshake_failed(reason or exc.reason, exc.detail)
+        else:  # the handshake was counted as ok; this is no second handshake result
+            self.rt.observer.tls_error(exc.detail, self.peer, self.port, self._server_name)
         # The alert is already in the engine's out-buffer: flush it, then half-close and linger
         # briefly, or the kernel answers the client's in-flight bytes with a reset.
         self._flush()

@@ -64,6 +64,10 @@ class Observer:
                 where["sni"] = server_name
             self.log.log("info", "tls_handshake_failed", client=peer, **where, reason=result, detail=detail[:300])
 
+    def tls_error(self, detail: str, peer: str, port: int | None, server_name: str | None) -> None:
+        if self.log.enabled("info"):
+            self.log.log("info", "tls_error", client=peer, client_port=port, sni=server_name, detail=detail[:300])
+
     # passthrough
     def passthrough_opened(self, route: str) -> None:
         self.route(route).passthrough_connections.inc()

@@ -159,6 +159,21 @@ def test_a_client_hanging_up_mid_handshake_is_named_with_its_address_and_sni(how
     assert len(observer.named("connection_closed")) == 1
 
 
+def test_a_corrupt_record_after_the_handshake_is_a_tls_error_not_a_handshake_result() -> None:
+    async def scenario() -> tuple[Client, RecordingObserver]:
+        rt, observer = runtime()
+        client = Client(rt)
+        assert client.peer.handshake_done
+        client.conn.data_received(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data nobody encrypted
+        return client, observer
+
+    client, observer = run(scenario())
+    assert [args[0] for args in observer.named("handshake")] == ["ok"]
+    ((detail, peer, port, sni),) = observer.named("tls_error")
+    assert detail and (peer, sni) == ("192.0.2.7", "localhost")
+    assert client.transport.closed or client.transport.eof_written
+
+
 def test_a_tls12_client_gets_the_alert_and_a_half_close() -> None:
     async def scenario() -> tuple[Client, RecordingObserver]:
         rt, observer = runtime()
