@@ -97,8 +97,12 @@ def check(path: str | None) -> int:
 def run(path: str | None) -> int:
     from nextproxy.process.logs import Logger
 
+    from nextproxy.process.nofile import fit
+
     config, contexts = _load_checked(path)
+    config, files = fit(config)  # before binding: a cap that cannot fit is a config error
     logger = Logger(config.log_level, config.log_format)
+    logger.log("info", "open_files", **files.describe())
     for name in unknown_variables(os.environ):
         logger.log("warning", "unknown_variable", variable=name)
     if config.workers > 1:

@@ -54,6 +54,8 @@ class TerminatedConnection(asyncio.Protocol):
         self.request_started = 0.0
         self._plaintext: list[bytes] = []
         transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
+        self._handshaking = True
+        """Counted in ``host.admission.handshakes`` (taken over from ``accept``) until it ends."""
         host.enter(self, Group.TERMINATED)
 
     def start(self) -> None:
@@ -166,7 +168,13 @@ class TerminatedConnection(asyncio.Protocol):
         if (engine.peer_closed or not data) and phase is not None:
             self.run(phase.client_data(b""))
 
+    def _handshake_over(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self.rt.admission.handshake_over()
+
     def _handshake_done(self, engine: TlsEngine) -> None:
+        self._handshake_over()
         self.rt.observer.handshake("ok")
         certificate = engine.peer_certificate
         self._phase = self.http = HttpPhase.after_handshake(self, self._sni_route, self._server_name, certificate)
@@ -295,6 +303,7 @@ class TerminatedConnection(asyncio.Protocol):
                     if out and not transport.is_closing():
                         transport.write(out)
                 transport.close()
+        self._handshake_over()
         self.rt.leave(self, Group.WEBSOCKET)
         if self.rt.leave(self, Group.TERMINATED):
-            self.rt.observer.connection_closed()
+            self.rt.closed(self.peer)

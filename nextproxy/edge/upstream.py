@@ -17,6 +17,7 @@ from typing import Awaitable, Callable, Protocol, Sequence, TypeVar, cast
 
 from nextproxy.config.model import Address, Config, Upstream
 from nextproxy.core.http1 import UpstreamLeg, new_upstream_leg
+from nextproxy.edge.acceptor import out_of_descriptors
 
 HEALTH_INTERVAL = 10.0
 """Seconds between TCP probes of every upstream server (nextproxy_upstream_up)."""
@@ -40,6 +41,8 @@ async def first_that_answers(servers: Sequence[Address], attempt: Callable[[Addr
         except ssl.SSLError:
             raise
         except (OSError, TimeoutError) as exc:
+            if out_of_descriptors(exc):
+                raise  # our shortage, not this server's: the next one would fail the same way
             error = exc
     assert error is not None, "no servers"
     try:
@@ -249,8 +252,9 @@ class UpstreamPool:
         except ssl.SSLError:
             self.mark(upstream.name, True)  # it answered: reachable, but its TLS is refused
             raise
-        except (OSError, TimeoutError):
-            self.mark(upstream.name, False)
+        except (OSError, TimeoutError) as exc:
+            if not out_of_descriptors(exc):  # EMFILE says nothing about the upstream's health
+                self.mark(upstream.name, False)
             raise
         self.mark(upstream.name, True)
         return conn
@@ -294,6 +298,8 @@ class UpstreamPool:
                 writer.close()
                 up = True
                 break
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as exc:
+                if out_of_descriptors(exc):
+                    return  # no verdict: the probe could not even try
                 continue
         self.mark(upstream.name, up)
