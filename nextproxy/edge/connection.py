@@ -25,8 +25,10 @@ from nextproxy.edge.phases import HttpPhase, Phase, upgrade
 from nextproxy.edge.upstream import UpstreamSlot
 from nextproxy.errors import TlsError
 
-READ_CHUNK_LIMIT = 256 * 1024
+READ_CHUNK_LIMIT = 128 * 1024
 """High-water mark of each transport's write buffer before the other side is paused."""
+SEAL_PIECE = 32 * 1024
+"""Largest plaintext given to one SSL_write (see ``_flush_large``): two full TLS records."""
 
 
 class TerminatedConnection(asyncio.Protocol):
@@ -198,10 +200,27 @@ class TerminatedConnection(asyncio.Protocol):
     def _flush(self) -> None:
         engine, transport = self._engine, self.transport
         if engine is not None and transport is not None and not transport.is_closing():
+            pending = self._plaintext
+            if len(pending) == 1 and len(pending[0]) > SEAL_PIECE:
+                self._flush_large(engine, transport, pending.pop())
+                return
             self._seal(engine)
             out = engine.data_to_send()
             if out:
                 transport.write(out)
+
+    def _flush_large(self, engine: TlsEngine, transport: asyncio.Transport, data: bytes) -> None:
+        """Encrypt a large chunk (an upstream read is up to 256 KiB) piece by piece, handing
+        each piece's records to the transport at once: OpenSSL's memory BIO keeps the capacity
+        of its largest fill for the connection's lifetime, so one 256 KiB SSL_write would leave
+        ~350 KiB allocated per connection that once received a large response."""
+        view = memoryview(data)
+        out = engine.data_to_send()  # anything already pending goes first
+        if out:
+            transport.write(out)
+        for start in range(0, len(view), SEAL_PIECE):
+            engine.send(view[start : start + SEAL_PIECE])  # type: ignore[arg-type]
+            transport.write(engine.data_to_send())
 
     # actions (``dispatch.HANDLERS`` calls back into the methods below)
 

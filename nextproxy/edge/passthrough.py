@@ -11,6 +11,7 @@ upstream servers are tried in turn (failover) and the outcome is reported.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Callable, cast
 
 from nextproxy.config.model import Address, SniRoute
@@ -21,7 +22,22 @@ from nextproxy.edge.host import Group, Host
 from nextproxy.edge.upstream import first_that_answers
 
 
-class _Side(asyncio.Protocol):
+READ_SIZE = 64 * 1024
+"""Largest read per side: uvloop's own is 256 KiB, relayed whole even past the other side's
+write mark, so a client that stopped reading held about 230 KiB instead of the mark's 64 KiB."""
+_buffers = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """This thread's read buffer: a loop reads into it and hands the bytes on before its next
+    read (get_buffer and buffer_updated run back to back), so one per loop thread suffices."""
+    buffer: memoryview | None = getattr(_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _buffers.buffer = memoryview(bytearray(READ_SIZE))
+    return buffer
+
+
+class _Side(asyncio.BufferedProtocol):
     """One direction's reader; writes what it reads to the other side's transport."""
 
     def __init__(self, pipe: Splice, direction: int) -> None:
@@ -35,6 +51,12 @@ class _Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
         self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.bytes += len(data)
