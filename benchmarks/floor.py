@@ -4,10 +4,11 @@
 
 run.py measures whole processes under load; this measures the pieces in isolation, warm, with
 one connection (the most favourable case: real load adds cache misses on top). It answers "how
-low can the CPU per request go with this design?": the sans-IO core runs HTTP/1.1 on h11 for
-both legs and TLS on pyOpenSSL memory BIOs, so their cost per request is a floor that no change
-in nextproxy's own code can go below. Compare it with issue 6's budget of 100 µs per keep-alive
-request for the whole process (nginx: ~24 µs, measured by run.py).
+low can the CPU per request go with this design?": the sans-IO core runs HTTP/1.1 on our own
+codec (core/codec.py) for both legs and TLS on pyOpenSSL memory BIOs, so their cost per
+request is a floor that no change in the shell can go below. Compare it with issue 6's budget
+of 100 µs per keep-alive request for the whole process (nginx: ~24 µs, measured by run.py).
+The h11 rows show what h11 cost for the same work before issue 11 moved it off the hot path.
 
 Each line is the median of 5 runs of N iterations, in µs per request.
 """
@@ -25,15 +26,10 @@ import h11
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nextproxy.config.model import (
-    Address,
-    CertificateConfig,
-    Config,
-    PathRoute,
-    PemSource,
-    Upstream,
-)  # noqa: E402
+from nextproxy.config.model import Address, CertificateConfig, Config, PathRoute, PemSource, Upstream  # noqa: E402
+from nextproxy.core.codec import RequestParser, parse_response  # noqa: E402
 from nextproxy.core.headers import ClientInfo  # noqa: E402
+from nextproxy.core.responses import client_response  # noqa: E402
 from nextproxy.core.http1 import HttpSession, UpstreamLeg  # noqa: E402
 from nextproxy.core.routing import RouteTable  # noqa: E402
 from nextproxy.core.tls import TlsEngine  # noqa: E402
@@ -103,8 +99,31 @@ def h11_upstream_leg() -> Callable[[], object]:
     return step
 
 
+def codec_heads() -> dict[str, Callable[[], object]]:
+    """Our codec alone, one step per head: what issue 11 calls "the codec's cost per head"."""
+    parser = RequestParser(ClientInfo(address="127.0.0.1", server_name=None))
+    response_head = RESPONSE[: RESPONSE.index(b"\r\n\r\n") + 4]
+    request = parser.parse(REQUEST)
+    response = parse_response(response_head)
+
+    def request_in() -> object:
+        return parser.parse(REQUEST)  # validates, applies the policy, builds the forwarded fields
+
+    def request_out() -> object:
+        return request.method + b" " + request.target + b" HTTP/1.1\r\n" + request.forward
+
+    def response_in() -> object:
+        return parse_response(response_head)
+
+    def response_out() -> object:
+        return client_response(response, request, close=False)
+
+    return {"parse request": request_in, "write forwarded request": request_out,
+            "parse response": response_in, "write client response": response_out}  # fmt: skip
+
+
 def http_session() -> Callable[[], object]:
-    """nextproxy's HttpSession (h11 on both legs + routing + header policy), no I/O."""
+    """nextproxy's HttpSession (our codec on both legs + routing + header policy), no I/O."""
     pem = CertificateConfig(PemSource(b"", "c"), PemSource(b"", "k"))
     upstream = Upstream("n", (Address("127.0.0.1", 18080),))
     config = Config(Address("127.0.0.1", 0), Address("127.0.0.1", 1), (pem,), (upstream,), (PathRoute("n", "/", "n"),))
@@ -239,17 +258,20 @@ def main() -> None:
     client_leg = per_call(h11_client_leg(), n)
     upstream_leg = per_call(h11_upstream_leg(), n)
     session = per_call(http_session(), n)
+    heads = {name: per_call(step, n * 5) for name, step in codec_heads().items()}
     tls = TlsPair()
     records = per_call(tls.records_step(n // 10 + RUNS * n), n)
     handshake = tls.handshake_server_cost(200)
     print(f"Python {sys.version.split()[0]}, h11 {h11.__version__}; µs per keep-alive request, warm, one connection\n")
-    rows = [
-        ("h11, client leg (parse request, send response head + body + end, cycle)", client_leg),
-        ("h11, upstream leg (send request, parse response head + body + end, cycle)", upstream_leg),
-        ("h11, both legs", client_leg + upstream_leg),
-        ("HttpSession (h11 both legs + routing + header policy)", session),
+    rows = [(f"codec: {name}", value) for name, value in heads.items()]
+    rows += [
+        ("codec: the four heads", sum(heads.values())),
+        ("HttpSession (codec both legs + routing + header policy + body)", session),
         ("TLS records in + out (pyOpenSSL, memory BIOs)", records),
         ("floor of the sans-IO core (HttpSession + TLS)", session + records),
+        ("for comparison: h11, client leg (parse request, send response, cycle)", client_leg),
+        ("for comparison: h11, upstream leg (send request, parse response, cycle)", upstream_leg),
+        ("for comparison: h11, both legs (the hot path before issue 11)", client_leg + upstream_leg),
     ]
     for label, value in rows:
         print(f"  {label:<76} {value:7.1f}")

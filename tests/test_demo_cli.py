@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from nextproxy import cli
-from nextproxy.demo.pki import DEMO_HOSTS, demo_pki_folder
+from nextproxy.demo.commands import demo_pki_folder
+from nextproxy.demo.pki import DEMO_HOSTS
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 20.0

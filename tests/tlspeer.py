@@ -17,7 +17,7 @@ from OpenSSL import SSL
 
 from nextproxy.core.tls import TlsEngine
 from nextproxy.errors import TlsError
-from tests.pki import Issued
+from nextproxy.demo.pki import Issued
 
 MAX_ROUNDS = 200
 

@@ -21,6 +21,7 @@ from nextproxy.config.model import (
     CertificateConfig,
     ClientAuth,
     Config,
+    EncodedSlashes,
     Limits,
     PathRoute,
     PemSource,
@@ -37,7 +38,8 @@ from nextproxy.config.toml import from_toml
 
 __all__ = [
     "KiB", "MiB", "SECONDS", "Address", "AllowRule", "CertificateConfig", "ClientAuth", "Config",
-    "Limits", "PathRoute", "PemSource", "SniAction", "SniRoute", "Timeouts", "Upstream", "UpstreamTls",
+    "EncodedSlashes", "Limits", "PathRoute", "PemSource", "SniAction", "SniRoute", "Timeouts", "Upstream",
+    "UpstreamTls",
     "WebSocketMode", "validate", "from_environment", "from_toml", "load", "unknown_variables",
 ]  # fmt: skip
 

@@ -37,6 +37,14 @@ class WebSocketMode(enum.Enum):
     TUNNEL = "tunnel"
 
 
+class EncodedSlashes(enum.Enum):
+    """``%2F`` / ``%5C`` inside a routed path: ``forward`` them unchanged (nginx's, HAProxy's and
+    Envoy's default), or ``reject`` the request with 400 for upstreams that decode them."""
+
+    FORWARD = "forward"
+    REJECT = "reject"
+
+
 class SniAction(enum.Enum):
     PASSTHROUGH = "passthrough"
     TERMINATE = "terminate"
@@ -114,6 +122,9 @@ class PathRoute:
     ping_timeout: float = 20 * SECONDS
     allow: tuple[AllowRule, ...] | None = None
     """When set, a request needs a client certificate matching one rule, else 403."""
+    encoded_slashes: EncodedSlashes = EncodedSlashes.FORWARD
+    """What to do with ``%2F``/``%5C`` in the path (dot segments and targets that would match
+    another route once decoded are refused either way)."""
 
 
 @dataclass(frozen=True, slots=True)

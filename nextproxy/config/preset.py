@@ -101,45 +101,57 @@ def _pair(env: Mapping[str, str], prefix: str, *, required: bool) -> Certificate
 
 def from_environment(env: Mapping[str, str]) -> Config:
     """The built-in preset: ns/mc/sfs routes, API names by SNI, values from NEXTPROXY_*."""
-
-    def get(name: str, default: str) -> str:
-        return env.get(name, default)
-
-    listen = parse_address("NEXTPROXY_LISTEN", get("NEXTPROXY_LISTEN", "0.0.0.0:8443"), listen=True)
-    admin = parse_address("NEXTPROXY_ADMIN_LISTEN", get("NEXTPROXY_ADMIN_LISTEN", "0.0.0.0:9613"), listen=True)
+    listen = parse_address("NEXTPROXY_LISTEN", env.get("NEXTPROXY_LISTEN", "0.0.0.0:8443"), listen=True)
+    admin = parse_address("NEXTPROXY_ADMIN_LISTEN", env.get("NEXTPROXY_ADMIN_LISTEN", "0.0.0.0:9613"), listen=True)
     edge = _pair(env, "NEXTPROXY_TLS", required=True)
     assert edge is not None
     admin_tls = _pair(env, "NEXTPROXY_ADMIN_TLS", required=False)
     hosts = {
-        svc: parse_host(f"NEXTPROXY_{svc}_HOST", get(f"NEXTPROXY_{svc}_HOST", svc.lower()))
+        svc: parse_host(f"NEXTPROXY_{svc}_HOST", env.get(f"NEXTPROXY_{svc}_HOST", svc.lower()))
         for svc in ("NS", "MC", "SFS")
     }
-
-    upstream_tls: UpstreamTls | None = None
-    if parse_bool("NEXTPROXY_UPSTREAM_TLS", get("NEXTPROXY_UPSTREAM_TLS", "false")):
-        ca = env.get("NEXTPROXY_UPSTREAM_CA_FILE")
-        upstream_tls = UpstreamTls(
-            ca_file=check_file("NEXTPROXY_UPSTREAM_CA_FILE", ca) if ca else None,
-            client_certificate=_pair(env, "NEXTPROXY_UPSTREAM_TLS", required=False),
-        )
-    else:
-        for name in ("NEXTPROXY_UPSTREAM_CA_FILE", "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE",
-                     "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE_FILE", "NEXTPROXY_UPSTREAM_TLS_KEY",
-                     "NEXTPROXY_UPSTREAM_TLS_KEY_FILE"):  # fmt: skip
-            if name in env:
-                raise ConfigError(name, "has no effect unless NEXTPROXY_UPSTREAM_TLS=true")
-
+    upstream_tls = _upstream_tls(env)
     upstreams: list[Upstream] = []
     routes: list[PathRoute] = []
     for name, prefix, svc, port in PRESET_PATH_ROUTES:
         upstreams.append(Upstream(name, (Address(hosts[svc], port),), upstream_tls))
         routes.append(PathRoute(name=name, prefix=prefix, upstream=name))
+    sni_routes = _api_routes(env, hosts, upstream_tls, upstreams)
+    timeouts = Timeouts()
+    if "NEXTPROXY_SHUTDOWN_DELAY" in env:
+        timeouts = replace(timeouts, shutdown_delay=parse_number("NEXTPROXY_SHUTDOWN_DELAY", env["NEXTPROXY_SHUTDOWN_DELAY"]))
+    if "NEXTPROXY_DRAIN_TIMEOUT" in env:
+        timeouts = replace(timeouts, drain=parse_number("NEXTPROXY_DRAIN_TIMEOUT", env["NEXTPROXY_DRAIN_TIMEOUT"]))
+    config = Config(
+        listen=listen, admin_listen=admin, certificates=(edge,), admin_tls=admin_tls,
+        upstreams=tuple(upstreams), routes=tuple(routes), sni_routes=tuple(sni_routes), timeouts=timeouts,
+        **process_settings(env),
+    )  # fmt: skip
+    validate(config)
+    return config
 
-    mode = parse_enum("NEXTPROXY_API_MODE", SniAction, get("NEXTPROXY_API_MODE", "passthrough"))
-    client_auth = parse_enum(
-        "NEXTPROXY_API_CLIENT_AUTH", ClientAuth, get("NEXTPROXY_API_CLIENT_AUTH", "none")
-    )
-    forward_chain = parse_bool("NEXTPROXY_API_CLIENT_CERT_CHAIN", get("NEXTPROXY_API_CLIENT_CERT_CHAIN", "false"))
+
+def _upstream_tls(env: Mapping[str, str]) -> UpstreamTls | None:
+    """Re-encryption to every upstream (NEXTPROXY_UPSTREAM_TLS), or None."""
+    if parse_bool("NEXTPROXY_UPSTREAM_TLS", env.get("NEXTPROXY_UPSTREAM_TLS", "false")):
+        ca = env.get("NEXTPROXY_UPSTREAM_CA_FILE")
+        return UpstreamTls(
+            ca_file=check_file("NEXTPROXY_UPSTREAM_CA_FILE", ca) if ca else None,
+            client_certificate=_pair(env, "NEXTPROXY_UPSTREAM_TLS", required=False),
+        )
+    for name in ("NEXTPROXY_UPSTREAM_CA_FILE", "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE",
+                 "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE_FILE", "NEXTPROXY_UPSTREAM_TLS_KEY",
+                 "NEXTPROXY_UPSTREAM_TLS_KEY_FILE"):  # fmt: skip
+        if name in env:
+            raise ConfigError(name, "has no effect unless NEXTPROXY_UPSTREAM_TLS=true")
+    return None
+
+
+def _api_mode(env: Mapping[str, str]) -> tuple[SniAction, ClientAuth, bool, str | None]:
+    """NEXTPROXY_API_MODE and the settings that only mean something when terminating."""
+    mode = parse_enum("NEXTPROXY_API_MODE", SniAction, env.get("NEXTPROXY_API_MODE", "passthrough"))
+    client_auth = parse_enum("NEXTPROXY_API_CLIENT_AUTH", ClientAuth, env.get("NEXTPROXY_API_CLIENT_AUTH", "none"))
+    forward_chain = parse_bool("NEXTPROXY_API_CLIENT_CERT_CHAIN", env.get("NEXTPROXY_API_CLIENT_CERT_CHAIN", "false"))
     ca_file = env.get("NEXTPROXY_API_CLIENT_CA_FILE") or None
     if mode is SniAction.PASSTHROUGH:
         # The upstream checks certificates itself in passthrough: a setting that would change
@@ -155,11 +167,19 @@ def from_environment(env: Mapping[str, str]) -> Config:
         check_file("NEXTPROXY_API_CLIENT_CA_FILE", ca_file)
     if client_auth is ClientAuth.REQUIRE_CA and not ca_file:
         raise ConfigError("NEXTPROXY_API_CLIENT_CA_FILE", "required when NEXTPROXY_API_CLIENT_AUTH=require-ca")
+    return mode, client_auth, forward_chain, ca_file
+
+
+def _api_routes(
+    env: Mapping[str, str], hosts: Mapping[str, str], upstream_tls: UpstreamTls | None, upstreams: list[Upstream]
+) -> list[SniRoute]:
+    """The API routes by SNI (NEXTPROXY_*_API_SNI); their upstreams are appended to ``upstreams``."""
+    mode, client_auth, forward_chain, ca_file = _api_mode(env)
+    terminate = mode is SniAction.TERMINATE
     sni_routes: list[SniRoute] = []
     seen_names: dict[str, str] = {}
     for name, svc, port in PRESET_API_ROUTES:
-        sni_key = f"NEXTPROXY_{svc}_API_SNI"
-        allow_key = f"NEXTPROXY_{svc}_API_ALLOW"
+        sni_key, allow_key = f"NEXTPROXY_{svc}_API_SNI", f"NEXTPROXY_{svc}_API_ALLOW"
         raw_sni = env.get(sni_key, "").strip()
         allow_text = env.get(allow_key, "").strip()
         allow = parse_allow(allow_key, [a for a in allow_text.split(",") if a.strip()]) if allow_text else None
@@ -171,42 +191,18 @@ def from_environment(env: Mapping[str, str]) -> Config:
         if server_name in seen_names:
             raise ConfigError(sni_key, f"{server_name!r} is already used by {seen_names[server_name]}")
         seen_names[server_name] = sni_key
-        if mode is SniAction.PASSTHROUGH and allow is not None:
+        if not terminate and allow is not None:
             raise ConfigError(allow_key, "needs NEXTPROXY_API_MODE=terminate (passthrough never sees certificates)")
         # Passthrough carries the client's TLS to the upstream's own TLS port: never re-encrypted.
-        api_tls = upstream_tls if mode is SniAction.TERMINATE else None
-        upstreams.append(Upstream(name, (Address(hosts[svc], port),), api_tls))
+        upstreams.append(Upstream(name, (Address(hosts[svc], port),), upstream_tls if terminate else None))
         sni_routes.append(
             SniRoute(
-                name=name,
-                server_names=(server_name,),
-                action=mode,
-                upstream=name,
-                client_auth=client_auth if mode is SniAction.TERMINATE else ClientAuth.NONE,
-                client_ca_file=ca_file if mode is SniAction.TERMINATE else None,
-                allow=allow,
-                forward_client_cert_chain=forward_chain,
-            )
+                name=name, server_names=(server_name,), action=mode, upstream=name,
+                client_auth=client_auth if terminate else ClientAuth.NONE,
+                client_ca_file=ca_file if terminate else None, allow=allow, forward_client_cert_chain=forward_chain,
+            )  # fmt: skip
         )
-
-    timeouts = Timeouts()
-    if "NEXTPROXY_SHUTDOWN_DELAY" in env:
-        timeouts = replace(timeouts, shutdown_delay=parse_number("NEXTPROXY_SHUTDOWN_DELAY", env["NEXTPROXY_SHUTDOWN_DELAY"]))
-    if "NEXTPROXY_DRAIN_TIMEOUT" in env:
-        timeouts = replace(timeouts, drain=parse_number("NEXTPROXY_DRAIN_TIMEOUT", env["NEXTPROXY_DRAIN_TIMEOUT"]))
-    config = Config(
-        listen=listen,
-        admin_listen=admin,
-        certificates=(edge,),
-        admin_tls=admin_tls,
-        upstreams=tuple(upstreams),
-        routes=tuple(routes),
-        sni_routes=tuple(sni_routes),
-        timeouts=timeouts,
-        **process_settings(env),
-    )
-    validate(config)
-    return config
+    return sni_routes
 
 
 def process_settings(env: Mapping[str, str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from nextproxy.config.model import (
     CertificateConfig,
     ClientAuth,
     Config,
+    EncodedSlashes,
     Limits,
     PathRoute,
     PemSource,
@@ -140,25 +141,10 @@ def from_toml(path: str, env: Mapping[str, str] | None = None) -> Config:
         _toml_upstream_tls(root.sub("upstream_tls")) if "upstream_tls" in root.data else UpstreamTls()
     )
 
-    upstreams = []
-    for name, body in root.take("upstreams", {}, dict).items():
-        table = _Table(body, f"upstreams.{name}")
-        if not ROUTE_NAME.match(name):
-            raise ConfigError(table.path, "name must be letters, digits, '-', '_' or '.'")
-        servers = table.require("servers", list)
-        if not servers:
-            raise ConfigError(table.key("servers"), "needs at least one host:port")
-        addresses = tuple(parse_address(table.key("servers"), s if isinstance(s, str) else repr(s)) for s in servers)
-        use_tls = table.take("tls", False, bool)
-        server_name = table.take("server_name", None, str)
-        table.done()
-        upstream_tls = None
-        if use_tls:
-            upstream_tls = default_upstream_tls
-            if server_name:
-                upstream_tls = replace(upstream_tls, server_name=parse_server_name(table.key("server_name"), server_name))
-        upstreams.append(Upstream(name, addresses, upstream_tls))
-
+    upstreams = [
+        _toml_upstream(name, _Table(body, f"upstreams.{name}"), default_upstream_tls)
+        for name, body in root.take("upstreams", {}, dict).items()
+    ]
     routes = tuple(_toml_route(_Table(r, f"routes[{i}]")) for i, r in enumerate(root.take("routes", [], list)))
     sni_routes = tuple(
         _toml_sni_route(_Table(r, f"sni_routes[{i}]")) for i, r in enumerate(root.take("sni_routes", [], list))
@@ -167,21 +153,31 @@ def from_toml(path: str, env: Mapping[str, str] | None = None) -> Config:
     limits = _toml_dataclass(root.sub("limits"), Limits(), integer=True)
     root.done()
     config = Config(
-        listen=listen,
-        listen_also=tuple(listen_also),
-        admin_listen=admin_listen,
-        certificates=certificates,
-        admin_tls=admin_tls,
-        upstreams=tuple(upstreams),
-        routes=routes,
-        sni_routes=sni_routes,
-        timeouts=timeouts,
-        limits=limits,
-        source=path,
-        **process_settings(env if env is not None else os.environ),
-    )
+        listen=listen, listen_also=tuple(listen_also), admin_listen=admin_listen, certificates=certificates,
+        admin_tls=admin_tls, upstreams=tuple(upstreams), routes=routes, sni_routes=sni_routes,
+        timeouts=timeouts, limits=limits, source=path, **process_settings(env if env is not None else os.environ),
+    )  # fmt: skip
     validate(config)
     return config
+
+
+def _toml_upstream(name: str, table: _Table, default_tls: UpstreamTls) -> Upstream:
+    """``[upstreams.NAME]``: servers, and ``tls`` (the ``[upstream_tls]`` defaults) if set."""
+    if not ROUTE_NAME.match(name):
+        raise ConfigError(table.path, "name must be letters, digits, '-', '_' or '.'")
+    servers = table.require("servers", list)
+    if not servers:
+        raise ConfigError(table.key("servers"), "needs at least one host:port")
+    addresses = tuple(parse_address(table.key("servers"), s if isinstance(s, str) else repr(s)) for s in servers)
+    use_tls = table.take("tls", False, bool)
+    server_name = table.take("server_name", None, str)
+    table.done()
+    upstream_tls = None
+    if use_tls:
+        upstream_tls = default_tls
+        if server_name:
+            upstream_tls = replace(upstream_tls, server_name=parse_server_name(table.key("server_name"), server_name))
+    return Upstream(name, addresses, upstream_tls)
 
 
 def _route_name(table: _Table) -> str:
@@ -208,6 +204,7 @@ def _toml_route(table: _Table) -> PathRoute:
         ping_interval=parse_number(table.key("ping_interval"), table.take("ping_interval", 20.0), minimum=MIN_TIMEOUT),
         ping_timeout=parse_number(table.key("ping_timeout"), table.take("ping_timeout", 20.0), minimum=MIN_TIMEOUT),
         allow=parse_allow(table.key("allow"), table.take("allow", kind=list)) if "allow" in table.data else None,
+        encoded_slashes=parse_enum(table.key("encoded_slashes"), EncodedSlashes, table.take("encoded_slashes", "forward")),
     )
     table.done()
     return route

@@ -6,9 +6,15 @@ several Host headers), answers 421 when Host and SNI disagree, strips hop-by-hop
 every client-sent copy of the headers the edge owns (X-Forwarded-*, Forwarded, XFCC,
 Client-Cert...), and adds them afresh from what the connection actually saw.
 
+The policy's names (HOP_BY_HOP, EDGE_OWNED, FRAMING), its token and Host rules and the
+certificate headers are shared with ``core/codec.py``, which applies the same policy inside
+its one loop over a raw head on the hot path. The list-shaped functions here are the policy
+in its plain form: the reference that codec is fuzzed against (h11's parse + this module must
+accept whatever the codec accepts, with the same forwarded fields), and the API for callers
+that hold h11 events.
+
 It must never do I/O, keep time, log, or hand h11 a value it would reject (certificate fields
-come from the client and are escaped to printable ASCII here). It is on every request's path:
-one pass over the headers, frozen sets of normalized names, no regular expressions.
+come from the client and are escaped to printable ASCII here).
 """
 
 from __future__ import annotations
@@ -93,7 +99,8 @@ EDGE_OWNED = frozenset(
 # sending "Connection: content-length" would otherwise turn its body into a second request
 # upstream), and an underscore alias (content_length) is dropped: CGI-style upstreams map '_'
 # and '-' to the same variable, h11 does not.
-_FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding"})
+FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_FRAMING = FRAMING
 # No permessage-deflate across the frame relay: the relay re-frames messages, so an extension
 # negotiated end to end would be applied to frames it never sees. Stripped both ways.
 _WS_EXTENSIONS = b"sec-websocket-extensions"
@@ -103,7 +110,8 @@ _DROP_REQUEST_UPGRADE = _DROP_REQUEST | {_WS_EXTENSIONS}
 _DROP_RESPONSE = HOP_BY_HOP
 _DROP_RESPONSE_UPGRADE = HOP_BY_HOP | {_WS_EXTENSIONS}
 # Connection tokens that name no header we still carry; seeing only these needs no second pass.
-_PLAIN_TOKENS = HOP_BY_HOP | {b"close"}
+PLAIN_TOKENS = HOP_BY_HOP | {b"close"}
+_PLAIN_TOKENS = PLAIN_TOKENS
 
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 _PEM_LINE = 48  # DER bytes per 64-character PEM line (OpenSSL's and cryptography's width)
@@ -130,7 +138,8 @@ def _normalize(name: bytes) -> bytes:
     return name.lower().replace(b"_", b"-")
 
 
-def _tokens(values: Iterable[bytes]) -> Iterator[bytes]:
+def tokens(values: Iterable[bytes]) -> Iterator[bytes]:
+    """The comma-separated tokens of list-valued fields (Connection, Upgrade), normalized."""
     for value in values:
         for token in value.split(b","):
             token = token.strip()
@@ -138,7 +147,8 @@ def _tokens(values: Iterable[bytes]) -> Iterator[bytes]:
                 yield _normalize(token)
 
 
-def _normalize_host(value: bytes) -> str:
+def normalize_host(value: bytes) -> str:
+    """Host as compared with SNI: lower-case, no port, no brackets, no trailing dot."""
     # bytes.lower() touches ASCII only, so no non-ASCII Host can lower-case into a match.
     host = value.strip().lower().decode("latin-1")
     if host.startswith("["):
@@ -160,7 +170,7 @@ def request_host(headers: Headers) -> str | None:
     """The Host value normalized for comparison with SNI: lower-case, no port, no trailing dot."""
     for name, value in headers:
         if name.lower() == b"host":
-            return _normalize_host(value)
+            return normalize_host(value)
     return None
 
 
@@ -198,7 +208,7 @@ def check_request(method: bytes, target: bytes, headers: Headers, client: Client
     if client.server_name is not None and host is not None:
         # RFC 9110 section 15.5.20: a connection authenticated for one name must not serve
         # another (certificate and client-auth policy were chosen by SNI).
-        if _normalize_host(host) != client.server_name:
+        if normalize_host(host) != client.server_name:
             raise HttpError(421, "misdirected request")
 
 
@@ -231,7 +241,7 @@ def _forward(headers: Headers, drop: frozenset[bytes]) -> tuple[Headers, bytes |
         elif lname == b"content-length":
             length = True
         out.append((name, value))
-    named = {token for token in _tokens(connection) if token not in _PLAIN_TOKENS}
+    named = {token for token in tokens(connection) if token not in _PLAIN_TOKENS}
     named -= _FRAMING
     if named:
         out = _filter_named(out, named)
@@ -255,13 +265,19 @@ def upstream_request_headers(headers: Headers, client: ClientInfo, *, upgrade: b
     out.append((b"x-forwarded-proto", b"https"))
     if host is not None:
         out.append((b"x-forwarded-host", host))
+    out += client_cert_fields(client)
+    return out
+
+
+def client_cert_fields(client: ClientInfo) -> Headers:
+    """The client-certificate headers the edge adds (none without a certificate)."""
     cert = client.certificate
-    if cert is not None:
-        out.append((b"x-forwarded-client-cert", xfcc(cert)))
-        out.append((b"client-cert", rfc9440(cert.der)))
-        if client.forward_chain and cert.chain:
-            out.append((b"client-cert-chain", b", ".join(rfc9440(der) for der in cert.chain)))
-        out.append((b"x-client-cert-verified", _verified(cert)))
+    if cert is None:
+        return []
+    out = [(b"x-forwarded-client-cert", xfcc(cert)), (b"client-cert", rfc9440(cert.der))]
+    if client.forward_chain and cert.chain:
+        out.append((b"client-cert-chain", b", ".join(rfc9440(der) for der in cert.chain)))
+    out.append((b"x-client-cert-verified", _verified(cert)))
     return out
 
 
@@ -290,9 +306,9 @@ def is_upgrade_request(method: bytes, headers: Headers) -> bool:
             connection.append(value)
         elif lname == b"upgrade":
             upgrade.append(value)
-    if b"upgrade" not in set(_tokens(connection)):
+    if b"upgrade" not in set(tokens(connection)):
         return False
-    return any(token == b"websocket" for token in _tokens(upgrade))
+    return any(token == b"websocket" for token in tokens(upgrade))
 
 
 def websocket_accept(key: bytes) -> bytes:

@@ -1,26 +1,24 @@
-"""HttpSession: one terminated client connection proxied over HTTP/1.1, on h11 for both legs.
+"""HttpSession: one terminated client connection proxied over HTTP/1.1, on our codec for both legs.
 
-The client leg is an h11 server connection owned by the session; the upstream leg is an h11 client
-connection owned by ``UpstreamLeg``, which lives as long as the upstream TCP connection so that a
-pooled connection keeps (and cycles) its h11 state instead of re-creating it. The session returns
-action lists (``core/actions.py``); it never touches sockets, clocks or logs. Bodies stream: each
-``Data`` event becomes one send, nothing is accumulated.
+Heads go through ``core/codec.py`` (one regex, one loop, the forwarding policy applied on the
+way); chunked bodies through ``core/chunked.py``. The upstream half of an exchange lives in
+``UpstreamLeg``, which is pooled with its TCP connection. The session returns action lists
+(``core/actions.py``); it never touches sockets, clocks or logs. Bodies stream: each read
+becomes at most one send, nothing is accumulated. One request is taken from the client's
+buffer at a time; a pipelined one waits there (``reading_client`` is False) until the
+response before it is done.
 
-Errors that are the client's fault become short plain responses (400, 404, 421, 431...);
-upstream failures become 502/504. An ``HttpError`` never escapes: it is turned into a response.
+Errors that are the client's fault become short plain responses (400, 404, 421, 431, 501, 505);
+upstream failures become 502/504 with a generic body, the detail only in ``RequestCompleted``.
+A response whose upstream fails mid-body is cut short (no final chunk, connection closed),
+never completed. An ``HttpError`` never escapes: it is turned into a response.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
 
-if TYPE_CHECKING:
-    from h11._headers import Headers as H11Headers  # the type h11 hands us trailers in
-
-import h11
-
-from nextproxy.config.model import AllowRule, Limits, PathRoute, SniRoute, WebSocketMode
+from nextproxy.config.model import Limits, PathRoute, SniRoute, WebSocketMode
 from nextproxy.core.actions import (
     Action,
     AuthorizationDenied,
@@ -38,64 +36,25 @@ from nextproxy.core.actions import (
     StartTunnel,
     StartWebSocket,
 )
-from nextproxy.core.headers import (
-    ClientInfo,
-    check_request,
-    is_upgrade_request,
-    response_headers,
-    upstream_request_headers,
-    websocket_accept,
-)
+from nextproxy.core.buffer import ByteBuffer
+from nextproxy.core.chunked import LAST_CHUNK, encode_chunk
+from nextproxy.core.codec import UNTIL_CLOSE, RequestHead, RequestParser, ResponseHead, trailer_lines
+from nextproxy.core.headers import ClientInfo, websocket_accept
+from nextproxy.core.request_body import RequestBody
+from nextproxy.core.responses import CONTINUE, authorize, client_response, refusal, request_line, switching_protocols
 from nextproxy.core.routing import RouteTable
+from nextproxy.core.upstream_leg import UpstreamLeg
 from nextproxy.errors import HttpError
+
+__all__ = ["HttpSession", "UpstreamLeg", "IDEMPOTENT_METHODS", "NO_ROUTE"]
 
 # RFC 9110 section 9.2.2: methods a proxy may replay when a reused connection turns out dead.
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_REASONS = {
-    400: b"Bad Request",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    421: b"Misdirected Request",
-    431: b"Request Header Fields Too Large",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
-_END = h11.EndOfMessage()
-"""Events are immutable; one shared end-of-message without trailers saves a construction."""
-Trailers = Union["H11Headers", list[tuple[bytes, bytes]]]
+_NO_BODY = RequestBody(0, 0)
+"""Shared: a body of length 0 is closed and never changes."""
 
 NO_ROUTE = "-"
 """Route label for requests that matched no route (bounded, unlike the raw path)."""
-
-
-class UpstreamLeg:
-    """The upstream half of an exchange: an h11 client connection pooled with its TCP connection."""
-
-    __slots__ = ("conn", "authority", "exchanges")
-
-    def __init__(self, authority: str, max_header_size: int) -> None:
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_size)
-        self.authority = authority
-        """``host:port``; the Host header for HTTP/1.0 clients that sent none."""
-        self.exchanges = 0
-        """Completed exchanges; above zero means a reused (pooled) connection."""
-
-    @property
-    def reusable(self) -> bool:
-        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
-
-    def recycle(self) -> None:
-        self.exchanges += 1
-        self.conn.start_next_cycle()
-
-
-def new_upstream_leg(authority: str, max_header_size: int) -> UpstreamLeg:
-    """The upstream half kept with each pooled connection: the shell's pool holds it without
-    looking inside, so only the core builds it."""
-    return UpstreamLeg(authority, max_header_size)
 
 
 @dataclass(slots=True)
@@ -103,17 +62,13 @@ class _Exchange:
     """One request in flight, from its head to the end of its response."""
 
     route: PathRoute
-    method: bytes
-    target: bytes
-    headers: list[tuple[bytes, bytes]]
-    http_version: bytes
-    upgrade: bool
-    has_body: bool
-    client_key: bytes = b""
+    head: RequestHead
     retried: bool = False
-    request_sent: bool = False
     response_status: int = 0
-    upstream_bytes: int = 0
+    client_chunked: bool = False
+    """The response goes to the client chunked (re-framed)."""
+    client_close: bool = False
+    """The client connection closes after this response."""
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -128,7 +83,12 @@ class HttpSession:
         self._sni_route = sni_route
         self._client_info = client
         self._limits = limits
-        self._client = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_size)
+        self._parser = RequestParser(client)
+        self._buffer = ByteBuffer()
+        """Client bytes not yet consumed: a partial head, or what was pipelined behind a request."""
+        self._body = _NO_BODY
+        """The body of the request in flight (or being skipped)."""
+        self._client_eof = False
         self._exchange: _Exchange | None = None
         self._upstream: UpstreamLeg | None = None
         self._connecting = False
@@ -142,17 +102,19 @@ class HttpSession:
 
     @property
     def reading_client(self) -> bool:
-        """False while more client bytes would only pile up in h11 (pipelining, connecting)."""
+        """False while more client bytes would only pile up (pipelining, connecting)."""
         if self._closed or self._connecting:
             return False
-        if self._exchange is None:
-            return True
-        return self._client.their_state is h11.SEND_BODY
+        return self._exchange is None or self._request_open
 
     @property
     def idle(self) -> bool:
-        """No exchange in flight and nothing half-received: the keep-alive timer may run."""
-        return self._exchange is None and self._client.their_state is h11.IDLE
+        """No exchange in flight: the keep-alive timer may run."""
+        return self._exchange is None
+
+    @property
+    def _request_open(self) -> bool:
+        return self._body.open
 
     # ------------------------------------------------------------------ inputs
 
@@ -160,16 +122,19 @@ class HttpSession:
         """Bytes from the client; ``b""`` is EOF."""
         if self._closed:
             return []
-        if data and self._exchange is None and not self.awaiting_head and self._client.their_state is h11.IDLE:
-            return [RequestStarted(), *self._receive_client(data)]
-        return self._receive_client(data)
-
-    def _receive_client(self, data: bytes) -> list[Action]:
-        try:
-            self._client.receive_data(data)
-        except h11.RemoteProtocolError as exc:
-            return self._client_error(exc)
-        return self._pump_client()
+        if not data:
+            return self._client_closed()
+        if self._exchange is not None and self._request_open and not self._connecting and not self._buffer:
+            return self._request_body(data)
+        if self._exchange is None and not self._connecting:
+            starts = not self._buffer
+            self._buffer.add(data)
+            # A request's duration is counted from its first byte, not from its complete head.
+            return [RequestStarted(), *self._pump_client()] if starts else self._pump_client()
+        self._buffer.add(data)
+        if self._request_open and not self._connecting:
+            return self._request_body(self._buffer.take_all())
+        return []
 
     def upstream_connected(self, leg: UpstreamLeg) -> list[Action]:
         exchange = self._exchange
@@ -177,43 +142,44 @@ class HttpSession:
             return [ReleaseUpstream(reusable=leg.reusable)]
         self._connecting = False
         self._upstream = leg
-        headers = exchange.headers
-        if exchange.http_version == b"1.0" and not any(name == b"host" for name, _ in headers):
-            headers = [(b"host", leg.authority.encode("ascii"))] + headers
-        # _parsed=True: every name and value came out of h11's parser or from our own header
-        # policy (which only emits printable values), so h11's per-header regexes would only
-        # re-check them; they were a sixth of the CPU of a small request (measured with cProfile).
-        out = leg.conn.send(h11.Request(method=exchange.method, target=exchange.target, headers=headers, _parsed=True))
-        exchange.request_sent = True
-        actions: list[Action] = [SendToUpstream(out or b"")]
-        if not exchange.has_body:
-            actions += self._end_request()
-        actions += self._pump_client()
+        leg.start()
+        head = exchange.head
+        line = head.method + b" " + head.target + b" HTTP/1.1\r\n"
+        if not head.has_host:
+            line += b"host: " + leg.authority.encode("ascii") + b"\r\n"
+        actions: list[Action] = [SendToUpstream(line + head.forward)]
+        if not self._request_open:
+            actions.append(AwaitResponse())
+        elif self._buffer:
+            actions += self._request_body(self._buffer.take_all())
         return actions
 
     def upstream_failed(self, reason: str, *, timeout: bool = False) -> list[Action]:
-        """Connecting failed or timed out, or the connection broke before the response head."""
+        """Connecting failed or timed out, or the connection broke (reset, read error).
+
+        A connection that breaks is never an end of body, even for a body that ends at close:
+        a response in progress is cut short, not completed.
+        """
+        if self._upstream is not None:
+            return self._upstream_broken(reason)
         self._connecting = False
-        self._upstream = None
-        status = 504 if timeout else 502
-        return self._upstream_error(status, reason)
+        return self._upstream_error(504 if timeout else 502, reason)
 
     def upstream_timeout(self) -> list[Action]:
         """The response head did not arrive within the response timeout."""
         return self._drop_upstream() + self._upstream_error(504, "upstream timed out")
 
     def upstream_data(self, data: bytes) -> list[Action]:
-        """Bytes from the upstream; ``b""`` is EOF."""
-        leg = self._upstream
-        if leg is None:
+        """Bytes from the upstream; ``b""`` is a clean EOF."""
+        leg, exchange = self._upstream, self._exchange
+        if leg is None or exchange is None:
             return []
-        if self._exchange is not None:
-            self._exchange.upstream_bytes += len(data)
-        try:
-            leg.conn.receive_data(data)
-        except h11.RemoteProtocolError:
-            return self._upstream_broken("upstream sent data after closing")
-        return self._pump_upstream(leg)
+        if not data:
+            return self._upstream_eof(leg, exchange)
+        if leg.in_body:
+            return self._response_body(leg, exchange, data)
+        leg.buffer.add(data)
+        return self._response_heads(leg, exchange)
 
     def drain(self) -> list[Action]:
         """Shutdown: close now if idle, else after the exchange in flight."""
@@ -226,51 +192,38 @@ class HttpSession:
     # ------------------------------------------------------------------ client leg
 
     def _pump_client(self) -> list[Action]:
+        """Take the next request head from the buffer, if it is all there."""
         actions: list[Action] = []
-        while not self._closed and not self._connecting:
+        while self._exchange is None and not self._closed and not self._connecting:
             try:
-                event = self._client.next_event()
-            except h11.RemoteProtocolError as exc:
-                actions += self._client_error(exc)
+                raw = self._buffer.take_head(self._limits.max_header_size, request=True)
+            except HttpError as exc:
+                actions += self._refuse(b"", b"", exc.status, exc.reason)
                 break
-            if event is h11.NEED_DATA:
-                # Only a partial head in an idle cycle: copying h11's buffer to find out is rare.
-                awaiting = (
-                    self._exchange is None and self._client.their_state is h11.IDLE and bool(self._client.trailing_data[0])
-                )
-                if awaiting is not self.awaiting_head:
-                    self.awaiting_head = awaiting
-                    actions.append(HeadStarted() if awaiting else HeadReceived())
+            if raw is None:
+                self._await_head(bool(self._buffer), actions)
                 break
-            if event is h11.PAUSED:
-                break
-            if self.awaiting_head:
-                self.awaiting_head = False
-                actions.append(HeadReceived())
-            # Exact type checks: h11's events derive from an ABC, whose isinstance() is slow.
-            kind = type(event)
-            if kind is h11.Request:
-                actions += self._start_exchange(event)  # type: ignore[arg-type]
-            elif kind is h11.Data:
-                actions += self._forward_body(event)  # type: ignore[arg-type]
-            elif kind is h11.EndOfMessage:
-                actions += self._end_request(event.headers)  # type: ignore[union-attr]
-            elif kind is h11.ConnectionClosed:
-                if self._exchange is None:
-                    self._closed = True
-                    actions.append(CloseClient())
-                break
+            self._await_head(False, actions)
+            actions += self._start_exchange(raw)
         return actions
 
-    def _start_exchange(self, request: h11.Request) -> list[Action]:
-        method, target, headers = request.method, request.target, list(request.headers)
-        # h11 only bounds an *incomplete* head; a complete one that arrived in a single read
-        # can be larger, so the limit is enforced here as well.
-        size = len(method) + len(target) + sum(len(n) + len(v) + 4 for n, v in headers)
-        if size > self._limits.max_header_size:
-            return self._refuse(method, b"", 431, "request header fields too large")
+    def _await_head(self, awaiting: bool, actions: list[Action]) -> None:
+        """Report a partial head starting or ending: the shell bounds how long the rest may take."""
+        if awaiting is not self.awaiting_head:
+            self.awaiting_head = awaiting
+            actions.append(HeadStarted() if awaiting else HeadReceived())
+
+    def _start_exchange(self, raw: bytes) -> list[Action]:
         try:
-            check_request(method, target, headers, self._client_info)
+            head = self._parser.parse(raw)
+        except HttpError as exc:
+            method, target = request_line(raw)
+            return self._refuse(method, target, exc.status, exc.reason)
+        method, target = head.method, head.target
+        self._set_request_body(head.length)  # known now, so a refusal can skip the body
+        if head.misdirected:
+            return self._refuse(method, target, 421, "misdirected request")
+        try:
             route = self._routes.match_path(self._sni_route, target)
         except HttpError as exc:
             return self._refuse(method, target, exc.status, exc.reason)
@@ -278,183 +231,164 @@ class HttpSession:
             return self._refuse(method, target, 404, "no route for this path")
         allow = route.allow if route.allow is not None else (self._sni_route.allow if self._sni_route else None)
         if allow is not None:
-            denied = self._authorize(route.name, allow)
+            denied = authorize(self._client_info.certificate, route.name, allow)
             if denied is not None:
                 return [denied] + self._refuse(method, target, 403, denied.reason, route.name)
-        upgrade = is_upgrade_request(method, headers)
-        if upgrade and self.draining:
+        if head.upgrade and self.draining:
             return self._refuse(method, target, 503, "shutting down", route.name, retry_after=True)
-        has_body = any(
-            name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
-            for name, value in headers
-        )
-        key = next((value for name, value in headers if name == b"sec-websocket-key"), b"")
-        self._exchange = _Exchange(
-            route=route,
-            method=method,
-            target=target,
-            headers=upstream_request_headers(headers, self._client_info, upgrade=upgrade),
-            http_version=request.http_version,
-            upgrade=upgrade,
-            has_body=has_body,
-            client_key=key,
-        )
+        self._exchange = _Exchange(route=route, head=head)
         self._connecting = True
         return [ConnectUpstream(route)]
 
-    def _forward_body(self, event: h11.Data) -> list[Action]:
-        exchange, leg = self._exchange, self._upstream
-        if exchange is None or leg is None:
-            return []
-        exchange.bytes_in += len(event.data)
-        if leg.conn.our_state is not h11.SEND_BODY:
-            return []  # the upstream already answered and stopped reading: drop the rest
-        return [SendToUpstream(leg.conn.send(h11.Data(data=event.data)) or b"")]
+    def _set_request_body(self, length: int) -> None:
+        self._body = RequestBody(length, self._limits.max_header_size) if length else _NO_BODY
 
-    def _end_request(self, trailers: Trailers | None = None) -> list[Action]:
-        leg, exchange = self._upstream, self._exchange
-        if leg is None or exchange is None:
-            return []
-        actions: list[Action] = []
-        if leg.conn.our_state is h11.SEND_BODY:
-            # Trailers pass through as h11's own Headers object: no re-validation.
-            out = leg.conn.send(h11.EndOfMessage(headers=trailers) if trailers else _END)
-            actions.append(SendToUpstream(out or b""))
-        if exchange.response_status == 0:
-            actions.append(AwaitResponse())
-        return actions
+    def _request_body(self, data: bytes) -> list[Action]:
+        """Forward request body bytes as they come; keep what follows the body for later."""
+        exchange = self._exchange
+        assert exchange is not None
+        exchange.head.expect_continue = False  # the client stopped waiting for our 100
+        try:
+            sends, decoded, rest = self._body.take(data)
+        except HttpError as exc:
+            return self._client_error(exc)
+        if rest:
+            self._buffer.put_back(rest)
+        exchange.bytes_in += decoded
+        out: list[Action] = [SendToUpstream(piece) for piece in sends] if self._upstream_wants_body() else []
+        if not self._body.open:
+            out += self._end_request(exchange)
+        return out
 
-    def _authorize(self, route: str, allow: tuple[AllowRule, ...]) -> AuthorizationDenied | None:
-        """Allow-list check. Name rules need a verified chain: anyone can self-sign any name."""
-        cert = self._client_info.certificate
-        if cert is None:
-            return AuthorizationDenied(route, "no_certificate", "-")
-        for rule in allow:
-            if rule.kind == "sha256" and rule.value == cert.sha256:
-                return None
-            if rule.kind == "spki" and rule.value == cert.spki_sha256:
-                return None
-            if cert.verified and (
-                (rule.kind == "dns" and rule.value in cert.dns_names)
-                or (rule.kind == "uri" and rule.value in cert.uris)
-                or (rule.kind == "cn" and rule.value == cert.common_name)
-            ):
-                return None
-        reason = "not_allowed" if cert.verified else "not_allowed_unverified"
-        return AuthorizationDenied(route, reason, cert.sha256)
+    def _upstream_wants_body(self) -> bool:
+        leg = self._upstream
+        return leg is not None and not leg.finished
+
+    def _end_request(self, exchange: _Exchange) -> list[Action]:
+        """The request body is complete: the upstream's answer is now awaited."""
+        return [AwaitResponse()] if exchange.response_status == 0 else []
+
+    def _client_closed(self) -> list[Action]:
+        self._client_eof = True
+        exchange = self._exchange
+        if exchange is None:
+            if self._buffer:
+                return self._refuse(b"", b"", 400, "incomplete request head")
+            self._closed = True
+            return [CloseClient()]
+        if self._request_open:
+            return self._client_error(HttpError(400, "client closed before the request body ended"))
+        return []  # the request is complete: answer it, then close
 
     # ------------------------------------------------------------------ upstream leg
 
-    def _pump_upstream(self, leg: UpstreamLeg) -> list[Action]:
+    def _response_heads(self, leg: UpstreamLeg, exchange: _Exchange) -> list[Action]:
+        """Parse buffered response heads (1xx first, then the final one)."""
         actions: list[Action] = []
-        while self._upstream is leg:
+        while self._upstream is leg and not leg.in_body:
             try:
-                event = leg.conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                exchange = self._exchange
-                if exchange is not None and exchange.upstream_bytes == 0:
-                    actions += self._upstream_broken("upstream closed the connection before responding")
-                else:
-                    actions += self._upstream_broken(f"invalid response from upstream: {exc}")
-                break
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                break
-            kind = type(event)
-            if kind is h11.Data:
-                exchange = self._exchange
-                if exchange is not None:
-                    data = event.data  # type: ignore[union-attr]
-                    exchange.bytes_out += len(data)
-                    actions.append(SendToClient(self._client.send(event) or b""))  # type: ignore[arg-type]
-            elif kind is h11.Response:
-                actions += self._start_response(event)  # type: ignore[arg-type]
-            elif kind is h11.EndOfMessage:
-                actions += self._finish_exchange(leg, event.headers)  # type: ignore[union-attr]
-            elif kind is h11.InformationalResponse:
-                actions += self._informational(leg, event)  # type: ignore[arg-type]
-            elif kind is h11.ConnectionClosed:
-                actions += self._upstream_broken("upstream closed the connection")
-                break
+                head = leg.next_head()
+            except HttpError as exc:
+                detail = f"invalid response from upstream: {exc.reason}"
+                return actions + self._drop_upstream() + self._upstream_error(502, detail)
+            if head is None:
+                return actions
+            status = head.status
+            if status >= 200:
+                return actions + self._start_response(leg, exchange, head)
+            if status == 101:
+                return actions + self._switch_protocols(leg, exchange, head)
+            if status == 100 and exchange.head.expect_continue and exchange.response_status == 0:
+                exchange.head.expect_continue = False
+                actions.append(SendToClient(CONTINUE))
+            # other 1xx (102, 103) are optional hints: not forwarded
         return actions
 
-    def _informational(self, leg: UpstreamLeg, event: h11.InformationalResponse) -> list[Action]:
-        exchange = self._exchange
-        if exchange is None:
-            return []
-        if event.status_code == 101:
-            return self._switch_protocols(leg, exchange, event)
-        if event.status_code == 100 and self._client.client_is_waiting_for_100_continue:
-            return [SendToClient(self._client.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")]
-        return []  # other 1xx (102, 103) are optional hints: not forwarded
-
-    def _switch_protocols(
-        self, leg: UpstreamLeg, exchange: _Exchange, event: h11.InformationalResponse
-    ) -> list[Action]:
-        accept = next((v for n, v in event.headers if n == b"sec-websocket-accept"), b"")
-        if not exchange.upgrade or accept != websocket_accept(exchange.client_key):
+    def _switch_protocols(self, leg: UpstreamLeg, exchange: _Exchange, head: ResponseHead) -> list[Action]:
+        if not exchange.head.upgrade or head.accept != websocket_accept(exchange.head.websocket_key):
             return self._drop_upstream() + self._upstream_error(502, "upstream sent an invalid 101")
-        headers = response_headers(list(event.headers), upgrade=True)
-        head = self._client.send(h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason))
+        data = switching_protocols(head)
         exchange.response_status = 101
-        subprotocol = next((v.decode("ascii", "replace") for n, v in event.headers if n == b"sec-websocket-protocol"), None)
-        from_client, _ = self._client.trailing_data
-        from_upstream, _ = leg.conn.trailing_data
+        from_client, from_upstream = self._buffer.take_all(), leg.buffer.take_all()
         self._exchange = None
         self._upstream = None
         self._closed = True  # the session is done; the relay or tunnel owns both legs now
         completed = self._completed(exchange, 101)
         start: Action
         if exchange.route.websocket is WebSocketMode.TUNNEL:
-            start = StartTunnel(exchange.route, to_upstream=bytes(from_client), to_client=bytes(from_upstream))
+            start = StartTunnel(exchange.route, to_upstream=from_client, to_client=from_upstream)
         else:
-            start = StartWebSocket(exchange.route, bytes(from_client), bytes(from_upstream), subprotocol)
-        return [ResponseStarted(101), SendToClient(head or b""), completed, start]
+            start = StartWebSocket(exchange.route, from_client, from_upstream, head.protocol)
+        return [ResponseStarted(101), SendToClient(data), completed, start]
 
-    def _start_response(self, event: h11.Response) -> list[Action]:
-        exchange = self._exchange
-        if exchange is None:
-            return []
-        exchange.response_status = event.status_code
-        headers = response_headers(list(event.headers), upgrade=False)
-        if self.draining:
-            headers.append((b"connection", b"close"))
-        head = self._client.send(
-            h11.Response(status_code=event.status_code, headers=headers, reason=event.reason, _parsed=True)
-        )
-        return [ResponseStarted(event.status_code), SendToClient(head or b"")]
-
-    def _finish_exchange(self, leg: UpstreamLeg, trailers: Trailers) -> list[Action]:
-        exchange = self._exchange
-        if exchange is None:
-            return []
-        end = h11.EndOfMessage(headers=trailers) if trailers else _END
-        actions: list[Action] = [SendToClient(self._client.send(end) or b"")]
-        reusable = leg.reusable
-        if reusable:
-            leg.recycle()
-        self._upstream = None
-        self._exchange = None
-        actions.append(ReleaseUpstream(reusable=reusable))
-        actions.append(self._completed(exchange, exchange.response_status))
-        actions += self._next_cycle()
+    def _start_response(self, leg: UpstreamLeg, exchange: _Exchange, head: ResponseHead) -> list[Action]:
+        exchange.response_status = head.status
+        leg.keep_alive = head.keep_alive
+        close = not exchange.head.keep_alive or self.draining or self._client_eof
+        response = client_response(head, exchange.head, close=close)
+        exchange.client_chunked, exchange.client_close = response.chunked, response.close
+        actions: list[Action] = [ResponseStarted(head.status), SendToClient(response.data)]
+        leg.begin_body(response.length, leg.max_header_size)
+        if leg.finished:
+            return actions + self._response_done(leg, exchange)
+        if leg.buffer:
+            actions += self._response_body(leg, exchange, leg.buffer.take_all())
         return actions
 
-    def _next_cycle(self) -> list[Action]:
-        """After a response: keep the client connection for the next request, or close it."""
-        client = self._client
-        if client.our_state is h11.DONE and client.their_state is h11.DONE and not self.draining:
-            client.start_next_cycle()
-            buffered, closed = client.trailing_data
-            if not buffered and not closed:
-                # The usual keep-alive case: nothing pipelined, so asking h11 for the next
-                # event would only parse an empty buffer (a few µs per request).
-                self.awaiting_head = False
-                return []
-            return self._pump_client()
-        if client.our_state is h11.DONE and client.their_state is h11.SEND_BODY:
-            pass  # the upstream answered before the body ended: we cannot find the next request
-        self._closed = True
-        return [CloseClient()]
+    def _response_body(self, leg: UpstreamLeg, exchange: _Exchange, data: bytes) -> list[Action]:
+        try:
+            pieces = leg.body(data)
+        except HttpError as exc:
+            return self._upstream_broken(f"invalid response body from upstream: {exc.reason}")
+        actions: list[Action] = []
+        chunked = exchange.client_chunked
+        for piece in pieces:
+            exchange.bytes_out += len(piece)
+            actions.append(SendToClient(encode_chunk(piece) if chunked else piece))
+        if leg.finished:
+            actions += self._response_done(leg, exchange)
+        return actions
+
+    def _response_done(self, leg: UpstreamLeg, exchange: _Exchange) -> list[Action]:
+        if exchange.client_chunked:
+            trailer = leg.trailer
+            end = b"0\r\n" + trailer_lines(trailer) + b"\r\n" if len(trailer) > 2 else LAST_CHUNK
+            actions: list[Action] = [SendToClient(end)]
+        else:
+            actions = []
+        if self._request_open:
+            # The upstream answered before the request body ended: its connection cannot be
+            # reused, and the next request cannot be found without reading the rest.
+            self._closed = True
+            self._upstream = None
+            self._exchange = None
+            return actions + [ReleaseUpstream(reusable=False), self._completed(exchange, exchange.response_status), CloseClient()]
+        return actions + self._finish_exchange(leg, exchange)
+
+    def _finish_exchange(self, leg: UpstreamLeg, exchange: _Exchange) -> list[Action]:
+        reusable = leg.recycle()
+        self._upstream = None
+        self._exchange = None
+        actions: list[Action] = [ReleaseUpstream(reusable=reusable), self._completed(exchange, exchange.response_status)]
+        if exchange.client_close:
+            self._closed = True
+            actions.append(CloseClient())
+            return actions
+        if self._buffer:
+            actions.append(RequestStarted())  # a pipelined request starts now
+            actions += self._pump_client()
+        return actions
+
+    def _upstream_eof(self, leg: UpstreamLeg, exchange: _Exchange) -> list[Action]:
+        if leg.in_body:
+            if leg.length == UNTIL_CLOSE:
+                leg.end_at_close()
+                return self._response_done(leg, exchange)
+            return self._upstream_broken("upstream closed the connection mid-body")
+        if leg.buffer:
+            detail = f"upstream closed the connection mid-head: {leg.buffer.preview()!r}"
+            return self._upstream_broken(detail)
+        return self._upstream_broken("upstream closed the connection before responding")
 
     # ------------------------------------------------------------------ failures
 
@@ -469,9 +403,10 @@ class HttpSession:
             exchange.response_status == 0
             and leg is not None
             and leg.exchanges > 0
+            and not leg.buffer
             and not exchange.retried
-            and not exchange.has_body
-            and exchange.method in IDEMPOTENT_METHODS
+            and exchange.head.length == 0
+            and exchange.head.method in IDEMPOTENT_METHODS
         ):
             # A pooled connection the upstream had closed while idle: replay once on a fresh one.
             exchange.retried = True
@@ -490,23 +425,28 @@ class HttpSession:
         if exchange is None:
             return []
         if exchange.response_status != 0:
-            # Mid-response: the client sees a truncated body (never a silently short one).
-            self._exchange = None
-            self._closed = True
-            return [self._completed(exchange, exchange.response_status, reason), CloseClient()]
-        return self._refuse(exchange.method, exchange.target, status, reason, exchange.route.name)
+            return self._abort(exchange, 502, f"upstream failed after a {exchange.response_status} head: {reason}")
+        return self._refuse(exchange.head.method, exchange.head.target, status, reason, exchange.route.name)
 
-    def _client_error(self, exc: h11.RemoteProtocolError) -> list[Action]:
-        status = exc.error_status_hint if exc.error_status_hint in _REASONS else 400
-        reason = "request header fields too large" if status == 431 else "malformed request"
+    def _abort(self, exchange: _Exchange, status: int, reason: str) -> list[Action]:
+        """Mid-response: the client sees a cut response (no final chunk, closed), never a complete one.
+
+        An upstream failure is logged and counted as a 502, whatever status line already went out.
+        """
+        self._exchange = None
+        self._closed = True
+        self._body = _NO_BODY
+        return [self._completed(exchange, status, reason), CloseClient()]
+
+    def _client_error(self, exc: HttpError) -> list[Action]:
         exchange = self._exchange
         if exchange is not None and exchange.response_status != 0:
-            self._closed = True
-            return [self._completed(exchange, exchange.response_status, reason), CloseClient()]
+            return self._drop_upstream() + self._abort(exchange, exchange.response_status, exc.reason)
+        self._body = _NO_BODY
         actions = self._drop_upstream()
-        target = exchange.target if exchange else b""
-        method = exchange.method if exchange else b""
-        return actions + self._refuse(method, target, status, reason, exchange.route.name if exchange else NO_ROUTE)
+        method = exchange.head.method if exchange else b""
+        target = exchange.head.target if exchange else b""
+        return actions + self._refuse(method, target, exc.status, exc.reason, exchange.route.name if exchange else NO_ROUTE)
 
     def _refuse(
         self,
@@ -519,35 +459,12 @@ class HttpSession:
         retry_after: bool = False,
     ) -> list[Action]:
         """The proxy's own short answer, in one write; keeps the connection when it safely can."""
-        body = reason.encode("ascii", "replace") + b"\n"
         self._exchange = None
         self._connecting = False
-        keep = status in (403, 404, 421, 503) and not self.draining and self._skip_request_body()
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        if retry_after:
-            headers.append((b"retry-after", b"1"))
-        if not keep:
-            headers.append((b"connection", b"close"))
+        keep = status in (403, 404, 421, 503) and not self.draining and not self._client_eof and self._skip_request_body()
         completed = RequestCompleted(route, method.decode("ascii", "replace"), target.decode("ascii", "replace"), status, 0, 0, reason)
-        try:
-            data = self._client.send(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b"")))
-            data = (data or b"") + (self._client.send(h11.Data(data=body)) or b"")
-            data += self._client.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            # h11 cannot frame a response now (e.g. the client's bytes were not HTTP at all).
-            head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
-            data = head + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
-            if keep:
-                data += b"connection: close\r\n"
-            data += b"\r\n" + body
-            keep = False
-        actions: list[Action] = [SendToClient(data), completed]
-        if keep:
-            actions += self._next_cycle()
-        else:
+        actions: list[Action] = [SendToClient(refusal(status, reason, keep=keep, retry_after=retry_after)), completed]
+        if not keep:  # when kept, the caller (_pump_client's loop) reads the next request
             self._closed = True
             actions.append(CloseClient())
         return actions
@@ -558,23 +475,22 @@ class HttpSession:
         A body we did not read would be parsed as the next request, so when it is not all
         buffered we close the connection instead of waiting for it.
         """
-        client = self._client
-        while client.their_state is h11.SEND_BODY:
-            try:
-                event = client.next_event()
-            except h11.RemoteProtocolError:
-                return False
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return False
-        return client.their_state is h11.DONE
+        rest = self._body.skip(self._buffer.take_all())
+        self._body = _NO_BODY
+        if rest is None:
+            return False
+        self._buffer.put_back(rest)
+        return True
 
     def _completed(self, exchange: _Exchange, status: int, reason: str = "") -> RequestCompleted:
+        head = exchange.head
         return RequestCompleted(
             exchange.route.name,
-            exchange.method.decode("ascii", "replace"),
-            exchange.target.decode("ascii", "replace"),
+            head.method.decode("ascii", "replace"),
+            head.target.decode("ascii", "replace"),
             status,
             exchange.bytes_in,
             exchange.bytes_out,
             reason,
         )
+

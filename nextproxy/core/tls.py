@@ -44,9 +44,7 @@ _T = TypeVar("_T")
 
 # Client certificates often carry only a subject CN; the WebPKI default policy would refuse
 # them for lacking a SAN, which is a server-certificate rule, not a client-certificate one.
-_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-    x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
-)
+_EE_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
 _CA_POLICY = ExtensionPolicy.webpki_defaults_ca()
 
 
@@ -60,7 +58,7 @@ class NoApplicationProtocol(Exception):
 
 @dataclass(frozen=True, slots=True, eq=False)
 class TlsServerContext:
-    """One edge TLS configuration, chosen per SNI before the handshake (built by ``tlsconfig``).
+    """One edge TLS configuration, chosen per SNI before the handshake (``edge.tlscontexts``).
 
     ``context`` is immutable once a connection used it (pyOpenSSL >= 26.2), so a reload builds
     new ones. ``client_cas`` are the configured client CA certificates, used for the verdict in

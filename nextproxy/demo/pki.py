@@ -1,25 +1,22 @@
-"""The demo: a throwaway PKI and the stand-in ns/mc/sfs upstreams of the built-in preset.
+"""The one certificate minter: a throwaway PKI for the demo and for the test suite.
 
-``nextproxy demo`` and the test suite use the same pieces: ``make_pki()`` mints a CA and leaf
-certificates in memory (EC P-256, one year) that strict verifiers accept; ``start_demo_upstreams()``
-starts the stand-ins (``nextproxy.demo.standins``) where the environment preset expects them, one
-loopback IP per service; ``demo_environment()`` writes the NEXTPROXY_* variables that point the
-preset at them. Nothing touches the disk unless ``DemoPki.write()`` is called.
-Never use these certificates for anything but a demo or a test: the CA key lives in memory
-and in whatever directory ``write()`` was given.
+``make_ca()`` and ``make_leaf()`` mint EC P-256 certificates in memory that strict verifiers
+accept (SKI/AKI, key usage, Python 3.13's VERIFY_X509_STRICT); ``make_pki()`` builds the demo's
+CA with edge, upstream and client leaves, and the tests mint whatever else they need (expired,
+self-signed, chained) with the same two functions. Nothing touches the disk unless
+``DemoPki.write()`` is called. Never use these certificates for anything but a demo or a test:
+the keys are unencrypted and the CA key lives in memory and wherever ``write()`` put it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime
+import hashlib
 import ipaddress
 import os
-import shutil
 import ssl
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from nextproxy.config.preset import PRESET_API_ROUTES, PRESET_PATH_ROUTES
-from nextproxy.demo.standins import PATTERN, StandIn, pattern, pattern_sha256, start_http_ws, start_tls_api
-
-__all__ = [
-    "DEMO_API_SERVER_NAMES", "DEMO_HOSTS", "DEMO_EDGE_NAMES", "PATTERN", "DemoPki", "Pem", "StandIn",
-    "client_ssl_context", "demo_environment", "demo_pki_folder", "hand_over", "make_pki", "parse_owner",
-    "pattern", "pattern_sha256", "server_ssl_context", "start_demo_upstreams", "start_http_ws", "start_tls_api",
-]  # fmt: skip
-
-DAYS = datetime.timedelta(days=1)
-VALIDITY = 365 * DAYS
+DAY = datetime.timedelta(days=1)
+VALIDITY_DAYS = 365
 # Backdated so a client whose clock is a little behind still accepts a certificate minted now.
 BACKDATE = datetime.timedelta(hours=1)
 
@@ -59,7 +47,7 @@ CLIENT_NAME = "demo-client"
 CLIENT_URI = "spiffe://nextproxy.demo/demo-client"
 
 
-# --------------------------------------------------------------------------- PKI
+# --------------------------------------------------------------------------- the minter
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +56,134 @@ class Pem:
 
     certificate: bytes
     key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """One minted certificate and its private key."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def from_pem(cls, pem: Pem) -> Issued:
+        """An issuer from files (the demo CA as written), to mint more certificates under it."""
+        key = serialization.load_pem_private_key(pem.key, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("only EC keys are minted here")
+        return cls(x509.load_pem_x509_certificate(pem.certificate), key)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    @property
+    def der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.der).hexdigest()
+
+    @property
+    def spki_sha256(self) -> str:
+        spki = self.cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return hashlib.sha256(spki).hexdigest()
+
+    def pem(self) -> Pem:
+        return Pem(self.cert_pem, self.key_pem)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=key_cert_sign, crl_sign=crl_sign,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+
+
+def _general_names(names: Sequence[str]) -> list[x509.GeneralName]:
+    """IP literals become IP SANs, the rest DNS names."""
+    result: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            result.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            result.append(x509.DNSName(name))
+    return result
+
+
+def _sign(
+    builder: x509.CertificateBuilder, key: ec.EllipticCurvePrivateKey, issuer: Issued | None, subject: x509.Name,
+    not_before: datetime.datetime, not_after: datetime.datetime,
+) -> Issued:  # fmt: skip
+    # SKI and AKI are what Python 3.13's default VERIFY_X509_STRICT insists on (RFC 5280 4.2.1.1-2).
+    signer = issuer.key if issuer else key
+    certificate = (
+        builder.subject_name(subject)
+        .issuer_name(issuer.cert.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False)
+        .sign(signer, hashes.SHA256())
+    )
+    return Issued(certificate, key)
+
+
+def make_ca(common_name: str, issuer: Issued | None = None, *, days: int = VALIDITY_DAYS) -> Issued:
+    """A CA: self-signed when ``issuer`` is None, else an intermediate under it (path length 0)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0 if issuer else None), critical=True)
+        .add_extension(_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+    )
+    return _sign(builder, key, issuer, _name(common_name), _now() - BACKDATE, _now() + days * DAY)
+
+
+def make_leaf(
+    issuer: Issued | None,
+    common_name: str,
+    *,
+    dns: Sequence[str] = (),
+    uris: Sequence[str] = (),
+    client: bool = False,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> Issued:
+    """An end-entity certificate; self-signed when ``issuer`` is None (nobody trusts it).
+
+    ``dns`` names (IP literals become IP SANs) and ``uris`` go into the SAN; ``client`` selects
+    the clientAuth extended key usage, else serverAuth.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    names = _general_names(dns) + [x509.UniformResourceIdentifier(uri) for uri in uris]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    start = not_before or _now() - BACKDATE
+    return _sign(builder, key, issuer, _name(common_name), start, not_after or _now() + VALIDITY_DAYS * DAY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,90 +219,14 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
         file.write(data)
 
 
-def _general_names(names: Sequence[str]) -> list[x509.GeneralName]:
-    result: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            result.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            result.append(x509.DNSName(name))
-    return result
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-class _Issuer:
-    """The CA while minting: its key and certificate sign every leaf."""
-
-    def __init__(self, common_name: str, now: datetime.datetime) -> None:
-        self.now = now
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        ski = x509.SubjectKeyIdentifier.from_public_key(self.key.public_key())
-        self.certificate = (
-            self._builder(name, name, self.key.public_key())
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
-            .add_extension(ski, critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-
-    def _builder(self, subject: x509.Name, issuer: x509.Name, public: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self.now - BACKDATE)
-            .not_valid_after(self.now + VALIDITY)
-        )
-
-    def pem(self) -> Pem:
-        return Pem(self.certificate.public_bytes(serialization.Encoding.PEM), _key_pem(self.key))
-
-    def leaf(self, common_name: str, names: Sequence[x509.GeneralName], usage: x509.ObjectIdentifier) -> Pem:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        issuer_ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        # SKI and AKI are what Python 3.13's default VERIFY_X509_STRICT insists on (RFC 5280 4.2.1.1-2).
-        certificate = (
-            self._builder(subject, self.certificate.subject, key.public_key())
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(digital_signature=True), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        return Pem(certificate.public_bytes(serialization.Encoding.PEM), _key_pem(key))
-
-
-def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=key_cert_sign, crl_sign=crl_sign,
-        encipher_only=False, decipher_only=False,
-    )  # fmt: skip
-
-
 def make_pki(edge_names: Sequence[str] = DEMO_EDGE_NAMES) -> DemoPki:
     """A fresh CA with edge, upstream and client leaves; IP literals in ``edge_names`` become IP SANs."""
-    issuer = _Issuer("nextproxy demo CA", datetime.datetime.now(datetime.timezone.utc))
-    server_auth = ExtendedKeyUsageOID.SERVER_AUTH
+    ca = make_ca("nextproxy demo CA")
     return DemoPki(
-        ca=issuer.pem(),
-        edge=issuer.leaf("nextproxy demo edge", _general_names(edge_names), server_auth),
-        upstream=issuer.leaf("nextproxy demo upstream", _general_names(UPSTREAM_NAMES), server_auth),
-        client=issuer.leaf(
-            CLIENT_NAME,
-            [x509.DNSName(f"{CLIENT_NAME}.localhost"), x509.UniformResourceIdentifier(CLIENT_URI)],
-            ExtendedKeyUsageOID.CLIENT_AUTH,
-        ),
+        ca=ca.pem(),
+        edge=make_leaf(ca, "nextproxy demo edge", dns=edge_names).pem(),
+        upstream=make_leaf(ca, "nextproxy demo upstream", dns=UPSTREAM_NAMES).pem(),
+        client=make_leaf(ca, CLIENT_NAME, dns=(f"{CLIENT_NAME}.localhost",), uris=(CLIENT_URI,), client=True).pem(),
     )
 
 
@@ -225,110 +265,3 @@ def client_ssl_context(ca_pem: bytes, client: Pem | None = None) -> ssl.SSLConte
     if client is not None:
         _load_pair(context, client)
     return context
-
-
-# --------------------------------------------------------------------------- the preset's upstreams
-
-
-async def start_demo_upstreams(
-    hosts: Mapping[str, str] | None = None,
-    *,
-    pki: DemoPki | None = None,
-    upstream_tls: bool = False,
-) -> list[StandIn]:
-    """Start one stand-in per preset route where the preset expects it; returns them all.
-
-    ``hosts`` maps "ns"/"mc"/"sfs" to an IP (default DEMO_HOSTS). Each stand-in is named after
-    its route ("ns-sigmai", "ns-api"...), which is also the "service" its JSON reports. The API
-    ports speak TLS with ``pki.upstream`` and ask (not require) for a client certificate from
-    ``pki.ca``; with ``upstream_tls`` the HTTP/WebSocket ports speak TLS too. Without ``pki`` a
-    fresh one is made, and nobody can verify it. Raises OSError naming the address if a port is
-    taken; nothing is left listening then.
-    """
-    hosts = DEMO_HOSTS if hosts is None else hosts
-    pki = make_pki() if pki is None else pki
-    api_tls = server_ssl_context(pki.upstream, pki.ca.certificate, require_client_cert=False)
-    http_tls = server_ssl_context(pki.upstream) if upstream_tls else None
-    started: list[StandIn] = []
-    try:
-        for name, _prefix, service, port in PRESET_PATH_ROUTES:
-            started.append(await start_http_ws(hosts[service.lower()], port, name, http_tls))
-        for name, service, port in PRESET_API_ROUTES:
-            started.append(await start_tls_api(hosts[service.lower()], port, name, api_tls))
-    except BaseException:
-        await asyncio.gather(*(standin.close() for standin in started), return_exceptions=True)
-        raise
-    return started
-
-
-def demo_environment(
-    files: Mapping[str, Path],
-    *,
-    listen: str = "127.0.0.1:8443",
-    admin_listen: str = "127.0.0.1:9613",
-    hosts: Mapping[str, str] | None = None,
-    api_mode: str = "passthrough",
-) -> dict[str, str]:
-    """NEXTPROXY_* variables pointing the preset at the demo upstreams and ``DemoPki.write()`` files.
-
-    With ``api_mode="terminate"`` the preset re-encrypts to every upstream, so start the
-    stand-ins with ``upstream_tls=True``; the proxy then presents the demo client certificate.
-    """
-    hosts = DEMO_HOSTS if hosts is None else hosts
-    env = {
-        "NEXTPROXY_LISTEN": listen,
-        "NEXTPROXY_ADMIN_LISTEN": admin_listen,
-        "NEXTPROXY_TLS_CERTIFICATE_FILE": str(files["edge.pem"]),
-        "NEXTPROXY_TLS_KEY_FILE": str(files["edge.key"]),
-        "NEXTPROXY_API_MODE": api_mode,
-    }
-    for service, host in hosts.items():
-        env[f"NEXTPROXY_{service.upper()}_HOST"] = host
-    for service, server_name in DEMO_API_SERVER_NAMES.items():
-        env[f"NEXTPROXY_{service.upper()}_API_SNI"] = server_name
-    if api_mode == "terminate":
-        env["NEXTPROXY_UPSTREAM_TLS"] = "true"
-        env["NEXTPROXY_UPSTREAM_CA_FILE"] = str(files["ca.pem"])
-        env["NEXTPROXY_UPSTREAM_TLS_CERTIFICATE_FILE"] = str(files["client.pem"])
-        env["NEXTPROXY_UPSTREAM_TLS_KEY_FILE"] = str(files["client.key"])
-    return env
-
-
-# --------------------------------------------------------------------------- the PKI on disk
-
-
-@contextmanager
-def demo_pki_folder(keep: str | None) -> Iterator[Path]:
-    """Where ``nextproxy demo`` writes its PKI: ``keep`` if given (left in place), else a fresh temp
-    folder removed on the way out, so a stopped demo leaves no CA private key behind.
-    """
-    if keep is not None:
-        yield Path(keep)
-        return
-    folder = Path(tempfile.mkdtemp(prefix="nextproxy-demo-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def parse_owner(text: str) -> tuple[int, int]:
-    """``UID:GID`` (numbers: the names on the host and in a container need not agree)."""
-    uid, sep, gid = text.partition(":")
-    if not (sep and uid.isdigit() and gid.isdigit()):
-        raise ValueError(f"expected UID:GID (numbers), got {text!r}")
-    return int(uid), int(gid)
-
-
-def hand_over(folder: Path, files: Mapping[str, Path], owner: tuple[int, int]) -> None:
-    """Give ``folder`` and ``files`` to ``owner``, keys readable by its group (0640).
-
-    A container's root writes the PKI into a host folder for a host user, who must be able to use
-    the client key and delete the folder; the group is for the container user (the image's gid
-    10001) that has to read the edge and upstream keys. Needs root, or to be ``owner`` already.
-    """
-    uid, gid = owner
-    for path in (folder, *files.values()):
-        os.chown(path, uid, gid)
-        if path.suffix == ".key":
-            os.chmod(path, 0o640)

@@ -10,7 +10,6 @@ These are test fixtures, not production servers: no limits beyond what a test ne
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import ssl
@@ -21,15 +20,7 @@ from urllib.parse import parse_qs
 
 import h11
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    Request,
-    TextMessage,
-)
+from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from nextproxy.demo.channels import (
@@ -40,6 +31,10 @@ from nextproxy.demo.channels import (
     record_server_names,
     tls_facts,
 )
+from nextproxy.demo.payloads import PATTERN, pattern, pattern_chunks, pattern_sha256
+from nextproxy.demo.wsecho import WebSocketEcho
+
+__all__ = ["PATTERN", "BadQuery", "StandIn", "pattern", "pattern_sha256", "start_http_ws", "start_tls_api"]
 
 KiB = 1024
 # Bigger than any sane proxy limit, so a proxy test meets the proxy's own 431 first.
@@ -47,35 +42,6 @@ MAX_HEAD = 256 * KiB
 # ``?drip=S`` sends pieces this small, so a few hundred bytes already take several intervals.
 DRIP_PIECE = 256
 SSL_HANDSHAKE_TIMEOUT = 10.0
-
-# ``?bytes=N`` answers with this pattern repeated: easy to eyeball, and any shifted or dropped
-# byte changes the sha256 the client compares against ``x-body-sha256``.
-PATTERN = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_"
-_PATTERN_BLOCK = PATTERN * (READ_SIZE // len(PATTERN))
-
-
-def pattern_chunks(size: int) -> Iterator[bytes]:
-    """The first ``size`` bytes of the repeated PATTERN, in 64 KiB pieces."""
-    remaining = size
-    while remaining > 0:
-        piece = _PATTERN_BLOCK[: min(remaining, len(_PATTERN_BLOCK))]
-        remaining -= len(piece)
-        yield piece
-
-
-def pattern(size: int) -> bytes:
-    """The whole ``?bytes=size`` body at once (for tests comparing what they received)."""
-    return b"".join(pattern_chunks(size))
-
-
-@functools.lru_cache(maxsize=64)
-def pattern_sha256(size: int) -> str:
-    """Hex sha256 of ``pattern(size)``; cached because it goes in the head before the body."""
-    digest = hashlib.sha256()
-    for piece in pattern_chunks(size):
-        digest.update(piece)
-    return digest.hexdigest()
-
 
 class BadQuery(ValueError):
     """A query parameter the stand-in cannot honour: answered with 400."""
@@ -413,66 +379,4 @@ class _HttpConnection:
         }
         if self.tls is not None:
             info["tls"] = self.tls
-        await _WebSocketEcho(ws, self.channel, json.dumps(info)).run(trailing)
-
-
-class _WebSocketEcho:
-    """Echoes messages frame by frame; ``info`` and ``close:CODE:REASON`` are commands."""
-
-    def __init__(self, ws: WSConnection, channel: Channel, info: str) -> None:
-        self.ws = ws
-        self.channel = channel
-        self.info = info
-        self.mid_message = False
-
-    async def run(self, trailing: bytes) -> None:
-        self.ws.receive_data(trailing)
-        while True:
-            for event in self.ws.events():
-                if isinstance(event, (TextMessage, BytesMessage)):
-                    await self._message(event)
-                elif isinstance(event, Ping):
-                    await self._send(event.response())
-                elif isinstance(event, CloseConnection):
-                    if self.ws.state is ConnectionState.REMOTE_CLOSING:
-                        await self._send(event.response())
-                    elif self.ws.state is ConnectionState.OPEN:
-                        # wsproto reports a frame it cannot parse as a close it does not send.
-                        await self._send(CloseConnection(code=event.code, reason=event.reason))
-                    return
-            if self.ws.state is ConnectionState.CLOSED:
-                return
-            data = await self.channel.read()
-            self.ws.receive_data(data or None)
-
-    async def _send(self, event: Any) -> None:
-        await self.channel.write(self.ws.send(event))
-
-    async def _message(self, event: TextMessage | BytesMessage) -> None:
-        whole = not self.mid_message and event.message_finished
-        self.mid_message = not event.message_finished
-        if self.ws.state is not ConnectionState.OPEN:
-            return  # we already sent our close: the peer's late messages get no echo
-        if whole and isinstance(event, TextMessage):
-            if event.data == "info":
-                await self._send(TextMessage(data=self.info))
-                return
-            command = _close_command(event.data)
-            if command is not None:
-                await self._send(CloseConnection(code=command[0], reason=command[1]))
-                return
-        if isinstance(event, TextMessage):
-            await self._send(TextMessage(data=event.data, message_finished=event.message_finished))
-        else:
-            await self._send(BytesMessage(data=event.data, message_finished=event.message_finished))
-
-
-def _close_command(text: str) -> tuple[int, str] | None:
-    """``close:CODE:REASON`` with a code a peer may send (RFC 6455 section 7.4), else None."""
-    if not text.startswith("close:"):
-        return None
-    code_text, _, reason = text[len("close:") :].partition(":")
-    if not code_text.isdigit():
-        return None
-    code = int(code_text)
-    return (code, reason) if 1000 <= code <= 4999 and code not in (1005, 1006, 1015) else None
+        await WebSocketEcho(ws, self.channel, json.dumps(info)).run(trailing)

@@ -135,7 +135,7 @@ class TerminatedConnection(asyncio.Protocol):
         self.upstream.conn = None
         phase = self._phase
         if phase is not None:
-            self._guarded(lambda: self.run(phase.upstream_lost()))
+            self._guarded(lambda: self.run(phase.upstream_lost(exc)))
 
     def upstream_writing(self, paused: bool) -> None:
         self.upstream.paused = paused

@@ -91,7 +91,9 @@ class Phase(Protocol):
 
     def client_data(self, data: bytes) -> list[Action]: ...
     def upstream_data(self, data: bytes) -> list[Action]: ...
-    def upstream_lost(self) -> list[Action]: ...
+    def upstream_lost(self, exc: Exception | None) -> list[Action]:
+        """The upstream connection ended: ``exc`` None for a clean EOF, else the reset or read error."""
+        ...
     def drain(self) -> list[Action]: ...
     def deadline(self, kind: Timer) -> list[Action]: ...
 
@@ -133,8 +135,12 @@ class HttpPhase:
     def upstream_data(self, data: bytes) -> list[Action]:
         return self.session.upstream_data(data)
 
-    def upstream_lost(self) -> list[Action]:
-        return self.session.upstream_data(b"")
+    def upstream_lost(self, exc: Exception | None) -> list[Action]:
+        # A reset or read error never ends a body, even one that ends at close: the session
+        # cuts such a response short instead of completing it.
+        if exc is None:
+            return self.session.upstream_data(b"")
+        return self.session.upstream_failed(f"upstream connection lost: {exc!r}")
 
     def drain(self) -> list[Action]:
         return self.session.drain()
@@ -230,7 +236,7 @@ class TunnelPhase:
     def upstream_data(self, data: bytes) -> list[Action]:
         return [SendToClient(data)] if data else [CloseClient()]
 
-    def upstream_lost(self) -> list[Action]:
+    def upstream_lost(self, exc: Exception | None) -> list[Action]:
         return [CloseClient()]
 
     def drain(self) -> list[Action]:
@@ -276,7 +282,7 @@ class WebSocketPhase:
     def upstream_data(self, data: bytes) -> list[Action]:
         return self.relay.upstream_data(data)
 
-    def upstream_lost(self) -> list[Action]:
+    def upstream_lost(self, exc: Exception | None) -> list[Action]:
         return [] if self.relay.closed else self.relay.upstream_data(b"")
 
     def drain(self) -> list[Action]:

@@ -16,7 +16,7 @@ import ssl
 from typing import Awaitable, Callable, Protocol, Sequence, TypeVar, cast
 
 from nextproxy.config.model import Address, Config, Upstream
-from nextproxy.core.http1 import UpstreamLeg, new_upstream_leg
+from nextproxy.core.upstream_leg import UpstreamLeg, new_upstream_leg
 from nextproxy.edge.acceptor import out_of_descriptors
 
 HEALTH_INTERVAL = 10.0

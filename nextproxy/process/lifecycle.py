@@ -15,7 +15,7 @@ import signal
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine
+from typing import Callable
 
 from nextproxy import __version__
 from nextproxy.process import metrics
@@ -110,20 +110,10 @@ async def serve(
     contexts = contexts or ServerContexts.build(config)
     runtime = build_runtime(config, observer, contexts)
     proc = Process(config=config, logger=logger, config_path=config_path)
-    state = AdminState()
-    state.version = __version__
-    state.config_source = config.source
+    state = AdminState(version=__version__, config_source=config.source)
     proc.admin_state = state
     edge = edge_socket or bind(config.listen, "NEXTPROXY_LISTEN" if config.source.startswith("environment") else "listen")
-    admin_server = None
-    if serve_admin:
-        admin_tls: ssl.SSLContext | None = admin_ssl_context(config.admin_tls) if config.admin_tls else None
-        try:
-            admin_server = await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)
-        except OSError as exc:
-            edge.close()
-            key = "NEXTPROXY_ADMIN_LISTEN" if config.source.startswith("environment") else "admin_listen"
-            raise ConfigError(key, f"cannot listen on {config.admin_listen}: {exc.strerror or exc}") from None
+    admin_server = await _start_admin(config, state, edge) if serve_admin else None
     server = ProxyServer(runtime)
     proc.server = server
     await server.start(edge)
@@ -164,6 +154,17 @@ async def serve(
     return 0
 
 
+async def _start_admin(config: Config, state: AdminState, edge: socket.socket) -> asyncio.Server:
+    """The admin port; if it cannot bind, the edge socket is closed too (nothing half-started)."""
+    admin_tls: ssl.SSLContext | None = admin_ssl_context(config.admin_tls) if config.admin_tls else None
+    try:
+        return await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)
+    except OSError as exc:
+        edge.close()
+        key = "NEXTPROXY_ADMIN_LISTEN" if config.source.startswith("environment") else "admin_listen"
+        raise ConfigError(key, f"cannot listen on {config.admin_listen}: {exc.strerror or exc}") from None
+
+
 async def _reload_loop(proc: Process, state: AdminState) -> None:
     while True:
         await proc.reload_requested.wait()
@@ -200,12 +201,3 @@ async def _publish_stats(proc: Process, state: AdminState, heartbeat: Callable[[
             state.websocket_sessions_active = server.websocket_sessions()
         metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
         await asyncio.sleep(1.0)
-
-
-def run_loop(coro: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when it is installed (production), else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro)
-    return uvloop.run(coro)

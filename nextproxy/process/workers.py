@@ -23,6 +23,7 @@ from typing import Any
 
 from nextproxy.config.model import Config
 from nextproxy.process.logs import Logger
+from nextproxy.process.loop import run_loop
 
 RESTART_DELAY = 1.0
 """Seconds before a dead worker is replaced, so a crash loop cannot spin the CPU."""
@@ -34,7 +35,7 @@ turns; this is what catches a worker whose loop is stuck."""
 
 def worker_main(config: Config, config_path: str | None, events: Any) -> None:
     """Entry point of one worker process (spawned: imports happen here, after the env is set)."""
-    from nextproxy.process.lifecycle import run_loop, serve
+    from nextproxy.process.lifecycle import serve
 
     logger = Logger(config.log_level, config.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which forwards SIGTERM
@@ -119,8 +120,6 @@ def supervise(config: Config, logger: Logger, config_path: str | None) -> int:
     directory = tempfile.mkdtemp(prefix="nextproxy-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     try:
-        from nextproxy.process.lifecycle import run_loop
-
         return run_loop(_supervise(config, logger, config_path))
     finally:
         shutil.rmtree(directory, ignore_errors=True)

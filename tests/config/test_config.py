@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nextproxy.config.model import Address, ClientAuth, SniAction, WebSocketMode
+from nextproxy.config.model import Address, ClientAuth, EncodedSlashes, SniAction, WebSocketMode
 from nextproxy.config import from_environment, from_toml, load, unknown_variables
 from nextproxy.errors import ConfigError
 
@@ -166,6 +166,15 @@ def test_toml(tmp_path: Path) -> None:
     assert config.sni_routes[0].server_names == ("api.example", "*.api.example")
     assert config.timeouts.connect == 1.5 and config.timeouts.client_hello == 10
     assert config.limits.max_header_size == 8192
+    assert config.routes[0].encoded_slashes is EncodedSlashes.FORWARD
+
+
+def test_toml_encoded_slashes(tmp_path: Path) -> None:
+    config = from_toml(write(tmp_path, TOML.replace("max_message_size = 1024", 'max_message_size = 1024\nencoded_slashes = "reject"')), {})
+    assert config.routes[0].encoded_slashes is EncodedSlashes.REJECT
+    path = write(tmp_path, TOML.replace("max_message_size = 1024", 'max_message_size = 1024\nencoded_slashes = "decode"'))
+    exc = error(lambda: from_toml(path, {}))
+    assert exc.key == "routes[0].encoded_slashes" and "forward|reject" in exc.reason
 
 
 def test_toml_listen_may_be_a_list(tmp_path: Path) -> None:

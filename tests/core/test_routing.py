@@ -8,6 +8,7 @@ from nextproxy.config.model import (
     Address,
     CertificateConfig,
     Config,
+    EncodedSlashes,
     PathRoute,
     PemSource,
     SniAction,
@@ -75,8 +76,14 @@ def test_path_matching(target: bytes, route: str | None) -> None:
         b"/ns/sigmai/%2E./mc",
         b"/ns/sigmai/.%2e",
         b"/ns/sigmai%2F..%2Fmc",
-        b"/ns%2fsigmai",
-        b"/ns/sigmai%5Cx",
+        b"/ns/sigmai/a%2F..%2F..%2Fmc/sigmai",  # dot segments between encoded separators
+        b"/ns/sigmai/a%5C..%5Cb",
+        b"/ns/sigmai/%2e%2E%2fb",
+        b"/ns%2fsigmai",  # matches nothing raw, ns-sigmai once decoded
+        b"/ns%2Fsigmai/x",
+        b"/%6Es/sigmai",  # an encoded letter: the same escape, another route
+        b"/ns/sigmai%5Cx",  # a backslash an upstream may read as a separator
+        b"/ns%5Csigmai",
         b"/ns\\sigmai",
         b"/ns/sigmai/%zz",
         b"/ns/sigmai/%4",
@@ -94,6 +101,32 @@ def test_unsafe_targets_are_400(target: bytes) -> None:
 @pytest.mark.parametrize("target", [b"/ns/sigmai/.well-known", b"/ns/sigmai/a.b/..c", b"/ns/sigmai/...", b"/ns/sigmai/%41"])
 def test_dots_inside_names_are_fine(target: bytes) -> None:
     assert check_path(target) == target.split(b"?")[0]
+
+
+@pytest.mark.parametrize(
+    "target, route",
+    [
+        (b"/ns/sigmai/files/a%2Fb", "ns-sigmai"),  # an identifier holding a slash
+        (b"/ns/sigmai/files/a%2fb%5Cc?x=%2F", "ns-sigmai"),
+        (b"/mc/sigmai/%2Fns%2Fsigmai", "mc-sigmai"),  # decodes to /mc/sigmai//ns/sigmai: still mc
+        (b"/ns/sigmai/..a%2F.b", "ns-sigmai"),  # dots inside names, not segments
+        (b"/nowhere/a%2Fb", None),  # no route raw, none decoded: a plain 404
+    ],
+)
+def test_encoded_slashes_are_forwarded_by_default(target: bytes, route: str | None) -> None:
+    match = table().match_path(None, target)
+    assert (match.name if match else None) == route
+
+
+def test_a_route_may_reject_encoded_slashes() -> None:
+    strict = PathRoute("strict", "/strict", "ns", encoded_slashes=EncodedSlashes.REJECT)
+    upstreams = (Upstream("ns", (Address("127.0.0.1", 1),)),)
+    routes = RouteTable(Config(Address("127.0.0.1", 1), Address("127.0.0.1", 2), (PEM,), upstreams, (strict,), ()))
+    for target in (b"/strict/a%2Fb", b"/strict/a%5cb"):
+        with pytest.raises(HttpError) as info:
+            routes.match_path(None, target)
+        assert info.value.status == 400 and "encoded" in info.value.reason
+    assert routes.match_path(None, b"/strict/a%41b?q=%2F") is strict  # other escapes, and the query, are fine
 
 
 def test_catch_all_prefix_and_longest_first() -> None:

@@ -33,14 +33,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Pong, Request, TextMessage
 
 from nextproxy.config import from_environment
-from nextproxy.demo.pki import (
-    DemoPki,
-    client_ssl_context,
-    demo_environment,
-    make_pki,
-    server_ssl_context,
-    start_demo_upstreams,
-)
+from nextproxy.demo.commands import demo_environment, start_demo_upstreams
+from nextproxy.demo.pki import DemoPki, client_ssl_context, make_pki, server_ssl_context
 from nextproxy.demo.standins import StandIn, pattern, pattern_sha256, start_http_ws, start_tls_api
 
 T = TypeVar("T")

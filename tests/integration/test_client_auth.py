@@ -28,14 +28,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import REGISTRY
 
 from nextproxy.process import metrics
 from nextproxy.config.model import AllowRule, CertificateConfig, ClientAuth, Config, PemSource
 from nextproxy.demo.pki import CLIENT_NAME, CLIENT_URI, DemoPki, Pem
 from tests.integration.harness import TERMINATED_API_NAME, Edge
-from tests.pki import Issued, make_leaf
+from nextproxy.demo.pki import Issued, make_leaf
 
 DAY = datetime.timedelta(days=1)
 CERT_HEADERS = ("x-forwarded-client-cert", "client-cert", "client-cert-chain", "x-client-cert-verified")
@@ -74,10 +73,8 @@ class Client:
 
 
 def demo_ca(pki: DemoPki) -> Issued:
-    """The demo CA as ``tests.pki`` wants an issuer, to mint more certificates under it."""
-    key = serialization.load_pem_private_key(pki.ca.key, password=None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return Issued(x509.load_pem_x509_certificate(pki.ca.certificate), key)
+    """The demo CA as an issuer, to mint more certificates under it."""
+    return Issued.from_pem(pki.ca)
 
 
 def as_pem(issued: Issued) -> Pem:
@@ -376,7 +373,7 @@ def test_client_cert_via_intermediate_is_verified(
 ) -> None:
     """A client sending its intermediate: OpenSSL (require-ca) and the in-process verdict agree."""
     # The demo CA has path length 0, so this test brings its own root with an intermediate.
-    from tests.pki import make_ca
+    from nextproxy.demo.pki import make_ca
 
     root = make_ca("client root")
     intermediate = make_ca("client intermediate", root)
@@ -397,7 +394,7 @@ def test_client_cert_chain_is_forwarded_when_enabled(pki: DemoPki, tmp_path: Pat
     """RFC 9440 Client-Cert-Chain carries the intermediates the client sent, only when enabled."""
     import base64
 
-    from tests.pki import make_ca
+    from nextproxy.demo.pki import make_ca
 
     root = make_ca("chain root")
     intermediate = make_ca("chain intermediate", root)

@@ -44,6 +44,14 @@ def test_each_path_reaches_its_upstream(edge: Edge, route: str, prefix: str) -> 
     assert report["path"] == prefix + "/hello?x=1"  # forwarded unchanged
 
 
+def test_encoded_slashes_reach_the_upstream_byte_for_byte(edge: Edge) -> None:
+    assert echo(edge, "/ns/sigmai/files/a%2Fb%2fc%5Cd")["path"] == "/ns/sigmai/files/a%2Fb%2fc%5Cd"
+    # ... but never a way out of the route: dot segments, or another route once decoded.
+    for escape in ("/ns/sigmai/a%2F..%2F..%2Fmc/sigmai", "/ns%2Fsigmai/x", "/mc/sigmai/..%2F..%2Fns/sigmai"):
+        status, _, body = edge.request("GET", escape)
+        assert status == 400, (escape, body)
+
+
 def test_headers_as_the_upstream_received_them(edge: Edge) -> None:
     spoofed = {
         "X-Forwarded-For": "6.6.6.6",
@@ -168,6 +176,26 @@ def test_no_route_404_and_misdirected_421(edge: Edge) -> None:
     assert status == 421
     status, _, _ = edge.request("GET", "/ns/sigmai/%2e%2e/x")
     assert status == 400
+
+
+def test_an_http2_preface_gets_a_clean_505_and_is_counted(edge: Edge) -> None:
+    from prometheus_client import REGISTRY
+
+    labels = {"route": "-", "code": "505"}
+    before = REGISTRY.get_sample_value("nextproxy_requests_total", labels) or 0.0
+    sock = edge.tls_socket()  # ALPN http/1.1 negotiated; a client speaking h2 anyway (prior knowledge)
+    try:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), answer
+    assert REGISTRY.get_sample_value("nextproxy_requests_total", labels) == before + 1
 
 
 def test_content_length_with_transfer_encoding_is_400_and_never_forwarded(edge: Edge) -> None:

@@ -19,7 +19,7 @@ import pytest
 from nextproxy.config.model import CertificateConfig, PemSource, UpstreamTls
 from nextproxy.demo.pki import DemoPki
 from tests.integration.harness import TERMINATED_API_NAME, Edge
-from tests.pki import make_ca, make_leaf
+from nextproxy.demo.pki import make_ca, make_leaf
 
 
 def client_pair(pki: DemoPki) -> CertificateConfig:

@@ -1,0 +1,198 @@
+"""edge/connection.py on an in-memory transport: real TLS (a stdlib client over memory BIOs
+against the core engine), real routes and deadlines; only the socket is a recording fake."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from nextproxy.config.model import Address
+from nextproxy.core.actions import RequestCompleted
+from nextproxy.core.clienthello import ClientHelloReader
+from nextproxy.edge.connection import TerminatedConnection
+from nextproxy.edge.deadline import Timer
+from nextproxy.edge.host import Group
+from nextproxy.edge.listener import Runtime
+from tests.edge.fakes import FakeTransport, RecordingObserver, config, run, runtime
+from tests.tlspeer import TlsPeer, client_context
+
+GET_NOWHERE = b"GET /nowhere HTTP/1.1\r\nHost: localhost\r\n\r\n"
+ROUNDS = 50
+
+
+class Client:
+    """A TLS client talking to one TerminatedConnection through a FakeTransport."""
+
+    def __init__(self, rt: Runtime, *, tls12_only: bool = False) -> None:
+        self.peer = TlsPeer(client_context(alpn=("http/1.1",), tls12_only=tls12_only), server_name="localhost")
+        hello = ClientHelloReader(rt.config.limits.max_client_hello).feed(self.peer.data_to_send())
+        assert hello is not None
+        self.transport = FakeTransport()
+        self.conn = TerminatedConnection(rt, self.transport, "192.0.2.7", None, hello, asyncio.get_running_loop())
+        self.transport.set_protocol(self.conn)
+        self.conn.start()
+        self.pump()
+
+    def pump(self) -> None:
+        """Move bytes both ways until neither side has anything to say (bounded)."""
+        for _ in range(ROUNDS):
+            self.peer.feed(self.transport.take())
+            out = self.peer.data_to_send()
+            if not out or self.transport.closed:
+                return
+            self.conn.data_received(out)
+
+    def send(self, plaintext: bytes) -> None:
+        self.peer.send(plaintext)
+        self.pump()
+
+    async def wait_for(self, predicate: Callable[[], object], seconds: float = 3.0) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while not predicate() and loop.time() < end:
+            await asyncio.sleep(0.01)
+            self.pump()
+
+
+def test_handshake_then_a_404_in_one_write_and_one_request_fact() -> None:
+    async def scenario() -> tuple[Client, RecordingObserver, int]:
+        rt, observer = runtime()
+        client = Client(rt)
+        assert client.peer.handshake_done
+        writes = client.transport.writes
+        client.peer.send(GET_NOWHERE)
+        client.conn.data_received(client.peer.data_to_send())
+        one_batch = client.transport.writes - writes
+        client.pump()
+        return client, observer, one_batch
+
+    client, observer, one_batch = run(scenario())
+    assert client.peer.received.startswith(b"HTTP/1.1 404 ")
+    assert one_batch == 1  # the proxy's own short responses go out as one write
+    assert [args[0] for args in observer.named("handshake")] == ["ok"]
+    [(done, _duration, peer)] = observer.named("request")
+    assert isinstance(done, RequestCompleted) and (done.status, done.target, peer) == (404, "/nowhere", "192.0.2.7")
+
+
+def test_a_partial_head_gets_the_fixed_head_timer() -> None:
+    async def scenario() -> tuple[list[Timer | None], Client]:
+        rt, _ = runtime(config(request_head=0.1, client_idle=10))
+        client = Client(rt)
+        kinds = [client.conn.deadline.kind]
+        client.send(GET_NOWHERE[:12])
+        kinds.append(client.conn.deadline.kind)
+        for _ in range(4):  # more bytes, more slowly than the timeout: not pushed back
+            await asyncio.sleep(0.04)
+            client.send(b"X")
+        await client.wait_for(lambda: client.transport.closed)
+        return kinds, client
+
+    kinds, client = run(scenario())
+    assert kinds == [Timer.IDLE, Timer.HEAD]
+    assert client.transport.closed and client.peer.peer_closed  # close_notify, then close
+
+
+def test_a_complete_head_goes_back_to_the_idle_timer() -> None:
+    async def scenario() -> Timer | None:
+        rt, _ = runtime(config(request_head=10, client_idle=10))
+        client = Client(rt)
+        client.send(GET_NOWHERE[:12])
+        client.send(GET_NOWHERE[12:])
+        return client.conn.deadline.kind
+
+    assert run(scenario()) is Timer.IDLE
+
+
+def test_an_idle_keep_alive_connection_is_closed_with_close_notify() -> None:
+    async def scenario() -> Client:
+        rt, _ = runtime(config(client_idle=0.05))
+        client = Client(rt)
+        await client.wait_for(lambda: client.transport.closed)
+        return client
+
+    client = run(scenario())
+    assert client.transport.closed and not client.transport.aborted and client.peer.peer_closed
+
+
+def test_a_handshake_that_takes_too_long_is_counted_and_closed() -> None:
+    async def scenario() -> tuple[FakeTransport, RecordingObserver, Runtime]:
+        rt, observer = runtime(config(handshake=0.05))
+        peer = TlsPeer(client_context(), server_name="localhost")
+        hello = ClientHelloReader(65536).feed(peer.data_to_send())
+        assert hello is not None
+        transport = FakeTransport()
+        TerminatedConnection(rt, transport, "-", None, hello, asyncio.get_running_loop()).start()
+        await asyncio.sleep(0.2)  # the client never answers the server's flight
+        return transport, observer, rt
+
+    transport, observer, rt = run(scenario())
+    assert transport.closed
+    assert ("timeout",) in observer.named("handshake")
+    assert not rt.connections and len(observer.named("connection_closed")) == 1
+
+
+def test_a_tls12_client_gets_the_alert_and_a_half_close() -> None:
+    async def scenario() -> tuple[Client, RecordingObserver]:
+        rt, observer = runtime()
+        return Client(rt, tls12_only=True), observer
+
+    client, observer = run(scenario())
+    assert client.peer.error is not None and "VERSION" in str(client.peer.error).upper()
+    assert client.transport.eof_written  # lingers so the client reads the alert, no reset
+    assert observer.named("handshake")[0][0] != "ok"
+
+
+def test_an_unreachable_upstream_is_a_502_and_an_upstream_error() -> None:
+    async def scenario() -> tuple[Client, RecordingObserver]:
+        rt, observer = runtime(config(upstream=Address("127.0.0.1", 1), connect=1))
+        client = Client(rt)
+        client.send(b"GET /app/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await client.wait_for(lambda: client.peer.received)
+        return client, observer
+
+    client, observer = run(scenario())
+    assert client.peer.received.startswith(b"HTTP/1.1 502 ")
+    assert observer.named("upstream_error") and observer.named("request")[0][0].status == 502
+
+
+def test_backpressure_from_the_upstream_pauses_the_client() -> None:
+    async def scenario() -> list[bool]:
+        rt, _ = runtime()
+        client = Client(rt)
+        seen = [client.transport.reading]
+        client.conn.upstream_writing(True)
+        seen.append(client.transport.reading)
+        client.conn.upstream_writing(False)
+        seen.append(client.transport.reading)
+        return seen
+
+    assert run(scenario()) == [True, False, True]
+
+
+def test_drain_closes_an_idle_connection_and_the_registry_forgets_it() -> None:
+    async def scenario() -> tuple[Client, Runtime, int]:
+        rt, _ = runtime()
+        client = Client(rt)
+        registered = len(rt.connections)
+        client.conn.drain()
+        client.pump()
+        return client, rt, registered
+
+    client, rt, registered = run(scenario())
+    assert registered == 1 and not rt.connections and not rt.groups[Group.WEBSOCKET]
+    assert client.transport.closed and client.peer.peer_closed
+
+
+def test_a_bug_closes_this_connection_only_and_is_reported() -> None:
+    async def scenario() -> tuple[Client, RecordingObserver]:
+        rt, observer = runtime()
+        client = Client(rt)
+        assert client.conn.http is not None
+        client.conn.http.session = None  # a planted bug: the next read raises AttributeError
+        client.send(GET_NOWHERE)
+        return client, observer
+
+    client, observer = run(scenario())
+    assert client.transport.aborted
+    [(exc, peer)] = observer.named("bug")
+    assert isinstance(exc, AttributeError) and peer == "192.0.2.7"

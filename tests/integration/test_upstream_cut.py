@@ -1,0 +1,134 @@
+"""An upstream that dies mid-body, on real sockets: the client must see a cut response, not a whole one.
+
+The upstream is a plain blocking socket server on loopback that answers with a body ending at
+close, sends part of it, then either resets the connection (SO_LINGER 0: a RST, as a crashed
+process or a middlebox would) or closes it cleanly. A reset is a read error, not an end of
+body: the proxy must send no final chunk, close the client, and log and count a 502.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+from prometheus_client import REGISTRY
+
+from nextproxy.config import Address, Config
+from nextproxy.demo.pki import DemoPki
+from tests.integration.harness import Edge
+
+ROUTE = "sfs-sigmai"
+PARTIAL = b"the first part of a body that never ends well"
+
+
+class CuttingUpstream:
+    """Answers each connection with a head and part of a read-until-close body, then cuts it."""
+
+    def __init__(self, *, reset: bool) -> None:
+        self.reset = reset
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.stopped = False
+        self.address = self.listener.getsockname()
+        self.requests: list[bytes] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped:  # the proxy's health probes connect too, and send nothing
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            self.requests.append(data)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + PARTIAL)
+            time.sleep(0.3)  # let the proxy forward the part before the cut
+            if self.reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def close(self) -> None:
+        self.stopped = True
+        self.listener.close()
+        self._thread.join(5)
+
+
+def point_route_at(address: tuple[str, int]) -> object:
+    def mutate(config: Config) -> Config:
+        upstreams = tuple(replace(u, servers=(Address(*address),)) if u.name == ROUTE else u for u in config.upstreams)
+        return replace(config, upstreams=upstreams)
+
+    return mutate
+
+
+@pytest.fixture(params=[True, False], ids=["reset", "clean-close"])
+def cut(request: pytest.FixtureRequest, pki: DemoPki) -> Iterator[tuple[Edge, CuttingUpstream]]:
+    upstream = CuttingUpstream(reset=request.param)
+    edge = Edge.start(pki, mutate=point_route_at(upstream.address))  # type: ignore[arg-type]
+    try:
+        yield edge, upstream
+    finally:
+        edge.close()
+        upstream.close()
+
+
+def read_all(edge: Edge) -> bytes:
+    sock = edge.tls_socket()
+    sock.sendall(b"GET /sfs/sigmai/stream HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    received = b""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, OSError):
+            break
+        if not chunk:
+            break
+        received += chunk
+    sock.close()
+    return received
+
+
+def count(code: str) -> float:
+    return REGISTRY.get_sample_value("nextproxy_requests_total", {"route": ROUTE, "code": code}) or 0.0
+
+
+def test_mid_body_cut_reaches_the_client_only_as_a_cut(cut: tuple[Edge, CuttingUpstream]) -> None:
+    edge, upstream = cut
+    before_502, before_200 = count("502"), count("200")
+    received = read_all(edge)
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"transfer-encoding: chunked\r\n" in received.lower()
+    assert PARTIAL in received  # streamed as it arrived
+    deadline = time.monotonic() + 5
+    lines: list[dict[str, object]] = []
+    while time.monotonic() < deadline and not lines:
+        lines = [json.loads(x) for x in edge.logs().splitlines() if '"request"' in x and "/sfs/sigmai/stream" in x]
+        time.sleep(0.05)
+    assert len(lines) == 1
+    if upstream.reset:
+        assert not received.endswith(b"0\r\n\r\n")  # no final chunk: the client knows it is cut
+        assert lines[0]["status"] == 502 and "upstream" in str(lines[0]["reason"])
+        assert count("502") == before_502 + 1 and count("200") == before_200
+    else:
+        assert received.endswith(b"\r\n0\r\n\r\n")  # a clean close is this body's end
+        assert lines[0]["status"] == 200
+        assert count("200") == before_200 + 1
