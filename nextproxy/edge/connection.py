@@ -203,10 +203,13 @@ class TerminatedConnection(asyncio.Protocol):
         engine, transport = self._engine, self.transport
         if engine is not None and transport is not None and not transport.is_closing():
             pending = self._plaintext
-            if len(pending) == 1 and len(pending[0]) > SEAL_PIECE:
-                self._flush_large(engine, transport, pending.pop())
-                return
-            self._seal(engine)
+            if pending:
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                if len(data) > SEAL_PIECE:
+                    self._flush_large(engine, transport, data)
+                    return
+                engine.send(data)  # one SSL_write: a small response becomes one record
             out = engine.data_to_send()
             if out:
                 transport.write(out)
