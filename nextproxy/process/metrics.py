@@ -129,6 +129,11 @@ CONTRACT_METRIC_NAMES = (
     "nextproxy_certificate_expiry_timestamp_seconds",
     "nextproxy_config_reloads_total",
     "nextproxy_authorization_denied_total",
+    "nextproxy_connections_refused_total",
+    "nextproxy_accept_paused_total",
+    "nextproxy_descriptors_exhausted_total",
+    "nextproxy_log_lines_dropped_total",
+    "nextproxy_asyncio_tasks",
 )
 
 # Children for the fixed label sets, resolved at import so that every series exists (at 0) from
