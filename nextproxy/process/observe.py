@@ -138,44 +138,54 @@ class Observer:
 
 
 class Throttle:
-    """One log line per ``interval`` for a frequent event: counts by key since the last line,
-    and the last detail seen. The first occurrence is logged at once (an operator sees the
-    problem start); the rest are summed into the next line, written when the next event comes
-    after the interval, or by a timer at the interval's end so that the last counts are not lost.
+    """At most one line per kind and one summary per ``interval`` for a frequent event.
+
+    The first occurrence of each key (a result, a reason) in an interval is logged at once, so
+    an operator sees a new kind of trouble start; repeats are summed into one summary line with
+    counts by key and the last detail, written by a timer at the interval's end. Keys come from a
+    fixed vocabulary, so a flood costs a handful of lines per interval, not one per event.
     """
 
-    __slots__ = ("_log", "_level", "_event", "interval", "_counts", "_detail", "_last", "_timer")
+    __slots__ = ("_log", "_level", "_event", "interval", "_counts", "_seen", "_detail", "_window", "_timer")
 
     def __init__(self, log: Logger, level: str, event: str, interval: float = 10.0) -> None:
         self._log, self._level, self._event, self.interval = log, level, event, interval
         self._counts: dict[str, int] = {}
+        self._seen: set[str] = set()
         self._detail = ""
-        self._last = -1e9
+        self._window = -1e9
         self._timer: asyncio.TimerHandle | None = None
 
     def count(self, key: str, detail: str = "") -> None:
+        if not self._log.enabled(self._level):
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._window >= self.interval:
+            self._summary()
+            self._seen.clear()
+            self._window = now
+        if key not in self._seen:
+            self._seen.add(key)
+            self._write({key: 1}, detail)
+            return
         self._counts[key] = self._counts.get(key, 0) + 1
         if detail:
             self._detail = detail
-        if not self._log.enabled(self._level):
-            self._counts.clear()
-            return
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._last >= self.interval:
-            self._emit(loop)
-        elif self._timer is None:
-            self._timer = loop.call_at(self._last + self.interval, self._emit, loop)
+        if self._timer is None:
+            self._timer = loop.call_at(self._window + self.interval, self._summary)
 
-    def _emit(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _summary(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._counts:
-            return
-        fields: dict[str, Any] = {"interval_s": self.interval, "counts": dict(self._counts)}
-        if self._detail:
-            fields["last"] = self._detail[:300]
+        if self._counts:
+            self._write(dict(self._counts), self._detail)
+            self._counts.clear()
+            self._detail = ""
+
+    def _write(self, counts: dict[str, int], detail: str) -> None:
+        fields: dict[str, Any] = {"interval_s": self.interval, "counts": counts}
+        if detail:
+            fields["last"] = detail[:300]
         self._log.log(self._level, self._event, **fields)
-        self._counts.clear()
-        self._detail = ""
-        self._last = loop.time()

@@ -26,9 +26,9 @@ def test_a_frequent_event_is_one_line_per_interval_with_counts() -> None:
 
     asyncio.run(flood())
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert len(lines) == 2  # the first at once, then one summary: not 5,000 lines
-    assert lines[0]["counts"] == {"other": 1}
-    assert lines[1]["counts"] == {"timeout": 2500, "other": 2499} and lines[1]["last"] == "127.0.0.1 #4999"
+    assert len(lines) == 3  # the first of each kind at once, then one summary: not 5,000 lines
+    assert lines[0]["counts"] == {"other": 1} and lines[1]["counts"] == {"timeout": 1}
+    assert lines[2]["counts"] == {"other": 2499, "timeout": 2499} and lines[2]["last"] == "127.0.0.1 #4999"
 
 
 def test_a_disabled_level_counts_nothing_and_writes_nothing() -> None:
