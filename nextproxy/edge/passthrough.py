@@ -11,7 +11,6 @@ upstream servers are tried in turn (failover) and the outcome is reported.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Callable, cast
 
 from nextproxy.config.model import Address, SniRoute
@@ -19,22 +18,8 @@ from nextproxy.core.clienthello import ClientHello
 from nextproxy.edge.acceptor import out_of_descriptors
 from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.host import Group, Host
+from nextproxy.edge.reads import read_buffer
 from nextproxy.edge.upstream import first_that_answers
-
-
-READ_SIZE = 64 * 1024
-"""Largest read per side: uvloop's own is 256 KiB, relayed whole even past the other side's
-write mark, so a client that stopped reading held about 230 KiB instead of the mark's 64 KiB."""
-_buffers = threading.local()
-
-
-def _read_buffer() -> memoryview:
-    """This thread's read buffer: a loop reads into it and hands the bytes on before its next
-    read (get_buffer and buffer_updated run back to back), so one per loop thread suffices."""
-    buffer: memoryview | None = getattr(_buffers, "buffer", None)
-    if buffer is None:
-        buffer = _buffers.buffer = memoryview(bytearray(READ_SIZE))
-    return buffer
 
 
 class _Side(asyncio.BufferedProtocol):
@@ -53,10 +38,10 @@ class _Side(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _read_buffer()
+        return read_buffer()  # 64 KiB reads: see edge.reads
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(_read_buffer()[:nbytes]))
+        self.data_received(bytes(read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.bytes += len(data)

@@ -18,6 +18,7 @@ from typing import Awaitable, Callable, Protocol, Sequence, TypeVar, cast
 from nextproxy.config.model import Address, Config, Upstream
 from nextproxy.core.upstream_leg import UpstreamLeg, new_upstream_leg
 from nextproxy.edge.acceptor import out_of_descriptors
+from nextproxy.edge.reads import read_buffer
 
 HEALTH_INTERVAL = 10.0
 """Seconds between TCP probes of every upstream server (nextproxy_upstream_up)."""
@@ -62,23 +63,14 @@ class UpstreamOwner(Protocol):
     def upstream_writing(self, paused: bool) -> None: ...
 
 
-READ_SIZE = 64 * 1024
-"""Largest upstream read. uvloop reads up to 256 KiB at a time into a Protocol, and a chunk is
-relayed whole even when the client's buffer passes its mark with the first bytes of it: with a
-client that stopped reading, that overshoot was most of the ~0.8 MiB each one held."""
-
-
 class UpstreamConnection(asyncio.BufferedProtocol):
     """One TCP (or TLS) connection to an upstream server.
 
-    A BufferedProtocol so that the read size is ours (``READ_SIZE``): the loop reads into one
-    buffer shared by every connection of the pool (get_buffer and buffer_updated run back to
-    back in the loop's thread), and the bytes handed on are a copy, as uvloop's own are."""
+    A BufferedProtocol so that the read size is ours (64 KiB, ``edge.reads``), not uvloop's."""
 
-    def __init__(self, upstream: Upstream, server: Address, max_header_size: int, buffer: bytearray | None = None) -> None:
+    def __init__(self, upstream: Upstream, server: Address, max_header_size: int) -> None:
         self.upstream = upstream
         self.server = server
-        self._buffer = memoryview(buffer if buffer is not None else bytearray(READ_SIZE))
         self.leg: UpstreamLeg = new_upstream_leg(str(server), max_header_size)
         """The core's upstream state, kept with the TCP connection; the shell only hands it back."""
         self.transport: asyncio.Transport | None = None
@@ -92,10 +84,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.alive = True
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._buffer
+        return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(self._buffer[:nbytes]))
+        self.data_received(bytes(read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.owner is not None:
@@ -196,8 +188,6 @@ class UpstreamPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._prober: asyncio.Task[None] | None = None
-        self._read_buffer = bytearray(READ_SIZE)
-        """Shared by this pool's connections: one loop thread reads into it, one read at a time."""
 
     def start(self) -> None:
         # Kept: on Python 3.11 every get_running_loop() call costs a getpid() syscall, and
@@ -261,7 +251,7 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self._config.timeouts.connect):
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(upstream, server, self._config.limits.max_upstream_header_size, self._read_buffer),
+                    lambda: UpstreamConnection(upstream, server, self._config.limits.max_upstream_header_size),
                     server.host,
                     server.port,
                     ssl=tls,
