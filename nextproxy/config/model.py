@@ -156,6 +156,11 @@ class Timeouts:
     request_head: float = 30 * SECONDS
     """From a request's first byte to the end of its head, however slowly it trickles in:
     a client cannot hold a connection by sending one header byte at a time (slowloris)."""
+    request_body: float = 300 * SECONDS
+    """From the end of a request head to the end of its body, however slowly it trickles in;
+    then 408 and close (the upstream connection is closed too). A total bound, not an idle one:
+    a body sent one byte every few seconds must not hold an upstream connection forever. Raise
+    it for large uploads over slow links."""
     passthrough_idle: float = 3600 * SECONDS
     """A passthrough connection with no bytes either way."""
     pool_idle: float = 4 * SECONDS
@@ -175,7 +180,14 @@ class Limits:
     max_upstream_header_size: int = 64 * KiB
     """Upstream response head; larger gets 502."""
     max_connections: int = 20000
-    """Per worker; the listener stops accepting above it."""
+    """Per worker, every connection of the process (those still served by a configuration that a
+    reload replaced included); above it new connections are closed at accept."""
+    max_connections_per_ip: int = 256
+    """Per worker and client address: one address cannot take every slot of ``max_connections``."""
+    max_handshakes: int = 512
+    """ClientHellos and TLS handshakes in progress, per worker. Above it the listener stops
+    accepting, so new connections wait in the kernel's backlog (not in Python memory) and
+    established clients keep their latency during a handshake flood."""
     pool_size: int = 64
     """Idle pooled connections kept per upstream server."""
 

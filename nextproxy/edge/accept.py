@@ -3,8 +3,9 @@
 By SNI the transport goes either to a passthrough ``Splice`` (raw TCP to an upstream that does
 its own TLS) or to a ``TerminatedConnection`` (TLS 1.3 + HTTP/WebSocket), with
 ``transport.set_protocol`` so that neither pays for a delegation layer afterwards. Until then
-this protocol owns the accept-time limits: the connection cap, the ClientHello size cap (in the
-reader) and the time a client may take to send its hello.
+this protocol owns the accept-time limits: the ClientHello size cap (in the reader) and the
+time a client may take to send its hello (the connection caps are checked before it exists, in
+``edge.acceptor``).
 """
 
 from __future__ import annotations
@@ -32,25 +33,22 @@ handshake: closing at once makes the kernel reset in-flight bytes, and the answe
 class Accepted(asyncio.Protocol):
     """An edge connection whose ClientHello is still being read."""
 
-    def __init__(self, host: Host, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, host: Host, loop: asyncio.AbstractEventLoop, peer: str) -> None:
+        """``peer``: the client address ``edge.acceptor`` admitted (counted in ``host.admission``,
+        one connection and one handshake): every way out counts it out again exactly once."""
         self.rt = host
         self._loop = loop  # handed in: get_running_loop() costs a getpid() syscall on Python 3.11
         self.transport: asyncio.Transport | None = None
-        self.peer = "-"
+        self.peer = peer
+        self.made = False
         self._reader = ClientHelloReader(host.config.limits.max_client_hello)
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         rt = self.rt
-        if rt.full():
-            # Over the cap: refuse at once rather than let a flood exhaust memory and descriptors.
-            transport.close()
-            rt.observer.connection_refused()
-            return
+        self.made = True
         # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
         self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if peer else "-"
         rt.enter(self, Group.PENDING)
         rt.observer.connection_opened()
         # A total bound, not an idle one: bytes that trickle in do not extend it.
@@ -108,7 +106,8 @@ class Accepted(asyncio.Protocol):
         else:
             transport.close()
         if counted:
-            self.rt.observer.connection_closed()
+            self.rt.admission.handshake_over()
+            self.rt.closed(self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
@@ -125,6 +124,7 @@ class Accepted(asyncio.Protocol):
         self._forget()
         route = self.rt.routes.match_sni(hello.server_name)
         if route is not None and route.action is SniAction.PASSTHROUGH:
+            self.rt.admission.handshake_over()  # the upstream does the TLS handshake
             start_passthrough(self.rt, transport, route, hello, self.peer)
             return
         self._terminate(transport, route, hello)
@@ -155,7 +155,8 @@ class Accepted(asyncio.Protocol):
         else:
             transport.close()
         if counted:
-            self.rt.observer.connection_closed()
+            self.rt.admission.handshake_over()
+            self.rt.closed(self.peer)
 
     def drain(self) -> None:
         """Shutdown: a connection that has not even said hello yet is simply closed."""

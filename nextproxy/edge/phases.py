@@ -17,7 +17,9 @@ from nextproxy.config.model import PathRoute, SniRoute, Upstream
 from nextproxy.core.actions import (
     Action,
     CloseClient,
+    CloseUpstream,
     ConnectUpstream,
+    RequestCompleted,
     SendToClient,
     SendToUpstream,
     StartTunnel,
@@ -27,9 +29,17 @@ from nextproxy.core.headers import ClientInfo
 from nextproxy.core.http1 import HttpSession
 from nextproxy.core.tls import PeerCertificate
 from nextproxy.core.websocket import RelayLimits, Side, WebSocketRelay
+from nextproxy.edge.acceptor import out_of_descriptors
 from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.host import Group, Host, Member
 from nextproxy.edge.upstream import UpstreamConnection, UpstreamSlot
+
+
+REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 23\r\nconnection: close\r\n\r\nrequest body timed out\n"
+)
+"""``timeouts.request_body`` passed with no response started (one write, as every own answer)."""
 
 
 class Shell(Member, Protocol):
@@ -140,6 +150,12 @@ class HttpPhase:
             # 504, and back to the keep-alive clock; actions that follow may set another timer.
             self._shell.deadline.set(self.quiet, Timer.IDLE)
             return self.session.upstream_timeout()
+        if kind is Timer.BODY:
+            # No response has started (ResponseStarted would have moved the deadline on): tell
+            # the client, and free the upstream connection the trickled body was holding.
+            shell = self._shell
+            done = RequestCompleted(shell.route_name, "-", "-", 408, 0, 0, "request body timed out")
+            return [SendToClient(REQUEST_TIMEOUT), done, CloseUpstream(), CloseClient()]
         return [CloseClient()]  # idle keep-alive, or a head that took too long
 
     def connect(self, action: ConnectUpstream) -> None:
@@ -167,8 +183,12 @@ class HttpPhase:
             except TimeoutError:
                 actions = session.upstream_failed("upstream connect timed out", timeout=True)
             except OSError as exc:
-                observer.upstream_error(upstream.name, f"connect failed: {exc}", shell.peer)
-                actions = session.upstream_failed("upstream unreachable")
+                if out_of_descriptors(exc):  # the proxy's shortage: not an upstream fault
+                    observer.descriptors_exhausted("upstream", str(exc))
+                    actions = session.upstream_failed("proxy out of file descriptors")
+                else:
+                    observer.upstream_error(upstream.name, f"connect failed: {exc}", shell.peer)
+                    actions = session.upstream_failed("upstream unreachable")
             else:
                 if shell.closed:
                     shell.rt.pool.release(conn, False)

@@ -17,6 +17,8 @@ from typing import Awaitable, Callable, Protocol, Sequence, TypeVar, cast
 
 from nextproxy.config.model import Address, Config, Upstream
 from nextproxy.core.upstream_leg import UpstreamLeg, new_upstream_leg
+from nextproxy.edge.acceptor import out_of_descriptors
+from nextproxy.edge.reads import read_buffer
 
 HEALTH_INTERVAL = 10.0
 """Seconds between TCP probes of every upstream server (nextproxy_upstream_up)."""
@@ -40,6 +42,8 @@ async def first_that_answers(servers: Sequence[Address], attempt: Callable[[Addr
         except ssl.SSLError:
             raise
         except (OSError, TimeoutError) as exc:
+            if out_of_descriptors(exc):
+                raise  # our shortage, not this server's: the next one would fail the same way
             error = exc
     assert error is not None, "no servers"
     try:
@@ -59,8 +63,10 @@ class UpstreamOwner(Protocol):
     def upstream_writing(self, paused: bool) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """One TCP (or TLS) connection to an upstream server."""
+class UpstreamConnection(asyncio.BufferedProtocol):
+    """One TCP (or TLS) connection to an upstream server.
+
+    A BufferedProtocol so that the read size is ours (64 KiB, ``edge.reads``), not uvloop's."""
 
     def __init__(self, upstream: Upstream, server: Address, max_header_size: int) -> None:
         self.upstream = upstream
@@ -76,6 +82,12 @@ class UpstreamConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
         self.transport = cast(asyncio.Transport, transport)
         self.alive = True
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.owner is not None:
@@ -249,8 +261,9 @@ class UpstreamPool:
         except ssl.SSLError:
             self.mark(upstream.name, True)  # it answered: reachable, but its TLS is refused
             raise
-        except (OSError, TimeoutError):
-            self.mark(upstream.name, False)
+        except (OSError, TimeoutError) as exc:
+            if not out_of_descriptors(exc):  # EMFILE says nothing about the upstream's health
+                self.mark(upstream.name, False)
             raise
         self.mark(upstream.name, True)
         return conn
@@ -294,6 +307,8 @@ class UpstreamPool:
                 writer.close()
                 up = True
                 break
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as exc:
+                if out_of_descriptors(exc):
+                    return  # no verdict: the probe could not even try
                 continue
         self.mark(upstream.name, up)

@@ -57,9 +57,12 @@ def run(path: str | None) -> int:
     # Imported here, not at the top: the supervisor sets PROMETHEUS_MULTIPROC_DIR before
     # process.metrics is first imported, which is when prometheus-client reads it.
     from nextproxy.process.logs import Logger
+    from nextproxy.process.nofile import fit
 
     config, contexts = load_checked(path)
+    config, files = fit(config)  # before binding: a cap that cannot fit is a config error
     logger = Logger(config.log_level, config.log_format)
+    logger.log("info", "open_files", **files.describe())
     for name in unknown_variables(os.environ):
         logger.log("warning", "unknown_variable", variable=name)
     if config.workers > 1:
