@@ -21,6 +21,7 @@ import re
 from urllib.parse import unquote_to_bytes
 
 from nextproxy.config.model import Config, EncodedSlashes, PathRoute, SniAction, SniRoute
+from nextproxy.core.admission import Admission
 from nextproxy.errors import HttpError
 
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
@@ -78,6 +79,8 @@ class RouteTable:
             for sni in config.sni_routes
             if sni.action is SniAction.TERMINATE and sni.upstream is not None
         }
+        self.admission = Admission(config)
+        """Source allow-lists and rate-limit buckets: the one mutable part, shared per worker."""
 
     def match_sni(self, server_name: str | None) -> SniRoute | None:
         """The SNI route for this name; None means "terminate and route by path"."""

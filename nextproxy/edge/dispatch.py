@@ -50,6 +50,7 @@ HANDLERS: dict[type, Handler] = {
     act.RequestStarted: lambda c, a: setattr(c, "request_started", c.loop.time()),
     act.RequestCompleted: lambda c, a: c.rt.observer.request(a, _since_request(c), c.peer),
     act.AuthorizationDenied: lambda c, a: c.rt.observer.denied(a, c.peer),
+    act.RateLimited: lambda c, a: c.rt.observer.rate_limited(a, c.peer),
     act.MessageRelayed: lambda c, a: c.rt.observer.ws_message(c.route_name, a),
     act.SessionClosed: lambda c, a: c.rt.observer.ws_closed(c.route_name, a, c.peer, _since_request(c)),
 }

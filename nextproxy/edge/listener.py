@@ -15,6 +15,7 @@ from typing import Callable
 from nextproxy.config.model import Address, Config
 from nextproxy.core.routing import RouteTable
 from nextproxy.edge.accept import Accepted
+from nextproxy.edge.gate import ListenerGate
 from nextproxy.edge.host import Group, Member
 from nextproxy.edge.observer import EdgeObserver
 from nextproxy.edge.tlscontexts import ServerContexts, upstream_ssl_context
@@ -34,6 +35,8 @@ class Runtime:
     contexts: ServerContexts
     pool: UpstreamPool
     observer: EdgeObserver
+    gates: dict[Address, ListenerGate] = field(default_factory=dict)
+    """Each listen address's accept-time policy (PROXY protocol trust, connection rate)."""
     draining: bool = False
     groups: dict[Group, set[Member]] = field(default_factory=lambda: {group: set() for group in Group})
 
@@ -101,7 +104,8 @@ def build_runtime(config: Config, observer: EdgeObserver, contexts: ServerContex
     contexts = contexts or ServerContexts.build(config)
     tls = {u.name: upstream_ssl_context(u.tls) for u in config.upstreams if u.tls is not None}
     pool = UpstreamPool(config, tls, on_health=observer.upstream_health)
-    return Runtime(config=config, routes=RouteTable(config), contexts=contexts, pool=pool, observer=observer)
+    gates = {address: ListenerGate.build(config.listener_policy(address)) for address in (config.listen, *config.listen_also)}
+    return Runtime(config=config, routes=RouteTable(config), contexts=contexts, pool=pool, observer=observer, gates=gates)
 
 
 class ProxyServer:
@@ -133,13 +137,15 @@ class ProxyServer:
                 bound.close()
             raise
         self.runtime.pool.start()
-        self._server = await loop.create_server(self._protocol, sock=sock, backlog=BACKLOG)
-        for extra in more:
-            self._more.append(await loop.create_server(self._protocol, sock=extra, backlog=BACKLOG))
+        self._server = await loop.create_server(lambda: self._protocol(config.listen), sock=sock, backlog=BACKLOG)
+        for address, extra in zip(config.listen_also, more):
+            self._more.append(await loop.create_server(lambda a=address: self._protocol(a), sock=extra, backlog=BACKLOG))  # type: ignore[misc]
 
-    def _protocol(self) -> Accepted:
+    def _protocol(self, address: Address) -> Accepted:
         assert self._loop is not None  # set by start(), before the listener exists
-        return Accepted(self.runtime, self._loop)
+        runtime = self.runtime  # the current one: a reload's new gates apply to new connections
+        gate = runtime.gates.get(address)
+        return Accepted(runtime, self._loop) if gate is None else Accepted(runtime, self._loop, gate)
 
     def reload(self, config: Config, observer: EdgeObserver, contexts: ServerContexts | None = None) -> None:
         """Swap in a new runtime; established connections keep the one they started with."""
