@@ -212,12 +212,16 @@ def _api_routes(
         if not terminate and allow is not None:
             raise ConfigError(allow_key, "needs NEXTPROXY_API_MODE=terminate (passthrough never sees certificates)")
         # Passthrough carries the client's TLS to the upstream's own TLS port: never re-encrypted.
-        upstreams.append(Upstream(name, (Address(hosts[svc], port),), upstream_tls if terminate else None))
+        # NEXTPROXY_API_PROXY_PROTOCOL: on the passthrough route, or in terminate mode on the
+        # connections to the API server (never pooled across clients).
+        upstream_pp = api.proxy_protocol if terminate else None
+        upstreams.append(Upstream(name, (Address(hosts[svc], port),), upstream_tls if terminate else None, upstream_pp))
         sni_routes.append(
             SniRoute(
                 name=name, server_names=(server_name,), action=mode, upstream=name,
                 client_auth=client_auth if terminate else ClientAuth.NONE,
                 client_ca_file=ca_file if terminate else None, allow=allow, forward_client_cert_chain=forward_chain,
+                allow_sources=sources, proxy_protocol=None if terminate else api.proxy_protocol, rate_limit=api.rate_limit,
             )  # fmt: skip
         )
     return sni_routes

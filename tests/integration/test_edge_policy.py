@@ -133,12 +133,23 @@ def https_get(edge: Edge, sock: socket.socket, path: str, server_name: str = SER
             if not chunk:
                 break
             data += chunk
-            if extra and b"\r\n\r\n" in data:  # an upgrade: the head is all we read
+            head, found, body = data.partition(b"\r\n\r\n")
+            if found and (extra or _complete(head, body)):  # an upgrade: the head is all we read
                 break
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
     return int(lines[0].split()[1]), headers, body
+
+
+def _complete(head: bytes, body: bytes) -> bool:
+    """The body is all here by its content-length (the proxy keeps a connection after its own
+    403/429 refusals, so EOF would only come with the idle timeout)."""
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
 
 
 def forwarded_for(body: bytes) -> str:
