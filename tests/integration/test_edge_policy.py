@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 from prometheus_client import REGISTRY
 
-from nextproxy.config.model import Address, Config, ListenerPolicy, RateLimitConfig, SniAction, SniRoute, Upstream
+from nextproxy.config.model import Address, Config, ListenerPolicy, RateLimitConfig, SniAction, SniRoute, Timeouts, Upstream
 from nextproxy.core.proxyprotocol import Endpoint, ProxyCommand, ProxyHeader, ProxyHeaderReader, build_v2
 from nextproxy.demo.pki import DemoPki
 from nextproxy.process import metrics
@@ -411,5 +411,38 @@ def test_new_connections_per_second_closes_at_accept(pki: DemoPki) -> None:
         # A different client address is not affected.
         assert https_get(edge, connect_from("127.0.0.15", edge.port), "/sfs/sigmai/x")[0] == 200
         assert sample("nextproxy_connections_rate_limited_total", listener="127.0.0.1:0") == before + 1
+    finally:
+        edge.close()
+
+
+def test_trusted_peer_header_cut_short_or_too_slow_is_closed_and_counted(pki: DemoPki) -> None:
+    def mutate(config: Config) -> Config:
+        return replace(config, listener_policies=(ListenerPolicy(config.listen, ("127.0.0.0/8",)),))
+
+    edge = Edge.start(pki, mutate=mutate, timeouts=Timeouts(client_hello=0.3, connect=2, upstream_response=10, client_idle=10))
+    try:
+        reasons = ("truncated", "timeout", "malformed")
+        before = {r: sample("nextproxy_proxy_protocol_rejected_total", listener="127.0.0.1:0", reason=r) for r in reasons}
+        header = build_v2(Endpoint(ip_address("192.0.2.1"), 1), Endpoint(ip_address("127.0.0.1"), 443))
+        with connect_from("127.0.0.1", edge.port) as sock:  # half a header, then EOF
+            sock.sendall(header[:10])
+            sock.shutdown(socket.SHUT_WR)
+            assert closed_without_answer(sock)
+        with connect_from("127.0.0.1", edge.port) as sock:  # half a header, then nothing
+            sock.sendall(header[:10])
+            started = time.monotonic()
+            assert closed_without_answer(sock)
+            assert 0.2 < time.monotonic() - started < 5
+        with connect_from("127.0.0.1", edge.port) as sock:  # v1 with a bad address
+            sock.sendall(b"PROXY TCP4 999.1.1.1 127.0.0.1 1 443\r\n")
+            assert closed_without_answer(sock)
+        time.sleep(0.1)
+        for reason in reasons:
+            assert sample("nextproxy_proxy_protocol_rejected_total", listener="127.0.0.1:0", reason=reason) == before[reason] + 1
+        # and a good header still works on the same listener
+        sock = connect_from("127.0.0.1", edge.port)
+        sock.sendall(header)
+        status, _, body = https_get(edge, sock, "/sfs/sigmai/ok")
+        assert status == 200 and forwarded_for(body) == "192.0.2.1"
     finally:
         edge.close()
