@@ -18,7 +18,10 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar, cast
 
 from nextproxy.config.model import Address, Config, Upstream
 from nextproxy.core.upstream_leg import UpstreamLeg, new_upstream_leg
+from nextproxy.core.proxyprotocol import V2_SIGNATURE
 
+LOCAL_V2 = V2_SIGNATURE + bytes((0x20, 0x00, 0x00, 0x00))
+"""A PROXY v2 LOCAL header without addresses: what the health probe sends to such upstreams."""
 HEALTH_INTERVAL = 10.0
 """Seconds between TCP probes of every upstream server (nextproxy_upstream_up)."""
 SWEEP_INTERVAL = 1.0
@@ -322,6 +325,10 @@ class UpstreamPool:
             try:
                 async with asyncio.timeout(self._config.timeouts.connect):
                     _, writer = await asyncio.open_connection(server.host, server.port)
+                if upstream.proxy_protocol is not None:
+                    # A receiver that requires the header would log a headerless probe as an
+                    # error: a LOCAL header is how balancers say "health check, no client".
+                    writer.write(LOCAL_V2)
                 writer.close()
                 up = True
                 break

@@ -446,3 +446,75 @@ def test_trusted_peer_header_cut_short_or_too_slow_is_closed_and_counted(pki: De
         assert status == 200 and forwarded_for(body) == "192.0.2.1"
     finally:
         edge.close()
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
+def test_tls_upstream_gets_the_header_before_its_handshake(tmp_path: Path, pki: DemoPki, pki_files: dict[str, Path]) -> None:
+    """HAProxy ``accept-proxy`` in front of a TLS stand-in, admitting only the client the header
+    names: the request succeeds only if the v2 header came first, was valid, and named it. Its
+    health probe to such an upstream is a LOCAL header, which HAProxy accepts silently."""
+    from nextproxy.config.model import UpstreamTls
+    from nextproxy.demo.pki import server_ssl_context
+    from nextproxy.demo.standins import start_tls_api
+    from nextproxy.edge.tlscontexts import upstream_ssl_context
+    from nextproxy.edge.upstream import UpstreamPool
+
+    front = free_port("127.0.0.1")
+
+    class Owner:
+        def __init__(self) -> None:
+            self.data = b""
+            self.done = asyncio.Event()
+
+        def upstream_data(self, data: bytes) -> None:
+            self.data += data
+            if not data:
+                self.done.set()
+
+        def upstream_lost(self, exc: Exception | None) -> None:
+            self.done.set()
+
+        def upstream_writing(self, paused: bool) -> None:
+            pass
+
+    async def exchange(source: str) -> bytes:
+        tls = UpstreamTls(ca_file=str(pki_files["ca.pem"]), server_name="localhost")
+        upstream = Upstream("api", (Address("127.0.0.1", front),), tls, "v2")
+        config = Config(Address("127.0.0.1", 0), Address("127.0.0.1", 1), (), (upstream,), ())
+        pool = UpstreamPool(config, {"api": upstream_ssl_context(tls)})
+        owner = Owner()
+        header = build_v2(Endpoint(ip_address(source), 4444), Endpoint(ip_address("127.0.0.1"), 443), authority="api.example")
+        try:
+            conn = await pool.connect(upstream, owner, header)
+        except (OSError, ssl.SSLError):
+            return b""
+        conn.write(b"GET /who HTTP/1.1\r\nhost: api.example\r\nconnection: close\r\n\r\n")
+        await asyncio.wait_for(owner.done.wait(), STEP)
+        assert conn.private
+        pool.release(conn, True)  # a private connection is closed, never pooled
+        assert conn.transport is not None and conn.transport.is_closing()
+        await pool._probe(upstream)  # LOCAL header: HAProxy lets it in and out without complaint
+        assert pool.health["api"]
+        return owner.data
+
+    async def scenario() -> tuple[bytes, bytes]:
+        standin = await start_tls_api("127.0.0.1", 0, "api", server_ssl_context(pki.upstream, pki.ca.certificate, require_client_cert=False))
+        sections = f"""
+frontend pp_in
+    mode tcp
+    bind 127.0.0.1:{front} accept-proxy
+    tcp-request session reject if !{{ src 192.0.2.77 }} !LOCALHOST
+    default_backend api
+backend api
+    mode tcp
+    server api 127.0.0.1:{standin.address[1]}
+"""
+        with haproxy(tmp_path, sections):
+            good = await exchange("192.0.2.77")
+            bad = await exchange("192.0.2.78")
+        await standin.close()
+        return good, bad
+
+    good, bad = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert good.startswith(b"HTTP/1.1 200") and b'"service": "api"' in good
+    assert not bad.startswith(b"HTTP/1.1 200")
