@@ -317,6 +317,12 @@ def test_passthrough_sends_v2_with_client_sni_and_alpn_and_untouched_tls(
     assert header.destination is not None and header.destination.port == edge.port
     assert header.authority == API_NAME and header.alpn == b"http/1.1"
     assert header.trailing[:1] == b"\x16"  # the client's ClientHello follows, as sent
+    # Several protocols offered: the upstream's own TLS chooses, so no ALPN TLV is sent.
+    with edge.client_context(alpn=("h2", "http/1.1")).wrap_socket(connect_from("127.0.0.6", edge.port), server_hostname=API_NAME) as tls:
+        tls.sendall(f"GET /api/x HTTP/1.1\r\nhost: {API_NAME}\r\nconnection: close\r\n\r\n".encode())
+        while tls.recv(65536):
+            pass
+    assert relay.headers[count + 1].alpn is None and relay.headers[count + 1].authority == API_NAME
 
 
 def test_http_upstream_gets_one_private_connection_per_client(
