@@ -73,7 +73,7 @@ backend edge
             assert status == 200
             assert dict(json.loads(body)["headers"])["x-forwarded-for"] == "127.0.0.3"
             status, headers, _ = get(proxy, front, "127.0.0.3", "/app/who")
-            assert status == 429 and headers["retry-after"] == "5"  # 0.2/s: a token every 5 s
+            assert status == 429 and 1 <= int(headers["retry-after"]) <= 5  # 0.2/s: a token every 5 s
             assert get(proxy, front, "127.0.0.4", "/app/who")[0] == 200  # another client, another bucket
         # A direct connection from an untrusted address that sends a header is refused.
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
