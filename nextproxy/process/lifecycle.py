@@ -25,6 +25,7 @@ from nextproxy.config.model import Config
 from nextproxy.config import load
 from nextproxy.errors import ConfigError
 from nextproxy.process.logs import Logger
+from nextproxy.process.nofile import fit
 from nextproxy.process.observe import Observer
 from nextproxy.process.status import Facts, route_kinds, write_facts
 from nextproxy.edge.listener import ProxyServer, bind, build_runtime
@@ -79,7 +80,7 @@ class Process:
         """Load, validate and swap in a new configuration; keep the old one on any error."""
         assert self.server is not None
         try:
-            config = load(self.env, self.config_path)
+            config, _ = fit(load(self.env, self.config_path))
             if (config.listen, config.admin_listen) != (self.config.listen, self.config.admin_listen):
                 self.logger.log("warning", "reload_listen_changed", detail="listen addresses change only on restart")
             contexts = ServerContexts.build(config)
@@ -155,7 +156,7 @@ async def serve(
     if admin_server is not None:
         admin_server.close()
     logger.log("info", "stopped", clean=clean)
-    logger.flush()
+    logger.close()
     return 0
 
 
@@ -212,6 +213,7 @@ async def _publish_stats(proc: Process, state: AdminState, heartbeat: Callable[[
             state.connections_active = server.active()
             state.websocket_sessions_active = server.websocket_sessions()
             proc.facts.pool = server.runtime.pool.counts()
+        metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
         if directory is not None:
             text = proc.facts.to_json()
             if text != written:
