@@ -7,7 +7,8 @@ every byte it was fed (``raw``) for replay, and checks only what routing needs: 
 that locates the extensions, and the SNI, ALPN and supported_versions it reads. Everything else
 is the TLS library's to judge (design.md: the peek only routes). Each refusal says who answers
 (``HelloAnswer``): bytes that look like TLS go to OpenSSL, which answers as a plain server
-would; the reader answers by itself only over its cap and for SSLv2-format hellos.
+would; the reader answers by itself only over its cap and for SSLv2-format hellos. The
+complete message body is read by ``core/hellobody.py``.
 
 It must never do I/O, never re-parse what it has already consumed (a client sending 1-byte
 records would otherwise cost quadratic CPU), never buffer more than ``max_size`` bytes, and never
@@ -16,10 +17,12 @@ let anything but ``ClientHelloError`` escape.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NoReturn
 
+from nextproxy.core.hellobody import ClientHello, fail, parse_body
 from nextproxy.errors import ClientHelloError, HelloAnswer, TlsAlert
+
+__all__ = ["MAX_CLIENT_HELLO", "OPENSSL_MAX_HELLO_BODY", "ClientHello", "ClientHelloError", "ClientHelloReader"]
 
 KiB = 1024
 OPENSSL_MAX_HELLO_BODY = 131_396
@@ -37,11 +40,6 @@ _MAX_RECORD = 16384  # RFC 8446 section 5.1: TLSPlaintext.length MUST NOT exceed
 _CONTENT_HANDSHAKE = 22
 _HANDSHAKE_CLIENT_HELLO = 1
 _SSL2_CLIENT_HELLO = 1
-_EXT_SERVER_NAME = 0
-_EXT_ALPN = 16
-_EXT_SUPPORTED_VERSIONS = 43
-_TLS13 = 0x0304
-_WANTED_EXTENSIONS = frozenset((_EXT_SERVER_NAME, _EXT_ALPN, _EXT_SUPPORTED_VERSIONS))
 
 # Sniffed only before the first record, and only to pick a friendlier answer (400 "use https");
 # the longest token is 8 bytes, so sniffing waits for at most 8 bytes.
@@ -50,28 +48,6 @@ _HTTP_TOKENS = tuple(
                        b"CONNECT", b"TRACE", b"PRI")
 )
 _SNIFF_MAX = max(len(t) for t in _HTTP_TOKENS)
-_HOST_LABEL_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
-
-
-@dataclass(frozen=True, slots=True)
-class ClientHello:
-    """What routing needs from a ClientHello, plus the bytes to replay."""
-
-    server_name: str | None
-    """Validated DNS host name, lower-case, no trailing dot; None if absent, an IP literal,
-    non-ASCII or otherwise not a host name (routing then falls back to the default)."""
-    alpn: tuple[bytes, ...]
-    """ALPN protocol names in the client's order; empty if the extension is absent."""
-    offers_tls13: bool
-    """True if supported_versions lists TLS 1.3 (0x0304)."""
-    raw: bytes
-    """Every byte fed so far, including bytes after the hello: replayed into the TLS engine
-    or to a passthrough upstream."""
-
-
-def _fail(alert: TlsAlert, reason: str) -> ClientHelloError:
-    """Looks like TLS, but no routing facts: OpenSSL gets the bytes and gives the answer."""
-    return ClientHelloError(alert, reason)
 
 
 def _over_cap(reason: str) -> ClientHelloError:
@@ -130,13 +106,13 @@ class ClientHelloReader:
                 return None
             if self._consumed > self._max_size:
                 raise _over_cap(f"ClientHello records exceed {self._max_size} bytes")
-            hello = _parse_body(bytes(self._message[_HANDSHAKE_HEADER:]))
+            hello = parse_body(bytes(self._message[_HANDSHAKE_HEADER:]))
         except ClientHelloError as exc:
             self._error = _detached(exc)
             raise
         except (IndexError, ValueError) as exc:  # ValueError includes UnicodeDecodeError
             # Every length is checked above, so this is a bug; the shell still gets our type.
-            error = _fail(TlsAlert.DECODE_ERROR, f"malformed ClientHello: {exc!r}")
+            error = fail(TlsAlert.DECODE_ERROR, f"malformed ClientHello: {exc!r}")
             self._error = _detached(error)
             raise error from exc
         self._message = bytearray()
@@ -160,7 +136,7 @@ class ClientHelloReader:
             return ClientHelloError(TlsAlert.DECODE_ERROR, "end of stream before any TLS record",
                                     answer=HelloAnswer.CLOSE)
         # OpenSSL answers a truncated hello with decode_error once it sees the end of stream.
-        return _fail(TlsAlert.DECODE_ERROR, "end of stream inside the ClientHello")
+        return fail(TlsAlert.DECODE_ERROR, "end of stream inside the ClientHello")
 
     def _consume(self, data: bytes) -> bool:
         """Walk ``data`` once; return True when the handshake message is complete.
@@ -266,14 +242,14 @@ class ClientHelloReader:
     def _check_message_header(self) -> int:
         """Check type and length as soon as they arrive; the message size once known, else -1."""
         if self._message[0] != _HANDSHAKE_CLIENT_HELLO:
-            raise _fail(TlsAlert.UNEXPECTED_MESSAGE,
+            raise fail(TlsAlert.UNEXPECTED_MESSAGE,
                         f"handshake message type {self._message[0]}, not ClientHello")
         if len(self._message) < _HANDSHAKE_HEADER:
             return -1
         body = int.from_bytes(self._message[1:4], "big")
         if body > OPENSSL_MAX_HELLO_BODY:
             # OpenSSL refuses this from the header alone; let it say so in its own words.
-            raise _fail(TlsAlert.ILLEGAL_PARAMETER, f"ClientHello of {body} bytes exceeds OpenSSL's limit")
+            raise fail(TlsAlert.ILLEGAL_PARAMETER, f"ClientHello of {body} bytes exceeds OpenSSL's limit")
         size = _HANDSHAKE_HEADER + body
         # Fail early on a hello that cannot fit, counting the record headers it needs:
         # never wait for (and buffer) bytes we are going to refuse anyway.
@@ -286,150 +262,11 @@ class ClientHelloReader:
 def _refuse_record(content_type: int, major: int, length: int, *, first: bool) -> NoReturn:
     """Raise the error for a record header that cannot carry (part of) a ClientHello."""
     if content_type != _CONTENT_HANDSHAKE:
-        raise _fail(TlsAlert.UNEXPECTED_MESSAGE,
+        raise fail(TlsAlert.UNEXPECTED_MESSAGE,
                     f"record content type {content_type} before the ClientHello")
     # legacy_record_version "MUST be ignored" (RFC 8446 5.1) beyond being SSL3/TLS at all.
     if major != 3:
         # A first record of another major "doesn't look like TLS": OpenSSL closes silently.
         raise ClientHelloError(TlsAlert.PROTOCOL_VERSION, f"record version major {major} is not TLS",
                                answer=HelloAnswer.CLOSE if first else HelloAnswer.TLS_LIBRARY)
-    raise _fail(TlsAlert.RECORD_OVERFLOW, f"record of {length} bytes exceeds 2^14")
-
-
-def _vector(buf: bytes, pos: int, end: int, width: int, field: str) -> tuple[int, int]:
-    """Bounds (start, stop) of the vector at ``pos`` with a ``width``-byte length prefix.
-
-    Offsets rather than cursor objects or slices: a hello is a dozen nested vectors, and
-    this keeps a normal parse at a few microseconds. Overrunning ``end`` is a decode error.
-    """
-    start = pos + width
-    if start > end:
-        raise _fail(TlsAlert.DECODE_ERROR, f"{field}: length truncated")
-    stop = start + (buf[pos] if width == 1 else buf[pos] << 8 | buf[pos + 1])
-    if stop > end:
-        raise _fail(TlsAlert.DECODE_ERROR, f"{field}: {stop - end} bytes missing")
-    return start, stop
-
-
-def _expect_end(pos: int, end: int, field: str) -> None:
-    if pos != end:
-        raise _fail(TlsAlert.DECODE_ERROR, f"{field}: {end - pos} trailing bytes")
-
-
-def _parse_body(body: bytes) -> ClientHello:
-    """Parse a complete ClientHello body (RFC 8446 4.1.2) as far as routing needs.
-
-    The fixed fields are only walked, not judged: legacy_version, the session id, cipher
-    suites and compression methods are OpenSSL's (or the passthrough upstream's) to refuse.
-    Judging them here would only send a hello OpenSSL accepts to the default route.
-    """
-    end = len(body)
-    if end < 34:
-        raise _fail(TlsAlert.DECODE_ERROR, "ClientHello: legacy_version or random truncated")
-    _, pos = _vector(body, 34, end, 1, "legacy_session_id")
-    _, pos = _vector(body, pos, end, 2, "cipher_suites")
-    _, pos = _vector(body, pos, end, 1, "legacy_compression_methods")
-    extensions: dict[int, bytes] = {}
-    # A pre-TLS-1.2 style hello may end here; TLS 1.3 clients always send extensions.
-    if pos < end:
-        start, pos = _vector(body, pos, end, 2, "extensions")
-        extensions = _split_extensions(body, start, pos)
-    _expect_end(pos, end, "ClientHello")
-    server_name = None
-    if _EXT_SERVER_NAME in extensions:
-        server_name = _parse_server_name(extensions[_EXT_SERVER_NAME])
-    alpn: tuple[bytes, ...] = ()
-    if _EXT_ALPN in extensions:
-        alpn = _parse_alpn(extensions[_EXT_ALPN])
-    offers_tls13 = False
-    if _EXT_SUPPORTED_VERSIONS in extensions:
-        offers_tls13 = _TLS13 in _parse_versions(extensions[_EXT_SUPPORTED_VERSIONS])
-    return ClientHello(server_name, alpn, offers_tls13, b"")
-
-
-def _split_extensions(buf: bytes, pos: int, end: int) -> dict[int, bytes]:
-    """Extension type -> data for the three we read; every extension is bounds-checked."""
-    wanted: dict[int, bytes] = {}
-    # The hottest loop of a normal parse (a dozen or more extensions), so _vector is inlined.
-    while pos < end:
-        start = pos + 4
-        if start > end:
-            raise _fail(TlsAlert.DECODE_ERROR, "extensions: truncated extension header")
-        ext_type = buf[pos] << 8 | buf[pos + 1]
-        pos = start + (buf[pos + 2] << 8 | buf[pos + 3])
-        if pos > end:
-            raise _fail(TlsAlert.DECODE_ERROR, f"extension {ext_type}: {pos - end} bytes missing")
-        if ext_type in _WANTED_EXTENSIONS:
-            if ext_type in wanted:
-                # RFC 8446 4.2: no more than one of a type; two SNIs leave no route. OpenSSL
-                # only catches duplicates of types it knows, so others are its business.
-                raise _fail(TlsAlert.DECODE_ERROR, f"duplicate extension {ext_type}")
-            wanted[ext_type] = buf[start:pos]
-    return wanted
-
-
-def _parse_server_name(data: bytes) -> str | None:
-    """RFC 6066 section 3: a list of (name_type, opaque name); we use host_name (0)."""
-    pos, end = _vector(data, 0, len(data), 2, "server_name_list")
-    _expect_end(end, len(data), "server_name")
-    if pos == end:
-        raise _fail(TlsAlert.DECODE_ERROR, "empty server_name_list")
-    host: bytes | None = None
-    while pos < end:
-        name_type = data[pos]
-        start, pos = _vector(data, pos + 1, end, 2, "server name")
-        if start == pos:
-            raise _fail(TlsAlert.DECODE_ERROR, "empty server name")
-        if name_type == 0:
-            # "MUST NOT contain more than one name of the same name_type" (RFC 6066 3).
-            if host is not None:
-                raise _fail(TlsAlert.DECODE_ERROR, "two host_name entries in server_name")
-            host = data[start:pos]
-    return None if host is None else normalize_host(host)
-
-
-def normalize_host(name: bytes) -> str | None:
-    """A lower-case DNS host name without trailing dot, or None if ``name`` is not one.
-
-    None (not an error) for IP literals, non-ASCII and other junk: RFC 6066 forbids IP
-    literals in SNI, but real clients send them, and the right answer is the default route.
-    """
-    if name.endswith(b"."):
-        name = name[:-1]
-    if not 0 < len(name) <= 253:
-        return None
-    name = name.lower()
-    labels = name.split(b".")
-    for label in labels:
-        if not 0 < len(label) <= 63 or label[0] == 0x2D or label[-1] == 0x2D:
-            return None
-        if not _HOST_LABEL_CHARS.issuperset(label):
-            return None
-    # An all-numeric last label is an IPv4 literal (or a shorthand like "127.1"); no TLD is.
-    if labels[-1].isdigit():
-        return None
-    return name.decode("ascii")
-
-
-def _parse_alpn(data: bytes) -> tuple[bytes, ...]:
-    """RFC 7301 3.1: ProtocolNameList<2..2^16-1> of ProtocolName<1..2^8-1>."""
-    pos, end = _vector(data, 0, len(data), 2, "protocol_name_list")
-    _expect_end(end, len(data), "alpn")
-    if pos == end:
-        raise _fail(TlsAlert.DECODE_ERROR, "empty ALPN protocol list")
-    protocols: list[bytes] = []
-    while pos < end:
-        start, pos = _vector(data, pos, end, 1, "protocol_name")
-        if start == pos:
-            raise _fail(TlsAlert.DECODE_ERROR, "empty ALPN protocol name")
-        protocols.append(data[start:pos])
-    return tuple(protocols)
-
-
-def _parse_versions(data: bytes) -> list[int]:
-    """RFC 8446 4.2.1: ClientHello supported_versions is ProtocolVersion versions<2..254>."""
-    pos, end = _vector(data, 0, len(data), 1, "supported_versions")
-    _expect_end(end, len(data), "supported_versions")
-    if end - pos < 2 or (end - pos) % 2:
-        raise _fail(TlsAlert.DECODE_ERROR, f"supported_versions length {end - pos}")
-    return [data[i] << 8 | data[i + 1] for i in range(pos, end, 2)]
+    raise fail(TlsAlert.RECORD_OVERFLOW, f"record of {length} bytes exceeds 2^14")

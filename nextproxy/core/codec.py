@@ -35,19 +35,19 @@ from nextproxy.core.headers import (
     normalize_host,
     tokens,
 )
+from nextproxy.core.headscan import TOKEN, VERSION, check_partial, diagnose, head_end
 from nextproxy.errors import HttpError
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_FIELD = _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n"
-_VERSION = rb"HTTP/([0-9]+(?:\.[0-9]+)?)"
+__all__ = [
+    "CHUNKED", "UNTIL_CLOSE", "RequestHead", "RequestParser", "ResponseHead", "check_partial", "connection_options",
+    "diagnose", "head_end", "parse_response", "trailer_lines", "without_fields",
+]  # fmt: skip
+
+_FIELD = TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n"
 # Linear by construction: a field line starts with a token character and its value cannot hold
 # CR, so the engine never has two ways to match a byte.
-_REQUEST_HEAD = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) " + _VERSION + rb"\r\n(?:" + _FIELD + rb")*\r\n")
-_RESPONSE_HEAD = re.compile(_VERSION + rb" ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n(?:" + _FIELD + rb")*\r\n")
-_REQUEST_LINE = re.compile(_TOKEN + rb" [\x21-\x7e]+ " + _VERSION)
-_STATUS_LINE = re.compile(_VERSION + rb" [0-9]{3}(?: [\t\x20-\x7e\x80-\xff]*)?")
-_NAME = re.compile(_TOKEN)
-_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_REQUEST_HEAD = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]+) " + VERSION + rb"\r\n(?:" + _FIELD + rb")*\r\n")
+_RESPONSE_HEAD = re.compile(VERSION + rb" ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n(?:" + _FIELD + rb")*\r\n")
 _SUPPORTED = (b"1.1", b"1.0")
 MAX_LENGTH_DIGITS = 18
 """Content-Length digits: 10^18 fits in 63 bits, so no parser on either side can overflow."""
@@ -168,12 +168,7 @@ class RequestParser:
 
     def parse(self, head: bytes) -> RequestHead:
         """``head`` runs from the request line through the empty line."""
-        match = _REQUEST_HEAD.fullmatch(head)
-        if match is None:
-            raise HttpError(400, diagnose(head, request=True))
-        method, target, version = match.groups()
-        if version not in _SUPPORTED:
-            raise HttpError(505, "http version not supported")
+        method, target, version = _request_line(head)
         kept: list[bytes] = []
         pos = head.find(b"\r\n") + 2
         host: bytes | None = None
@@ -198,11 +193,7 @@ class RequestParser:
                     hosts, host = hosts + 1, value
                     continue
                 if role == _LENGTH:
-                    if length is not None:
-                        raise HttpError(400, "repeated content-length")
-                    if not (0 < len(value) <= MAX_LENGTH_DIGITS and value.isdigit()):
-                        raise HttpError(400, "invalid content-length")
-                    length = value
+                    length = _content_length(value, length, 400)
                     continue
                 if role == _EXPECT:
                     expect = value.lower() == b"100-continue"
@@ -226,32 +217,61 @@ class RequestParser:
         body = _request_body(version, length, codings)
         if hosts > 1 or (hosts == 0 and version == b"1.1"):
             raise HttpError(400, "several host headers" if hosts else "missing host header")
-        # A connection authenticated for one name must not serve another: the certificate
-        # and the client-auth policy were chosen by SNI.
-        sni = self._client.server_name
-        misdirected = sni is not None and host is not None and normalize_host(host) != sni
-        keep_alive = version == b"1.1"
-        is_upgrade = False
+        keep_alive, is_upgrade = version == b"1.1", False
         if connection:
-            options, named = connection_options(b",".join(connection))
-            keep_alive = keep_alive and b"close" not in options
-            is_upgrade = method == b"GET" and b"upgrade" in options and b"websocket" in set(tokens(upgrade))
-            if named:
-                forward = without_fields(forward, named)
-        if is_upgrade:
-            if extensions:
-                # The frame relay re-frames messages: an extension negotiated end to end would
-                # be applied to frames it never sees, so permessage-deflate is stripped both ways.
-                forward = without_fields(forward, {_WS_EXTENSIONS})
-            forward += _UPGRADE_LINES
-        forward += self._edge
-        if host is not None:
-            forward += b"x-forwarded-host: " + host + b"\r\n"
-        forward += self._cert + b"\r\n"
+            forward, keep_alive, is_upgrade = _connection(method, forward, keep_alive, connection, upgrade, extensions)
+        forward += self._edge + (b"x-forwarded-host: " + host + b"\r\n" if host is not None else b"") + self._cert + b"\r\n"
         return RequestHead(
             method, target, version, head, body, keep_alive, expect and version == b"1.1", is_upgrade, key,
-            hosts == 1, misdirected, forward,
+            hosts == 1, self._misdirected(host), forward,
         )  # fmt: skip
+
+    def _misdirected(self, host: bytes | None) -> bool:
+        """Host names another server than SNI did (421, RFC 9110 section 15.5.20): a connection
+        authenticated for one name must not serve another, since the certificate and the
+        client-auth policy were chosen by SNI."""
+        sni = self._client.server_name
+        return sni is not None and host is not None and normalize_host(host) != sni
+
+
+def _request_line(head: bytes) -> tuple[bytes, bytes, bytes]:
+    """Method, target and version of a head the regex validates whole (400), in a version we
+    speak (505)."""
+    match = _REQUEST_HEAD.fullmatch(head)
+    if match is None:
+        raise HttpError(400, diagnose(head, request=True))
+    method, target, version = match.groups()
+    if version not in _SUPPORTED:
+        raise HttpError(505, "http version not supported")
+    return method, target, version
+
+
+def _content_length(value: bytes, seen: bytes | None, status: int) -> bytes:
+    """Exactly one Content-Length of 1-18 digits (identical duplicates refused too)."""
+    if seen is not None:
+        raise HttpError(status, "repeated content-length")
+    if not (0 < len(value) <= MAX_LENGTH_DIGITS and value.isdigit()):
+        raise HttpError(status, "invalid content-length")
+    return value
+
+
+def _connection(
+    method: bytes, forward: bytes, keep_alive: bool, connection: list[bytes], upgrade: list[bytes], extensions: bool
+) -> tuple[bytes, bool, bool]:
+    """A request's Connection options: close, the fields they name (dropped), a WebSocket
+    upgrade. Returns the forwarded lines, keep-alive and whether it upgrades."""
+    options, named = connection_options(b",".join(connection))
+    keep_alive = keep_alive and b"close" not in options
+    is_upgrade = method == b"GET" and b"upgrade" in options and b"websocket" in set(tokens(upgrade))
+    if named:
+        forward = without_fields(forward, named)
+    if is_upgrade:
+        if extensions:
+            # The frame relay re-frames messages: an extension negotiated end to end would
+            # be applied to frames it never sees, so permessage-deflate is stripped both ways.
+            forward = without_fields(forward, {_WS_EXTENSIONS})
+        forward += _UPGRADE_LINES
+    return forward, keep_alive, is_upgrade
 
 
 @lru_cache(maxsize=256)
@@ -317,11 +337,7 @@ def parse_response(head: bytes) -> ResponseHead:
         else:
             value = head[field.end() : end].strip(b" \t")
             if role == _LENGTH:
-                if length is not None:
-                    raise HttpError(502, "repeated content-length")
-                if not (0 < len(value) <= MAX_LENGTH_DIGITS and value.isdigit()):
-                    raise HttpError(502, "invalid content-length")
-                length = value
+                length = _content_length(value, length, 502)
                 continue
             if role == _ACCEPT:
                 accept = value
@@ -336,15 +352,7 @@ def parse_response(head: bytes) -> ResponseHead:
         kept.append(head[pos : field.start() + 2])  # drop this line
         pos = end + 2
     lines = b"".join(kept) + head[pos:-2] if kept else head[pos:-2]
-    body = UNTIL_CLOSE
-    if codings:
-        if length is not None:
-            raise HttpError(502, "content-length with transfer-encoding")
-        if len(codings) > 1 or b"," in codings[0] or codings[0].lower() != b"chunked":
-            raise HttpError(502, "unsupported transfer-encoding")
-        body = CHUNKED
-    elif length is not None:
-        body = int(length)
+    body = _response_body(length, codings)
     keep_alive = version == b"1.1"
     if connection:
         options, named = connection_options(b",".join(connection))
@@ -354,67 +362,15 @@ def parse_response(head: bytes) -> ResponseHead:
     return ResponseHead(status, reason or b"", version, head, body, keep_alive, lines, accept, protocol)
 
 
-def head_end(buffer: bytes | bytearray, limit: int, *, request: bool, scanned: int = 0) -> int:
-    """Where the head at the start of ``buffer`` ends (past its empty line); -1 if not yet.
-
-    Raises the limit's answer (431 for a request, 502 for a response) for a head longer than
-    ``limit``, complete or not, and refuses a partial head that already shows a bare CR or LF.
-    ``scanned`` bytes at the start were searched before and found clean (see core/buffer.py).
-    """
-    end = buffer.find(b"\r\n\r\n", max(0, scanned - 3))
-    size = len(buffer) if end < 0 else end + 4
-    if size > limit:
-        if request:
-            raise HttpError(431, "request header fields too large")
-        raise HttpError(502, "upstream response head too large")
-    if end < 0:
-        check_partial(buffer, request=request, scanned=scanned)
-    return -1 if end < 0 else end + 4
-
-
-def check_partial(buffer: bytes | bytearray, *, request: bool, scanned: int = 0) -> None:
-    """An incomplete head already holding a bare CR or LF is refused now, not at the size limit.
-
-    Without this a head that uses bare LF line ends never shows the CRLFCRLF we look for, and
-    would sit in the buffer until the 431. Only what follows ``scanned`` is looked at, plus
-    one byte before it: a CR that ended the previous look may be paired with an LF now.
-    """
-    start = max(0, scanned - 1)
-    tail = buffer[start:]
-    crlf = tail.count(b"\r\n")
-    # An LF at ``start`` was already judged (with the CR before it) by the previous look.
-    lf = tail.count(b"\n") - (start > 0 and tail[:1] == b"\n")
-    carriage = tail.count(b"\r") - tail.endswith(b"\r")
-    if lf != crlf or carriage != crlf:
-        raise HttpError(400 if request else 502, "bare CR or LF line ending")
-
-
-def diagnose(head: bytes, *, request: bool) -> str:
-    """Why the head regex refused ``head``: the reason for the log (the rare path, not timed)."""
-    crlf = head.count(b"\r\n")
-    if head.count(b"\n") != crlf:
-        return "bare LF line ending"
-    if head.count(b"\r") != crlf:
-        return "bare CR in head"
-    lines = head.split(b"\r\n")
-    first = _REQUEST_LINE if request else _STATUS_LINE
-    if first.fullmatch(lines[0]) is None:
-        return "invalid request line" if request else "invalid status line"
-    for line in lines[1:]:
-        if not line:
-            break
-        if line[:1] in (b" ", b"\t"):
-            return "obs-fold line"
-        name, colon, value = line.partition(b":")
-        if not colon:
-            return "header line without a colon"
-        if name != name.rstrip(b" \t"):
-            return "whitespace before colon"
-        if _NAME.fullmatch(name) is None:
-            return "invalid header name"
-        if _CTL.search(value) is not None:
-            return "control character in header value"
-    return "malformed head"
+def _response_body(length: bytes | None, codings: list[bytes]) -> int:
+    """A response's framing as sent: chunked, a length, or until close; ambiguity is a 502."""
+    if codings:
+        if length is not None:
+            raise HttpError(502, "content-length with transfer-encoding")
+        if len(codings) > 1 or b"," in codings[0] or codings[0].lower() != b"chunked":
+            raise HttpError(502, "unsupported transfer-encoding")
+        return CHUNKED
+    return int(length) if length is not None else UNTIL_CLOSE
 
 
 def trailer_lines(trailer: bytes) -> bytes:

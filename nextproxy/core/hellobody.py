@@ -1,0 +1,182 @@
+"""The ClientHello message body (RFC 8446 section 4.1.2), read as far as routing needs.
+
+Split from ``core/clienthello.py``: the reader there reassembles records and segments into one
+handshake message; this walks the complete body by offsets to its extensions and reads the
+three routing uses (server_name, ALPN, supported_versions). Every other field is only
+bounds-checked: it is OpenSSL's (or the passthrough upstream's) to judge. Sans-IO; raises only
+``ClientHelloError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nextproxy.errors import ClientHelloError, TlsAlert
+
+_EXT_SERVER_NAME = 0
+_EXT_ALPN = 16
+_EXT_SUPPORTED_VERSIONS = 43
+_TLS13 = 0x0304
+_WANTED_EXTENSIONS = frozenset((_EXT_SERVER_NAME, _EXT_ALPN, _EXT_SUPPORTED_VERSIONS))
+_HOST_LABEL_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """What routing needs from a ClientHello, plus the bytes to replay."""
+
+    server_name: str | None
+    """Validated DNS host name, lower-case, no trailing dot; None if absent, an IP literal,
+    non-ASCII or otherwise not a host name (routing then falls back to the default)."""
+    alpn: tuple[bytes, ...]
+    """ALPN protocol names in the client's order; empty if the extension is absent."""
+    offers_tls13: bool
+    """True if supported_versions lists TLS 1.3 (0x0304)."""
+    raw: bytes
+    """Every byte fed so far, including bytes after the hello: replayed into the TLS engine
+    or to a passthrough upstream."""
+
+
+def fail(alert: TlsAlert, reason: str) -> ClientHelloError:
+    """Looks like TLS, but no routing facts: OpenSSL gets the bytes and gives the answer."""
+    return ClientHelloError(alert, reason)
+
+
+
+def _vector(buf: bytes, pos: int, end: int, width: int, field: str) -> tuple[int, int]:
+    """Bounds (start, stop) of the vector at ``pos`` with a ``width``-byte length prefix.
+
+    Offsets rather than cursor objects or slices: a hello is a dozen nested vectors, and
+    this keeps a normal parse at a few microseconds. Overrunning ``end`` is a decode error.
+    """
+    start = pos + width
+    if start > end:
+        raise fail(TlsAlert.DECODE_ERROR, f"{field}: length truncated")
+    stop = start + (buf[pos] if width == 1 else buf[pos] << 8 | buf[pos + 1])
+    if stop > end:
+        raise fail(TlsAlert.DECODE_ERROR, f"{field}: {stop - end} bytes missing")
+    return start, stop
+
+
+def _expect_end(pos: int, end: int, field: str) -> None:
+    if pos != end:
+        raise fail(TlsAlert.DECODE_ERROR, f"{field}: {end - pos} trailing bytes")
+
+
+def parse_body(body: bytes) -> ClientHello:
+    """Parse a complete ClientHello body (RFC 8446 4.1.2) as far as routing needs.
+
+    The fixed fields are only walked, not judged: legacy_version, the session id, cipher
+    suites and compression methods are OpenSSL's (or the passthrough upstream's) to refuse.
+    Judging them here would only send a hello OpenSSL accepts to the default route.
+    """
+    end = len(body)
+    if end < 34:
+        raise fail(TlsAlert.DECODE_ERROR, "ClientHello: legacy_version or random truncated")
+    _, pos = _vector(body, 34, end, 1, "legacy_session_id")
+    _, pos = _vector(body, pos, end, 2, "cipher_suites")
+    _, pos = _vector(body, pos, end, 1, "legacy_compression_methods")
+    extensions: dict[int, bytes] = {}
+    # A pre-TLS-1.2 style hello may end here; TLS 1.3 clients always send extensions.
+    if pos < end:
+        start, pos = _vector(body, pos, end, 2, "extensions")
+        extensions = _split_extensions(body, start, pos)
+    _expect_end(pos, end, "ClientHello")
+    server_name = None
+    if _EXT_SERVER_NAME in extensions:
+        server_name = _parse_server_name(extensions[_EXT_SERVER_NAME])
+    alpn: tuple[bytes, ...] = ()
+    if _EXT_ALPN in extensions:
+        alpn = _parse_alpn(extensions[_EXT_ALPN])
+    offers_tls13 = False
+    if _EXT_SUPPORTED_VERSIONS in extensions:
+        offers_tls13 = _TLS13 in _parse_versions(extensions[_EXT_SUPPORTED_VERSIONS])
+    return ClientHello(server_name, alpn, offers_tls13, b"")
+
+
+def _split_extensions(buf: bytes, pos: int, end: int) -> dict[int, bytes]:
+    """Extension type -> data for the three we read; every extension is bounds-checked."""
+    wanted: dict[int, bytes] = {}
+    # The hottest loop of a normal parse (a dozen or more extensions), so _vector is inlined.
+    while pos < end:
+        start = pos + 4
+        if start > end:
+            raise fail(TlsAlert.DECODE_ERROR, "extensions: truncated extension header")
+        ext_type = buf[pos] << 8 | buf[pos + 1]
+        pos = start + (buf[pos + 2] << 8 | buf[pos + 3])
+        if pos > end:
+            raise fail(TlsAlert.DECODE_ERROR, f"extension {ext_type}: {pos - end} bytes missing")
+        if ext_type in _WANTED_EXTENSIONS:
+            if ext_type in wanted:
+                # RFC 8446 4.2: no more than one of a type; two SNIs leave no route. OpenSSL
+                # only catches duplicates of types it knows, so others are its business.
+                raise fail(TlsAlert.DECODE_ERROR, f"duplicate extension {ext_type}")
+            wanted[ext_type] = buf[start:pos]
+    return wanted
+
+
+def _parse_server_name(data: bytes) -> str | None:
+    """RFC 6066 section 3: a list of (name_type, opaque name); we use host_name (0)."""
+    pos, end = _vector(data, 0, len(data), 2, "server_name_list")
+    _expect_end(end, len(data), "server_name")
+    if pos == end:
+        raise fail(TlsAlert.DECODE_ERROR, "empty server_name_list")
+    host: bytes | None = None
+    while pos < end:
+        name_type = data[pos]
+        start, pos = _vector(data, pos + 1, end, 2, "server name")
+        if start == pos:
+            raise fail(TlsAlert.DECODE_ERROR, "empty server name")
+        if name_type == 0:
+            # "MUST NOT contain more than one name of the same name_type" (RFC 6066 3).
+            if host is not None:
+                raise fail(TlsAlert.DECODE_ERROR, "two host_name entries in server_name")
+            host = data[start:pos]
+    return None if host is None else normalize_host(host)
+
+
+def normalize_host(name: bytes) -> str | None:
+    """A lower-case DNS host name without trailing dot, or None if ``name`` is not one.
+
+    None (not an error) for IP literals, non-ASCII and other junk: RFC 6066 forbids IP
+    literals in SNI, but real clients send them, and the right answer is the default route.
+    """
+    if name.endswith(b"."):
+        name = name[:-1]
+    if not 0 < len(name) <= 253:
+        return None
+    name = name.lower()
+    labels = name.split(b".")
+    for label in labels:
+        if not 0 < len(label) <= 63 or label[0] == 0x2D or label[-1] == 0x2D:
+            return None
+        if not _HOST_LABEL_CHARS.issuperset(label):
+            return None
+    # An all-numeric last label is an IPv4 literal (or a shorthand like "127.1"); no TLD is.
+    if labels[-1].isdigit():
+        return None
+    return name.decode("ascii")
+
+
+def _parse_alpn(data: bytes) -> tuple[bytes, ...]:
+    """RFC 7301 3.1: ProtocolNameList<2..2^16-1> of ProtocolName<1..2^8-1>."""
+    pos, end = _vector(data, 0, len(data), 2, "protocol_name_list")
+    _expect_end(end, len(data), "alpn")
+    if pos == end:
+        raise fail(TlsAlert.DECODE_ERROR, "empty ALPN protocol list")
+    protocols: list[bytes] = []
+    while pos < end:
+        start, pos = _vector(data, pos, end, 1, "protocol_name")
+        if start == pos:
+            raise fail(TlsAlert.DECODE_ERROR, "empty ALPN protocol name")
+        protocols.append(data[start:pos])
+    return tuple(protocols)
+
+
+def _parse_versions(data: bytes) -> list[int]:
+    """RFC 8446 4.2.1: ClientHello supported_versions is ProtocolVersion versions<2..254>."""
+    pos, end = _vector(data, 0, len(data), 1, "supported_versions")
+    _expect_end(end, len(data), "supported_versions")
+    if end - pos < 2 or (end - pos) % 2:
+        raise fail(TlsAlert.DECODE_ERROR, f"supported_versions length {end - pos}")
+    return [data[i] << 8 | data[i + 1] for i in range(pos, end, 2)]
