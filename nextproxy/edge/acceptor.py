@@ -53,12 +53,15 @@ class Acceptor:
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, factory: ProtocolFactory,
         admission: Admission, observer: Callable[[], EdgeObserver],
+        balancer: Callable[[str], bool] = lambda address: False,
     ) -> None:  # fmt: skip
         self._loop = loop
         self.sock = sock
         self._factory = factory
         self._admission = admission
         self._observer = observer  # the current runtime's: it is swapped on reload
+        self._balancer = balancer
+        """True for a trusted load balancer's address: no per-address cap until its header."""
         self._reading = False
         self._closed = False
         self._backoff: asyncio.TimerHandle | None = None
@@ -119,7 +122,7 @@ class Acceptor:
         # else: handshakes_fell() resumes once one finishes
 
     def _admitted(self, conn: socket.socket, address: str) -> None:
-        refusal = self._admission.admit(address)
+        refusal = self._admission.admit(address, capped=not self._balancer(address))
         if refusal is not None:
             conn.close()  # before any transport or protocol exists: a refusal costs next to nothing
             self._observer().connection_refused(refusal.value)

@@ -40,22 +40,40 @@ class Admission:
     def watch_handshakes(self, callback: Callable[[], None]) -> None:
         self._on_handshakes = callback
 
-    def admit(self, address: str) -> Refusal | None:
-        """Count a new connection from ``address`` in, or say why it must be refused."""
+    def admit(self, address: str, *, capped: bool = True) -> Refusal | None:
+        """Count a new connection from ``address`` in, or say why it must be refused.
+
+        ``capped=False`` for a trusted load balancer: its connections carry many clients, each
+        counted against the per-address cap once its PROXY header names it (``rekey``)."""
         limits = self.limits
         if self.total >= limits.max_connections:
             return Refusal.MAX_CONNECTIONS
         count = self.per_address.get(address, 0)
-        if count >= limits.max_connections_per_ip:
+        if capped and count >= limits.max_connections_per_ip:
             return Refusal.MAX_CONNECTIONS_PER_IP
         self.per_address[address] = count + 1
         self.total += 1
         self.handshakes += 1
         return None
 
+    def rekey(self, old: str, new: str) -> Refusal | None:
+        """Count an admitted connection under ``new`` (the client a PROXY header named) instead of
+        ``old`` (the balancer), or say why the client is over its cap (it stays under ``old``)."""
+        if old == new:
+            return None
+        count = self.per_address.get(new, 0)
+        if count >= self.limits.max_connections_per_ip:
+            return Refusal.MAX_CONNECTIONS_PER_IP
+        self._uncount(old)
+        self.per_address[new] = count + 1
+        return None
+
     def release(self, address: str) -> None:
         """A counted connection closed (called exactly once per ``admit`` that returned None)."""
         self.total -= 1
+        self._uncount(address)
+
+    def _uncount(self, address: str) -> None:
         count = self.per_address.get(address, 0) - 1
         if count > 0:
             self.per_address[address] = count

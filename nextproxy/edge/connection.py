@@ -17,6 +17,7 @@ from typing import Callable
 from nextproxy.config.model import SniRoute
 from nextproxy.core.actions import Action, StartTunnel, StartWebSocket
 from nextproxy.core.clienthello import ClientHello
+from nextproxy.core.proxyprotocol import Endpoint
 from nextproxy.core.tls import TlsEngine
 from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.dispatch import HANDLERS
@@ -49,7 +50,9 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = transport
         self.peer = peer
         self._hello: ClientHello | None = hello
-        self._server_name = hello.server_name
+        self.server_name = hello.server_name
+        self.client_endpoints: tuple[Endpoint, Endpoint] | None = None
+        """Set by accept: for PROXY headers to upstreams that ask for one."""
         self._sni_route = sni_route
         self._engine: TlsEngine | None = None
         self._phase: Phase | None = None  # None during the handshake, and once closed
@@ -198,7 +201,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         self._handshake_over()
         self.rt.observer.handshake("ok")
         certificate = engine.peer_certificate
-        self._phase = self.http = HttpPhase.after_handshake(self, self._sni_route, self._server_name, certificate)
+        self._phase = self.http = HttpPhase.after_handshake(self, self._sni_route, self.server_name, certificate)
         self.deadline.set(self.rt.config.timeouts.client_idle, Timer.IDLE)
 
     def _tls_failed(self, exc: TlsError) -> None:

@@ -68,6 +68,7 @@ HANDLERS: dict[type, Handler] = {
     act.RequestStarted: _request_started,
     act.RequestCompleted: _completed,
     act.AuthorizationDenied: lambda c, a: c.rt.observer.denied(a, c.peer),
+    act.RateLimited: lambda c, a: c.rt.observer.rate_limited(a, c.peer),
     act.MessageRelayed: lambda c, a: c.rt.observer.ws_message(c.route_name, a),
     act.SessionClosed: lambda c, a: c.rt.observer.ws_closed(c.route_name, a, c.peer, _since_request(c)),
 }

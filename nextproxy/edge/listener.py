@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 from nextproxy.config.model import Address, Config
@@ -17,6 +18,7 @@ from nextproxy.core.routing import RouteTable
 from nextproxy.edge.accept import Accepted
 from nextproxy.edge.acceptor import Acceptor
 from nextproxy.edge.admission import Admission
+from nextproxy.edge.gate import ListenerGate
 from nextproxy.edge.host import Group, Member
 from nextproxy.edge.observer import EdgeObserver
 from nextproxy.edge.tlscontexts import ServerContexts, upstream_ssl_context
@@ -37,6 +39,8 @@ class Runtime:
     pool: UpstreamPool
     observer: EdgeObserver
     admission: Admission
+    gates: dict[Address, ListenerGate] = field(default_factory=dict)
+    """Each listen address's accept-time policy (PROXY protocol trust, connection rate)."""
     draining: bool = False
     groups: dict[Group, set[Member]] = field(default_factory=lambda: {group: set() for group in Group})
 
@@ -109,9 +113,11 @@ def build_runtime(
     tls = {u.name: upstream_ssl_context(u.tls) for u in config.upstreams if u.tls is not None}
     pool = UpstreamPool(config, tls, on_health=observer.upstream_health)
     admission = admission or Admission(config.limits)
+    gates = {address: ListenerGate.build(config.listener_policy(address)) for address in (config.listen, *config.listen_also)}
     return Runtime(
-        config=config, routes=RouteTable(config), contexts=contexts, pool=pool, observer=observer, admission=admission
-    )
+        config=config, routes=RouteTable(config), contexts=contexts, pool=pool, observer=observer,
+        admission=admission, gates=gates,
+    )  # fmt: skip
 
 
 class ProxyServer:
@@ -142,9 +148,12 @@ class ProxyServer:
                 bound.close()
             raise
         self.runtime.pool.start()
-        for listening in [sock, *more]:
+        for address, listening in zip((config.listen, *config.listen_also), [sock, *more]):
             listening.setblocking(False)
-            acceptor = Acceptor(loop, listening, self._protocol, self.runtime.admission, lambda: self.runtime.observer)
+            acceptor = Acceptor(
+                loop, listening, partial(self._protocol, address), self.runtime.admission,
+                lambda: self.runtime.observer, partial(self._balancer, address),
+            )  # fmt: skip
             self._acceptors.append(acceptor)
             acceptor.start()
         self.runtime.admission.watch_handshakes(self._handshakes_fell)
@@ -153,9 +162,16 @@ class ProxyServer:
         for acceptor in self._acceptors:
             acceptor.handshakes_fell()
 
-    def _protocol(self, peer: str) -> Accepted:
+    def _protocol(self, address: Address, peer: str) -> Accepted:
         assert self._loop is not None  # set by start(), before the listener exists
-        return Accepted(self.runtime, self._loop, peer)
+        runtime = self.runtime  # the current one: a reload's new gates apply to new connections
+        gate = runtime.gates.get(address)
+        return Accepted(runtime, self._loop, peer) if gate is None else Accepted(runtime, self._loop, peer, gate)
+
+    def _balancer(self, address: Address, peer: str) -> bool:
+        """A trusted balancer's connections are counted per client once its PROXY header names one."""
+        gate = self.runtime.gates.get(address)
+        return gate is not None and gate.must_send_header(peer)
 
     def reload(self, config: Config, observer: EdgeObserver, contexts: ServerContexts | None = None) -> None:
         """Swap in a new runtime; established connections keep the one they started with."""

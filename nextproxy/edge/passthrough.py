@@ -153,8 +153,12 @@ class Splice:
         self.close()
 
 
-def start_passthrough(host: Host, transport: asyncio.Transport, route: SniRoute, hello: ClientHello, peer: str) -> Splice:
-    """Take over an accepted connection for ``route``: connect, replay the hello, splice."""
+def start_passthrough(
+    host: Host, transport: asyncio.Transport, route: SniRoute, hello: ClientHello, peer: str, preamble: bytes = b""
+) -> Splice:
+    """Take over an accepted connection for ``route``: connect, replay the hello, splice.
+
+    ``preamble`` (the route's PROXY v2 header, if it sends one) goes out before the hello."""
 
     def closed(splice: Splice) -> None:
         host.leave(splice, Group.PASSTHROUGH)
@@ -164,11 +168,11 @@ def start_passthrough(host: Host, transport: asyncio.Transport, route: SniRoute,
     splice = Splice(transport, host.config.timeouts.passthrough_idle, closed)
     host.enter(splice, Group.PASSTHROUGH)
     host.observer.passthrough_opened(route.name)
-    asyncio.get_running_loop().create_task(_connect(host, splice, route, hello, peer))
+    asyncio.get_running_loop().create_task(_connect(host, splice, route, preamble + hello.raw, peer))
     return splice
 
 
-async def _connect(host: Host, splice: Splice, route: SniRoute, hello: ClientHello, peer: str) -> None:
+async def _connect(host: Host, splice: Splice, route: SniRoute, initial: bytes, peer: str) -> None:
     """Replay the hello to the first upstream server that answers; else close the client."""
     try:
         upstream = host.config.upstream(route.upstream or "")
@@ -178,7 +182,7 @@ async def _connect(host: Host, splice: Splice, route: SniRoute, hello: ClientHel
             return
         timeout = host.config.timeouts.connect
         try:
-            await first_that_answers(upstream.servers, lambda server: splice.connect(server, hello.raw, timeout))
+            await first_that_answers(upstream.servers, lambda server: splice.connect(server, initial, timeout))
         except (OSError, TimeoutError) as exc:
             if out_of_descriptors(exc):  # the proxy's shortage: the upstream's health is unknown
                 host.observer.descriptors_exhausted("upstream", str(exc))

@@ -27,6 +27,7 @@ from nextproxy.core.actions import (
 )
 from nextproxy.core.headers import ClientInfo
 from nextproxy.core.http1 import HttpSession
+from nextproxy.core.proxyprotocol import Endpoint, build_v2
 from nextproxy.core.tls import PeerCertificate
 from nextproxy.core.websocket import RelayLimits, Side, WebSocketRelay
 from nextproxy.edge.acceptor import out_of_descriptors
@@ -55,6 +56,10 @@ class Shell(Member, Protocol):
     http: HttpPhase | None
     route_name: str
     request_started: float
+    client_endpoints: tuple[Endpoint, Endpoint] | None
+    """The client and the address it connected to (from a PROXY header if one was read), for
+    the PROXY v2 header sent to upstreams with ``proxy_protocol = "v2"``."""
+    server_name: str | None
 
     def send_client(self, data: bytes) -> None: ...
     def close_client(self) -> bool: ...
@@ -131,6 +136,7 @@ class HttpPhase:
         return self.session.reading_client
 
     def client_data(self, data: bytes) -> list[Action]:
+        self.session.now = self._shell.loop.time()  # time is an input: rate limits read it
         return self.session.client_data(data)
 
     def upstream_data(self, data: bytes) -> list[Action]:
@@ -165,7 +171,7 @@ class HttpPhase:
         if upstream is None:  # validate() rules it out; answered as any unreachable upstream
             shell.run(session.upstream_failed(f"no upstream named {action.route.upstream!r}"))
             return
-        if not action.fresh:
+        if not action.fresh and upstream.proxy_protocol is None:  # PROXY-header connections are never pooled
             conn = shell.rt.pool.take_idle(upstream, shell)
             if conn is not None:  # the common keep-alive case: no task, no await
                 shell.upstream.attach(conn)
@@ -177,7 +183,7 @@ class HttpPhase:
         shell, session, observer = self._shell, self.session, self._shell.rt.observer
         try:
             try:
-                conn = await shell.rt.pool.connect(upstream, shell)
+                conn = await shell.rt.pool.connect(upstream, shell, self._preamble(upstream))
             except ssl.SSLError as exc:
                 observer.upstream_error(upstream.name, f"TLS to upstream failed: {exc}", shell.peer)
                 actions = session.upstream_failed("upstream TLS verification failed")
@@ -200,6 +206,15 @@ class HttpPhase:
                 shell.run(actions)
         except Exception as exc:  # a bug: this connection only, never an unretrieved task error
             shell.bug(exc)
+
+
+    def _preamble(self, upstream: Upstream) -> bytes:
+        """The PROXY v2 header for ``upstream`` (empty if it takes none): the client as read at
+        accept, and the server name it asked for."""
+        endpoints = self._shell.client_endpoints
+        if upstream.proxy_protocol is None or endpoints is None:
+            return b""
+        return build_v2(endpoints[0], endpoints[1], authority=self._shell.server_name)
 
 
 class TunnelPhase:

@@ -37,6 +37,10 @@ def check(path: str | None) -> int:
     print(f"configuration: {config.source}")
     listen = ", ".join(str(a) for a in (config.listen, *config.listen_also))
     print(f"listen: {listen}   admin: {config.admin_listen}   workers: {config.workers}")
+    for policy in config.listener_policies:
+        trusted = " ".join(policy.proxy_protocol_trusted) if policy.proxy_protocol_trusted is not None else "-"
+        rate = f"{policy.new_connections_per_second:g}/s per client" if policy.new_connections_per_second is not None else "-"
+        print(f"listener {policy.address}: PROXY protocol from {trusted}   new connections: {rate}")
     for cert in contexts.certificates:
         print(f"certificate: {cert.name} (SANs: {', '.join(cert.sans) or '-'})")
     rows = describe_routes(config)
@@ -48,6 +52,8 @@ def check(path: str | None) -> int:
         upstream = config.upstream(target)
         if upstream is not None:
             target = f"{target} ({', '.join(str(s) for s in upstream.servers)})"
+            if upstream.proxy_protocol is not None:
+                target += f" proxy-protocol {upstream.proxy_protocol}"
         print("  ".join(v.ljust(w) for v, w in zip((row[0], row[1], target), widths)))
     return 0
 

@@ -85,8 +85,28 @@ CERTIFICATE_EXPIRY = Gauge(
 )
 CONFIG_RELOADS = Counter("nextproxy_config_reloads_total", "Configuration reloads, by result.", ["result"])
 AUTHORIZATION_DENIED = Counter(
-    "nextproxy_authorization_denied_total", "Requests refused by a client-certificate allow list.", ["route", "reason"]
+    "nextproxy_authorization_denied_total", "Requests and connections refused by a client-certificate or source-address allow list.", ["route", "reason"]
 )
+PROXY_PROTOCOL_HEADERS = Counter(
+    "nextproxy_proxy_protocol_headers_total",
+    "PROXY protocol headers accepted from trusted balancers, by listener, version and command.",
+    ["listener", "version", "command"],
+)
+PROXY_PROTOCOL_REJECTED = Counter(
+    "nextproxy_proxy_protocol_rejected_total",
+    "Connections closed over their PROXY protocol header (invalid, missing, or from an untrusted peer).",
+    ["listener", "reason"],
+)
+RATE_LIMITED = Counter(
+    "nextproxy_rate_limited_total", "Requests and WebSocket upgrades answered 429, by route and key kind (ip, cert).",
+    ["route", "key"],
+)  # fmt: skip
+CONNECTIONS_RATE_LIMITED = Counter(
+    "nextproxy_connections_rate_limited_total",
+    "Connections closed at accept for exceeding the listener's new_connections_per_second.",
+    ["listener"],
+)
+PROXY_PROTOCOL_REASONS = ("not_proxy_protocol", "malformed", "too_long", "bad_checksum", "truncated", "untrusted", "timeout")
 
 # Overload protection (issue 12): every limit is counted where it bites.
 CONNECTIONS_REFUSED = Counter(
@@ -135,6 +155,13 @@ CONTRACT_METRIC_NAMES = (
     "nextproxy_log_lines_dropped_total",
     "nextproxy_asyncio_tasks",
 )
+POLICY_METRIC_NAMES = (
+    "nextproxy_proxy_protocol_headers_total",
+    "nextproxy_proxy_protocol_rejected_total",
+    "nextproxy_rate_limited_total",
+    "nextproxy_connections_rate_limited_total",
+)
+"""Labelled by listener address or route: their series appear with the first event."""
 
 # Children for the fixed label sets, resolved at import so that every series exists (at 0) from
 # the first scrape; rate() and absent() alerts misbehave on series that appear late.

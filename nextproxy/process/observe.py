@@ -15,6 +15,7 @@ from nextproxy.edge.observer import (
     AuthorizationDenied,
     ClientHelloError,
     MessageRelayed,
+    RateLimited,
     RequestCompleted,
     SessionClosed,
     Side,
@@ -99,6 +100,27 @@ class Observer:
     def denied(self, denied: AuthorizationDenied, peer: str) -> None:
         self.route(denied.route).denied(denied.reason).inc()
         self.log.log("warning", "authorization_denied", route=denied.route, client=peer, reason=denied.reason, fingerprint=denied.fingerprint)
+
+    def rate_limited(self, limited: RateLimited, peer: str) -> None:
+        metrics.RATE_LIMITED.labels(route=limited.route, key=limited.key).inc()
+        if self.log.enabled("info"):
+            self.log.log("info", "rate_limited", route=limited.route, client=peer, key=limited.key, retry_after=limited.retry_after)
+
+    # accept-time policy: PROXY protocol and connection rates
+    def proxy_header(self, listener: str, version: int, command: str) -> None:
+        metrics.PROXY_PROTOCOL_HEADERS.labels(listener=listener, version=str(version), command=command).inc()
+
+    def proxy_rejected(self, listener: str, reason: str, detail: str, peer: str) -> None:
+        if reason not in metrics.PROXY_PROTOCOL_REASONS:  # labels stay bounded whatever the reader says
+            reason = "malformed"
+        metrics.PROXY_PROTOCOL_REJECTED.labels(listener=listener, reason=reason).inc()
+        if self.log.enabled("info"):  # info, not warning: anyone can make these, and a flood must not flood the log
+            self.log.log("info", "proxy_protocol_rejected", listener=listener, client=peer, reason=reason, detail=detail)
+
+    def connections_rate_limited(self, listener: str, peer: str) -> None:
+        metrics.CONNECTIONS_RATE_LIMITED.labels(listener=listener).inc()
+        if self.log.enabled("info"):
+            self.log.log("info", "connection_rate_limited", listener=listener, client=peer)
 
     def upstream_error(self, name: str, detail: str, peer: str) -> None:
         self.log.log("warning", "upstream_error", upstream=name, client=peer, detail=detail)

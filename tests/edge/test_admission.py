@@ -44,3 +44,19 @@ def test_handshake_slots_call_back_when_one_frees() -> None:
     assert not admission.handshakes_full and calls == []  # not yet: an eighth must be free
     admission.handshake_over()
     assert calls == [14]
+
+
+def test_a_balancer_is_uncapped_and_its_clients_are_capped_once_named() -> None:
+    admission = Admission(Limits(max_connections=100, max_connections_per_ip=2))
+    balancer = "10.0.0.5"
+    for _ in range(5):  # one balancer carries many clients: only the global cap applies to it
+        assert admission.admit(balancer, capped=False) is None
+    assert admission.rekey(balancer, "203.0.113.7") is None
+    assert admission.rekey(balancer, "203.0.113.7") is None
+    # The named client is at its cap: refused, and still counted under the balancer to be released.
+    assert admission.rekey(balancer, "203.0.113.7") is Refusal.MAX_CONNECTIONS_PER_IP
+    assert admission.per_address == {balancer: 3, "203.0.113.7": 2}
+    assert admission.rekey(balancer, balancer) is None  # LOCAL-like: nothing moves
+    for address in (balancer, balancer, balancer, "203.0.113.7", "203.0.113.7"):
+        admission.release(address)
+    assert admission.total == 0 and admission.per_address == {}
