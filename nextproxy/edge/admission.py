@@ -35,7 +35,7 @@ class Admission:
         self.handshakes = 0
         """ClientHellos being read plus TLS handshakes not finished."""
         self._on_handshakes: Callable[[], None] = _nothing
-        """Called when the handshake count falls below the cap (the acceptor resumes)."""
+        """Called when handshake slots are free again (the acceptor resumes if it paused)."""
 
     def watch_handshakes(self, callback: Callable[[], None]) -> None:
         self._on_handshakes = callback
@@ -83,7 +83,10 @@ class Admission:
     def handshake_over(self) -> None:
         """A connection admitted by ``admit`` finished (or abandoned) its hello and handshake."""
         self.handshakes -= 1
-        if self.handshakes < self.limits.max_handshakes:
+        limit = self.limits.max_handshakes
+        # Hysteresis: resume once an eighth of the slots are free, not at every single one, so a
+        # sustained flood does not cost an epoll_ctl pair per finished handshake.
+        if self.handshakes <= limit - max(1, limit // 8):
             self._on_handshakes()
 
     @property

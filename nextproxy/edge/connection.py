@@ -23,14 +23,14 @@ from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.dispatch import HANDLERS
 from nextproxy.edge.host import Group, Host
 from nextproxy.edge.phases import HttpPhase, Phase, upgrade
-from nextproxy.edge.reads import read_buffer
+from nextproxy.edge.reads import MAX_READ, MIN_READ, read_buffer
 from nextproxy.edge.upstream import UpstreamSlot
 from nextproxy.errors import TlsError
 
 READ_CHUNK_LIMIT = 128 * 1024
 """High-water mark of the client transport's write buffer before the upstream is paused. With
-64 KiB upstream reads a client that stops reading holds about 245 KiB in all (RSS, measured):
-the mark, one read and the connection; 128 KiB still streams a 1 MiB response in a few turns."""
+upstream reads sized to the room left below it (``read_room``) a client that stops reading
+holds about 215 KiB in all (RSS, measured): the mark, a 16 KiB read and the connection; 128 KiB still streams a 1 MiB response in a few turns."""
 SEAL_PIECE = 32 * 1024
 """Largest plaintext given to one SSL_write (see ``_flush_large``): two full TLS records."""
 
@@ -155,6 +155,13 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         phase = self._phase
         if phase is not None:
             self._guarded(lambda: self.run(phase.upstream_lost(exc)))
+
+    def read_room(self) -> int:
+        """The upstream's next read: what the client's buffer can take below its mark, so a
+        stalled client's buffer never passes the mark by more than ``MIN_READ``."""
+        transport = self.transport
+        room = READ_CHUNK_LIMIT - transport.get_write_buffer_size() if transport is not None else 0
+        return MIN_READ if room < MIN_READ else (MAX_READ if room > MAX_READ else room)
 
     def upstream_writing(self, paused: bool) -> None:
         self.upstream.paused = paused

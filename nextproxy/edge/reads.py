@@ -14,14 +14,19 @@ from __future__ import annotations
 import threading
 
 READ_SIZE = 64 * 1024
-"""Largest single read: four TLS records, a few network round trips' worth on a LAN."""
+"""Largest single read from a client or in passthrough: four TLS records."""
+MAX_READ = 256 * 1024
+"""Largest upstream read toward a terminated client, when that client's buffer has the room:
+``read_buffer(room)`` sizes each read to what the client can take below its mark, so a fast
+client gets big reads (fewer callbacks per MiB) and a stalled one gets ``MIN_READ``."""
+MIN_READ = 16 * 1024
 
 _buffers = threading.local()
 
 
-def read_buffer() -> memoryview:
-    """This thread's read buffer (created on first use)."""
+def read_buffer(size: int = READ_SIZE) -> memoryview:
+    """This thread's read buffer (created on first use), ``size`` bytes of it (at most MAX_READ)."""
     buffer: memoryview | None = getattr(_buffers, "buffer", None)
     if buffer is None:
-        buffer = _buffers.buffer = memoryview(bytearray(READ_SIZE))
-    return buffer
+        buffer = _buffers.buffer = memoryview(bytearray(MAX_READ))
+    return buffer[:size]

@@ -21,7 +21,7 @@ from nextproxy.config.model import Address, Config, Upstream
 from nextproxy.core.upstream_leg import UpstreamLeg, new_upstream_leg
 from nextproxy.core.proxyprotocol import V2_SIGNATURE
 from nextproxy.edge.acceptor import out_of_descriptors
-from nextproxy.edge.reads import read_buffer
+from nextproxy.edge.reads import READ_SIZE, read_buffer
 
 LOCAL_V2 = V2_SIGNATURE + bytes((0x20, 0x00, 0x00, 0x00))
 """A PROXY v2 LOCAL header without addresses: what the health probe sends to such upstreams."""
@@ -91,12 +91,15 @@ class UpstreamOwner(Protocol):
     def upstream_data(self, data: bytes) -> None: ...
     def upstream_lost(self, exc: Exception | None) -> None: ...
     def upstream_writing(self, paused: bool) -> None: ...
+    def read_room(self) -> int:
+        """How many bytes the next upstream read may bring (the client's room below its mark)."""
 
 
 class UpstreamConnection(asyncio.BufferedProtocol):
     """One TCP (or TLS) connection to an upstream server.
 
-    A BufferedProtocol so that the read size is ours (64 KiB, ``edge.reads``), not uvloop's."""
+    A BufferedProtocol so that the read size is ours, not uvloop's: what the owner's client can
+    take below its write mark (``UpstreamOwner.read_room``, ``edge.reads``)."""
 
     def __init__(self, upstream: Upstream, server: Address, max_header_size: int) -> None:
         self.upstream = upstream
@@ -117,10 +120,11 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         OPEN_CONNECTIONS[self.upstream.name] += 1
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return read_buffer()
+        owner = self.owner
+        return read_buffer(owner.read_room() if owner is not None else READ_SIZE)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(read_buffer()[:nbytes]))
+        self.data_received(bytes(read_buffer(nbytes)))
 
     def data_received(self, data: bytes) -> None:
         if self.owner is not None:

@@ -483,6 +483,9 @@ def test_tls_upstream_gets_the_header_before_its_handshake(tmp_path: Path, pki: 
         def upstream_writing(self, paused: bool) -> None:
             pass
 
+        def read_room(self) -> int:
+            return 64 * 1024  # UpstreamOwner: how much the next upstream read may bring
+
     async def exchange(source: str) -> bytes:
         tls = UpstreamTls(ca_file=str(pki_files["ca.pem"]), server_name="localhost")
         upstream = Upstream("api", (Address("127.0.0.1", front),), tls, "v2")
