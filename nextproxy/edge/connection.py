@@ -14,7 +14,7 @@ import ssl
 from datetime import datetime, timezone
 from typing import Callable
 
-from nextproxy.config.model import SniRoute
+from nextproxy.config.model import ClientAuth, SniRoute
 from nextproxy.core.actions import Action, StartTunnel, StartWebSocket
 from nextproxy.core.clienthello import ClientHello
 from nextproxy.core.tls import TlsEngine
@@ -63,7 +63,9 @@ class TerminatedConnection(asyncio.Protocol):
         self.deadline.set(self.rt.config.timeouts.handshake, Timer.HANDSHAKE)
         context = self.rt.contexts.select(self._sni_route, hello.server_name)
         try:
-            self._engine = TlsEngine(context, now=datetime.now(timezone.utc))
+            # The clock is read only where a client certificate may be verified against it.
+            now = datetime.now(timezone.utc) if context.client_auth is not ClientAuth.NONE else None
+            self._engine = TlsEngine(context, now=now)
         except TlsError as exc:
             self._tls_failed(exc)
             return
