@@ -159,7 +159,9 @@ class TerminatedConnection(asyncio.Protocol):
                     self._close()
                 return
             self._handshake_done(engine)
-        self._flush()  # session tickets go out right after the handshake
+            self._flush()  # session tickets go out right after the handshake
+        elif not plaintext:
+            self._flush()  # whatever OpenSSL answered by itself (run() flushes after a phase)
         phase = self._phase
         if plaintext and phase is not None:
             self.deadline.touch(phase.quiet)
