@@ -129,7 +129,8 @@ class Bench:
         except ssl.SSLWantReadError:
             pass
         transport = MemoryTransport()
-        accepted = Accepted(self.runtime, self.loop)
+        self.runtime.admission.admit("127.0.0.1")  # as edge.acceptor does before the protocol exists
+        accepted = Accepted(self.runtime, self.loop, "127.0.0.1")
         transport.protocol = accepted
         hello = outgoing.read()
         self.timed(lambda: (accepted.connection_made(transport), accepted.data_received(hello)))  # type: ignore[arg-type, func-returns-value]

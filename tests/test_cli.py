@@ -126,3 +126,20 @@ def test_healthcheck_follows_the_configured_admin_port(preset: dict[str, str]) -
     finally:
         proxy.terminate()
         assert proxy.wait(15) == 0
+
+
+def test_check_shows_the_edge_policies(preset: dict[str, str]) -> None:
+    """Issue 13's settings are visible before anything runs: listener PROXY trust and rate,
+    per-route sources, rate limits and PROXY headers."""
+    env = {
+        **preset, "NEXTPROXY_MC_API_SNI": "api.mc.example", "NEXTPROXY_API_MODE": "terminate",
+        "NEXTPROXY_PROXY_PROTOCOL_TRUSTED": "10.0.0.0/8,fd00::/8", "NEXTPROXY_NEW_CONNECTIONS_PER_SECOND": "50",
+        "NEXTPROXY_NS_API_ALLOW_SOURCES": "203.0.113.0/24", "NEXTPROXY_API_RATE_LIMIT": "20",
+        "NEXTPROXY_API_PROXY_PROTOCOL": "v2",
+    }  # fmt: skip
+    result = run(["check"], env)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "PROXY protocol from 10.0.0.0/8 fd00::/8" in out and "new connections: 50/s per client" in out
+    assert "sources 203.0.113.0/24, rate 20/s burst 20" in out
+    assert "ns-api (ns:8080) proxy-protocol v2" in out

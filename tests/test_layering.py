@@ -24,10 +24,11 @@ STDLIB = frozenset(sys.stdlib_module_names)
 CORE_STDLIB = frozenset({
     "__future__", "abc", "base64", "binascii", "codecs", "collections", "dataclasses", "datetime",
     "enum", "functools", "hashlib", "hmac", "ipaddress", "itertools", "math", "operator", "re",
-    "string", "struct", "typing", "unicodedata",
+    "string", "struct", "typing", "unicodedata", "urllib.parse",
 })  # fmt: skip
 """The standard library core may use: no I/O, no clock (datetime only for types: ``now`` is an
-argument, and a ``datetime.now()``-style call in core is refused separately)."""
+argument, and a ``datetime.now()``-style call in core is refused separately). A dotted name allows
+that module only (``urllib.parse``, never ``urllib.request``)."""
 NEVER_IN_CORE = frozenset({
     "asyncio", "socket", "ssl", "selectors", "time", "subprocess", "logging", "os", "threading",
     "prometheus_client", "uvloop",
@@ -140,7 +141,9 @@ def _allowed(layer: Layer, target: str) -> str | None:
         return f"{layer.name} may not import {target}"
     top = target.split(".")[0]
     if top in STDLIB:
-        if layer.stdlib is not None and (top not in layer.stdlib or top in NEVER_IN_CORE):
+        if layer.stdlib is not None and (
+            not (top in layer.stdlib or target in layer.stdlib) or top in NEVER_IN_CORE
+        ):
             return f"{layer.name} may not import the standard library's {target} (I/O or a clock)"
         return None
     if layer.external is None or top in layer.external:
@@ -237,6 +240,7 @@ def _planted(**changes: str) -> dict[str, str]:
     [
         ("nextproxy__core__routing", "import asyncio\n", "nextproxy.core.routing: core may not import the standard library's asyncio"),
         ("nextproxy__core__routing", "def f():\n    import time\n", "core may not import the standard library's time"),
+        ("nextproxy__core__routing", "from urllib.request import urlopen\n", "core may not import the standard library's urllib.request"),
         ("nextproxy__core__routing", "from ..edge import connection\n", "core may not import nextproxy.edge.connection"),
         ("nextproxy__core__routing", "from nextproxy.config import toml\n", "core may not import nextproxy.config.toml"),
         ("nextproxy__core__routing", "import datetime\nx = datetime.datetime.now()\n", "core may not read a clock (now())"),

@@ -103,10 +103,38 @@ class UpstreamTls:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """A token bucket per client: ``requests_per_second`` on average, ``burst`` back to back."""
+
+    requests_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerPolicy:
+    """What a listen address asks of the peers that connect to it (TOML ``listen`` tables)."""
+
+    address: Address
+    proxy_protocol_trusted: tuple[str, ...] | None = None
+    """Networks (CIDR text) whose connections must start with a PROXY protocol header (v1 or
+    v2); their header's source is the client. Every other peer must not send one."""
+    new_connections_per_second: float | None = None
+    """New connections per second per client address (burst: one second's worth); over it the
+    connection is closed at accept."""
+
+
+PROXY_PROTOCOL_V2 = "v2"
+"""The one PROXY protocol version the proxy sends (binary, with AUTHORITY and ALPN TLVs)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
     servers: tuple[Address, ...]
     tls: UpstreamTls | None = None
+    proxy_protocol: str | None = None
+    """``"v2"``: every connection starts with a PROXY v2 header naming the client; such
+    connections carry one client each and are never pooled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +153,10 @@ class PathRoute:
     encoded_slashes: EncodedSlashes = EncodedSlashes.FORWARD
     """What to do with ``%2F``/``%5C`` in the path (dot segments and targets that would match
     another route once decoded are refused either way)."""
+    allow_sources: tuple[str, ...] | None = None
+    """When set, only clients from these networks (CIDR text) may use the route, else 403."""
+    rate_limit: RateLimitConfig | None = None
+    """Requests (and WebSocket upgrades) per client; over it 429 with Retry-After."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +171,13 @@ class SniRoute:
     allow: tuple[AllowRule, ...] | None = None
     forward_client_cert_chain: bool = False
     """Also send the client's intermediates upstream as ``Client-Cert-Chain`` (RFC 9440)."""
+    allow_sources: tuple[str, ...] | None = None
+    """When set, clients from other networks are refused at accept, before any upstream
+    connect: passthrough closes, terminate answers with an ``access_denied`` alert."""
+    proxy_protocol: str | None = None
+    """Passthrough only: ``"v2"`` sends a PROXY v2 header (client, SNI, ALPN) before the hello."""
+    rate_limit: RateLimitConfig | None = None
+    """Terminate with an upstream only: the requests limit of the route all paths go to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +195,11 @@ class Timeouts:
     request_head: float = 30 * SECONDS
     """From a request's first byte to the end of its head, however slowly it trickles in:
     a client cannot hold a connection by sending one header byte at a time (slowloris)."""
+    request_body: float = 300 * SECONDS
+    """From the end of a request head to the end of its body, however slowly it trickles in;
+    then 408 and close (the upstream connection is closed too). A total bound, not an idle one:
+    a body sent one byte every few seconds must not hold an upstream connection forever. Raise
+    it for large uploads over slow links."""
     passthrough_idle: float = 3600 * SECONDS
     """A passthrough connection with no bytes either way."""
     pool_idle: float = 4 * SECONDS
@@ -175,7 +219,14 @@ class Limits:
     max_upstream_header_size: int = 64 * KiB
     """Upstream response head; larger gets 502."""
     max_connections: int = 20000
-    """Per worker; the listener stops accepting above it."""
+    """Per worker, every connection of the process (those still served by a configuration that a
+    reload replaced included); above it new connections are closed at accept."""
+    max_connections_per_ip: int = 256
+    """Per worker and client address: one address cannot take every slot of ``max_connections``."""
+    max_handshakes: int = 512
+    """ClientHellos and TLS handshakes in progress, per worker. Above it the listener stops
+    accepting, so new connections wait in the kernel's backlog (not in Python memory) and
+    established clients keep their latency during a handshake flood."""
     pool_size: int = 64
     """Idle pooled connections kept per upstream server."""
 
@@ -197,6 +248,15 @@ class Config:
     source: str = "environment preset"
     listen_also: tuple[Address, ...] = ()
     """More edge addresses serving the same routes (TOML ``listen`` given as a list)."""
+    listener_policies: tuple[ListenerPolicy, ...] = ()
+    """PROXY protocol and connection-rate settings, for the listen addresses that have any."""
+
+    def listener_policy(self, address: Address) -> ListenerPolicy:
+        """The settings of one listen address (none set: a policy with nothing in it)."""
+        for policy in self.listener_policies:
+            if policy.address == address:
+                return policy
+        return ListenerPolicy(address)
 
     def upstream(self, name: str) -> Upstream | None:
         """The upstream called ``name``; None if there is none (``validate`` makes sure every

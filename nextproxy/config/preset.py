@@ -6,7 +6,7 @@ secret has an inline form ``X`` and a file form ``X_FILE``, and setting both is 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from nextproxy.config.model import (
@@ -14,7 +14,9 @@ from nextproxy.config.model import (
     CertificateConfig,
     ClientAuth,
     Config,
+    ListenerPolicy,
     PathRoute,
+    RateLimitConfig,
     PemSource,
     SniAction,
     SniRoute,
@@ -27,7 +29,11 @@ from nextproxy.config.values import (
     LOG_FORMATS,
     LOG_LEVELS,
     check_file,
+    default_burst,
     parse_address,
+    parse_networks,
+    parse_proxy_protocol_out,
+    parse_rate,
     parse_allow,
     parse_bool,
     parse_enum,
@@ -65,6 +71,9 @@ KNOWN_VARIABLES = frozenset(
         "NEXTPROXY_UPSTREAM_TLS_KEY", "NEXTPROXY_UPSTREAM_TLS_KEY_FILE",
         "NEXTPROXY_WORKERS", "NEXTPROXY_LOG_LEVEL", "NEXTPROXY_LOG_FORMAT",
         "NEXTPROXY_SHUTDOWN_DELAY", "NEXTPROXY_DRAIN_TIMEOUT",
+        "NEXTPROXY_PROXY_PROTOCOL_TRUSTED", "NEXTPROXY_NEW_CONNECTIONS_PER_SECOND", "NEXTPROXY_API_PROXY_PROTOCOL",
+        "NEXTPROXY_NS_API_ALLOW_SOURCES", "NEXTPROXY_MC_API_ALLOW_SOURCES",
+        "NEXTPROXY_API_RATE_LIMIT", "NEXTPROXY_API_RATE_BURST",
     }
 )  # fmt: skip
 
@@ -117,13 +126,18 @@ def from_environment(env: Mapping[str, str]) -> Config:
         upstreams.append(Upstream(name, (Address(hosts[svc], port),), upstream_tls))
         routes.append(PathRoute(name=name, prefix=prefix, upstream=name))
     sni_routes = _api_routes(env, hosts, upstream_tls, upstreams)
+    if not sni_routes:
+        for key in ("NEXTPROXY_API_PROXY_PROTOCOL", "NEXTPROXY_API_RATE_LIMIT"):
+            if env.get(key, "").strip():
+                raise ConfigError(key, "has no effect unless NEXTPROXY_NS_API_SNI or NEXTPROXY_MC_API_SNI is set")
     timeouts = Timeouts()
     if "NEXTPROXY_SHUTDOWN_DELAY" in env:
         timeouts = replace(timeouts, shutdown_delay=parse_number("NEXTPROXY_SHUTDOWN_DELAY", env["NEXTPROXY_SHUTDOWN_DELAY"]))
     if "NEXTPROXY_DRAIN_TIMEOUT" in env:
         timeouts = replace(timeouts, drain=parse_number("NEXTPROXY_DRAIN_TIMEOUT", env["NEXTPROXY_DRAIN_TIMEOUT"]))
     config = Config(
-        listen=listen, admin_listen=admin, certificates=(edge,), admin_tls=admin_tls,
+        listen=listen,
+        listener_policies=_listener_policies(env, listen), admin_listen=admin, certificates=(edge,), admin_tls=admin_tls,
         upstreams=tuple(upstreams), routes=tuple(routes), sni_routes=tuple(sni_routes), timeouts=timeouts,
         **process_settings(env),
     )  # fmt: skip
@@ -176,6 +190,7 @@ def _api_routes(
     """The API routes by SNI (NEXTPROXY_*_API_SNI); their upstreams are appended to ``upstreams``."""
     mode, client_auth, forward_chain, ca_file = _api_mode(env)
     terminate = mode is SniAction.TERMINATE
+    api = _api_policy(env, mode)
     sni_routes: list[SniRoute] = []
     seen_names: dict[str, str] = {}
     for name, svc, port in PRESET_API_ROUTES:
@@ -183,9 +198,12 @@ def _api_routes(
         raw_sni = env.get(sni_key, "").strip()
         allow_text = env.get(allow_key, "").strip()
         allow = parse_allow(allow_key, [a for a in allow_text.split(",") if a.strip()]) if allow_text else None
+        sources_key = f"NEXTPROXY_{svc}_API_ALLOW_SOURCES"
+        sources = parse_networks(sources_key, env[sources_key]) if env.get(sources_key, "").strip() else None
         if not raw_sni:
-            if allow is not None:
-                raise ConfigError(allow_key, f"has no effect unless {sni_key} is set")
+            for key, value in ((allow_key, allow), (sources_key, sources)):
+                if value is not None:
+                    raise ConfigError(key, f"has no effect unless {sni_key} is set")
             continue
         server_name = parse_server_name(sni_key, raw_sni)
         if server_name in seen_names:
@@ -194,15 +212,57 @@ def _api_routes(
         if not terminate and allow is not None:
             raise ConfigError(allow_key, "needs NEXTPROXY_API_MODE=terminate (passthrough never sees certificates)")
         # Passthrough carries the client's TLS to the upstream's own TLS port: never re-encrypted.
-        upstreams.append(Upstream(name, (Address(hosts[svc], port),), upstream_tls if terminate else None))
+        # NEXTPROXY_API_PROXY_PROTOCOL: on the passthrough route, or in terminate mode on the
+        # connections to the API server (never pooled across clients).
+        upstream_pp = api.proxy_protocol if terminate else None
+        upstreams.append(Upstream(name, (Address(hosts[svc], port),), upstream_tls if terminate else None, upstream_pp))
         sni_routes.append(
             SniRoute(
                 name=name, server_names=(server_name,), action=mode, upstream=name,
                 client_auth=client_auth if terminate else ClientAuth.NONE,
                 client_ca_file=ca_file if terminate else None, allow=allow, forward_client_cert_chain=forward_chain,
+                allow_sources=sources, proxy_protocol=None if terminate else api.proxy_protocol, rate_limit=api.rate_limit,
             )  # fmt: skip
         )
     return sni_routes
+
+
+@dataclass(frozen=True, slots=True)
+class _ApiPolicy:
+    """The NEXTPROXY_API_* switches shared by both API names."""
+
+    proxy_protocol: str | None
+    rate_limit: RateLimitConfig | None
+
+
+def _api_policy(env: Mapping[str, str], mode: SniAction) -> _ApiPolicy:
+    """NEXTPROXY_API_PROXY_PROTOCOL and NEXTPROXY_API_RATE_LIMIT / _BURST."""
+    raw_pp = env.get("NEXTPROXY_API_PROXY_PROTOCOL", "").strip()
+    proxy_protocol = parse_proxy_protocol_out("NEXTPROXY_API_PROXY_PROTOCOL", raw_pp) if raw_pp else None
+    raw_rate = env.get("NEXTPROXY_API_RATE_LIMIT", "").strip()
+    raw_burst = env.get("NEXTPROXY_API_RATE_BURST", "").strip()
+    rate_limit = None
+    if raw_rate:
+        if mode is SniAction.PASSTHROUGH:
+            # Requests are inside the client's TLS in passthrough: there is nothing to count.
+            raise ConfigError("NEXTPROXY_API_RATE_LIMIT", "has no effect unless NEXTPROXY_API_MODE=terminate")
+        rate = parse_rate("NEXTPROXY_API_RATE_LIMIT", raw_rate)
+        burst = parse_number("NEXTPROXY_API_RATE_BURST", raw_burst, minimum=1, integer=True) if raw_burst else default_burst(rate)
+        rate_limit = RateLimitConfig(rate, burst)
+    elif raw_burst:
+        raise ConfigError("NEXTPROXY_API_RATE_BURST", "has no effect unless NEXTPROXY_API_RATE_LIMIT is set")
+    return _ApiPolicy(proxy_protocol, rate_limit)
+
+
+def _listener_policies(env: Mapping[str, str], listen: Address) -> tuple[ListenerPolicy, ...]:
+    """NEXTPROXY_PROXY_PROTOCOL_TRUSTED and NEXTPROXY_NEW_CONNECTIONS_PER_SECOND, for the one listener."""
+    raw_trusted = env.get("NEXTPROXY_PROXY_PROTOCOL_TRUSTED", "").strip()
+    trusted = parse_networks("NEXTPROXY_PROXY_PROTOCOL_TRUSTED", raw_trusted) if raw_trusted else None
+    raw_rate = env.get("NEXTPROXY_NEW_CONNECTIONS_PER_SECOND", "").strip()
+    rate = parse_rate("NEXTPROXY_NEW_CONNECTIONS_PER_SECOND", raw_rate) if raw_rate else None
+    if trusted is None and rate is None:
+        return ()
+    return (ListenerPolicy(listen, trusted, rate),)
 
 
 def process_settings(env: Mapping[str, str]) -> dict[str, Any]:

@@ -13,6 +13,9 @@ from typing import Any, Mapping
 
 from nextproxy.config.model import (
     MiB,
+    Address,
+    ListenerPolicy,
+    RateLimitConfig,
     CertificateConfig,
     ClientAuth,
     Config,
@@ -32,7 +35,11 @@ from nextproxy.config.preset import process_settings
 from nextproxy.config.values import (
     ROUTE_NAME,
     check_file,
+    default_burst,
     parse_address,
+    parse_networks,
+    parse_proxy_protocol_out,
+    parse_rate,
     parse_allow,
     parse_enum,
     parse_number,
@@ -123,11 +130,7 @@ def from_toml(path: str, env: Mapping[str, str] | None = None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("NEXTPROXY_CONFIG", f"{path}: not valid TOML: {exc}") from None
     root = _Table(data, "")
-    listen_value = root.take("listen", "0.0.0.0:8443", (str, list))
-    listen_list = [listen_value] if isinstance(listen_value, str) else listen_value
-    if not listen_list or not all(isinstance(item, str) for item in listen_list):
-        raise ConfigError("listen", f"expected host:port or a list of them, got {listen_value!r}")
-    listen, *listen_also = (parse_address("listen", item, listen=True) for item in listen_list)
+    listen, listen_also, policies = _toml_listen(root.take("listen", "0.0.0.0:8443", (str, list, dict)))
     admin_listen = parse_address("admin_listen", root.take("admin_listen", "0.0.0.0:9613", str), listen=True)
 
     tls = root.sub("tls")
@@ -153,7 +156,8 @@ def from_toml(path: str, env: Mapping[str, str] | None = None) -> Config:
     limits = _toml_dataclass(root.sub("limits"), Limits(), integer=True)
     root.done()
     config = Config(
-        listen=listen, listen_also=tuple(listen_also), admin_listen=admin_listen, certificates=certificates,
+        listen=listen, listen_also=tuple(listen_also), listener_policies=policies,
+        admin_listen=admin_listen, certificates=certificates,
         admin_tls=admin_tls, upstreams=tuple(upstreams), routes=routes, sni_routes=sni_routes,
         timeouts=timeouts, limits=limits, source=path, **process_settings(env if env is not None else os.environ),
     )  # fmt: skip
@@ -171,13 +175,14 @@ def _toml_upstream(name: str, table: _Table, default_tls: UpstreamTls) -> Upstre
     addresses = tuple(parse_address(table.key("servers"), s if isinstance(s, str) else repr(s)) for s in servers)
     use_tls = table.take("tls", False, bool)
     server_name = table.take("server_name", None, str)
+    proxy_protocol = _proxy_protocol_out(table)
     table.done()
     upstream_tls = None
     if use_tls:
         upstream_tls = default_tls
         if server_name:
             upstream_tls = replace(upstream_tls, server_name=parse_server_name(table.key("server_name"), server_name))
-    return Upstream(name, addresses, upstream_tls)
+    return Upstream(name, addresses, upstream_tls, proxy_protocol)
 
 
 def _route_name(table: _Table) -> str:
@@ -205,6 +210,8 @@ def _toml_route(table: _Table) -> PathRoute:
         ping_timeout=parse_number(table.key("ping_timeout"), table.take("ping_timeout", 20.0), minimum=MIN_TIMEOUT),
         allow=parse_allow(table.key("allow"), table.take("allow", kind=list)) if "allow" in table.data else None,
         encoded_slashes=parse_enum(table.key("encoded_slashes"), EncodedSlashes, table.take("encoded_slashes", "forward")),
+        allow_sources=_allow_sources(table),
+        rate_limit=_rate_limit(table),
     )
     table.done()
     return route
@@ -222,7 +229,14 @@ def _toml_sni_route(table: _Table) -> SniRoute:
     ca_file = table.take("client_ca_file", None, str)
     allow = parse_allow(table.key("allow"), table.take("allow", kind=list)) if "allow" in table.data else None
     forward_chain = table.take("forward_client_cert_chain", False, bool)
+    allow_sources = _allow_sources(table)
+    proxy_protocol = _proxy_protocol_out(table)
+    rate_limit = _rate_limit(table)
     table.done()
+    if proxy_protocol is not None and action is not SniAction.PASSTHROUGH:
+        raise ConfigError(table.key("proxy_protocol"), "only a passthrough route sends it here; for terminate set it on the upstream")
+    if rate_limit is not None and (action is not SniAction.TERMINATE or upstream is None):
+        raise ConfigError(table.key("rate_limit"), "needs action = \"terminate\" with an upstream (else set it on the path routes)")
     if action is SniAction.PASSTHROUGH:
         if upstream is None:
             raise ConfigError(table.key("upstream"), "missing: a passthrough route needs an upstream")
@@ -232,7 +246,66 @@ def _toml_sni_route(table: _Table) -> SniRoute:
         raise ConfigError(table.key("client_ca_file"), "required when client_auth = \"require-ca\"")
     if ca_file:
         check_file(table.key("client_ca_file"), ca_file)
-    return SniRoute(name, server_names, action, upstream, client_auth, ca_file, allow, forward_chain)
+    return SniRoute(
+        name, server_names, action, upstream, client_auth, ca_file, allow, forward_chain, allow_sources, proxy_protocol, rate_limit
+    )
+
+
+def _toml_listen(value: str | list[Any] | dict[str, Any]) -> tuple[Address, list[Address], tuple[ListenerPolicy, ...]]:
+    """``listen``: ``"host:port"``, a table ``{ address, proxy_protocol, new_connections_per_second }``,
+    or a list of either. Returns the first address, the others, and the policies that set anything."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError("listen", "expected host:port or a list of them, got []")
+    policies: list[ListenerPolicy] = []
+    for index, item in enumerate(items):
+        key = "listen" if not isinstance(value, list) else f"listen[{index}]"
+        if isinstance(item, str):
+            policies.append(ListenerPolicy(parse_address(key, item, listen=True)))
+        elif isinstance(item, dict):
+            policies.append(_toml_listener(_Table(item, key)))
+        else:
+            raise ConfigError(key, f"expected host:port or a table, got {item!r}")
+    addresses = [policy.address for policy in policies]
+    kept = tuple(p for p in policies if p.proxy_protocol_trusted is not None or p.new_connections_per_second is not None)
+    return addresses[0], addresses[1:], kept
+
+
+def _toml_listener(table: _Table) -> ListenerPolicy:
+    address = parse_address(table.key("address"), table.require("address", str), listen=True)
+    trusted = None
+    if "proxy_protocol" in table.data:
+        pp = table.sub("proxy_protocol")
+        trusted = parse_networks(pp.key("trusted"), pp.require("trusted", list))
+        pp.done()
+    rate = table.take("new_connections_per_second")
+    table.done()
+    per_second = parse_rate(table.key("new_connections_per_second"), rate) if rate is not None else None
+    return ListenerPolicy(address, trusted, per_second)
+
+
+def _allow_sources(table: _Table) -> tuple[str, ...] | None:
+    if "allow_sources" not in table.data:
+        return None
+    return parse_networks(table.key("allow_sources"), table.take("allow_sources", kind=list))
+
+
+def _proxy_protocol_out(table: _Table) -> str | None:
+    if "proxy_protocol" not in table.data:
+        return None
+    return parse_proxy_protocol_out(table.key("proxy_protocol"), table.take("proxy_protocol"))
+
+
+def _rate_limit(table: _Table) -> RateLimitConfig | None:
+    """``rate_limit = { requests_per_second = 50, burst = 100 }``; burst defaults to one second's worth."""
+    if "rate_limit" not in table.data:
+        return None
+    limit = table.sub("rate_limit")
+    rate = parse_rate(limit.key("requests_per_second"), limit.require("requests_per_second"))
+    burst_value = limit.take("burst")
+    limit.done()
+    burst = default_burst(rate) if burst_value is None else parse_number(limit.key("burst"), burst_value, minimum=1, integer=True)
+    return RateLimitConfig(rate, burst)
 
 
 def _toml_dataclass(table: _Table, defaults: Any, *, integer: bool) -> Any:

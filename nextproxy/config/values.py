@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,44 @@ def check_file(key: str, path: str) -> str:
     """A path that must be readable now (a CA bundle), checked before anything binds."""
     read_file(key, path)
     return path
+
+
+def parse_networks(key: str, entries: object) -> tuple[str, ...]:
+    """A non-empty list of networks (``10.0.0.0/8``, ``fd00::/8``, or one address), normalised.
+
+    Strict, as ``ipaddress.ip_network(strict=True)``: host bits set (``10.0.0.1/8``) are an
+    error, since that is more often a typo for a host or a smaller network than a wish.
+    """
+    if isinstance(entries, str):
+        entries = [part for part in entries.split(",") if part.strip()]
+    if not isinstance(entries, (list, tuple)) or not entries:
+        raise ConfigError(key, f"expected a list of networks (CIDR), got {entries!r}")
+    networks = []
+    for raw in entries:
+        if not isinstance(raw, str):
+            raise ConfigError(key, f"expected a network (CIDR) as text, got {raw!r}")
+        try:
+            networks.append(str(ipaddress.ip_network(raw.strip(), strict=True)))
+        except ValueError as exc:
+            raise ConfigError(key, f"expected a network such as 10.0.0.0/8 or fd00::/8, got {raw!r} ({exc})") from None
+    return tuple(networks)
+
+
+def parse_rate(key: str, value: object) -> float:
+    """A positive, finite rate per second."""
+    rate = parse_number(key, value)
+    if not 0 < rate < float("inf"):
+        raise ConfigError(key, f"expected a number > 0, got {value!r}")
+    return float(rate)
+
+
+def default_burst(rate: float) -> int:
+    """One second's worth of events, at least one: the bucket refills in about a second."""
+    return max(1, math.ceil(rate))
+
+
+def parse_proxy_protocol_out(key: str, value: object) -> str:
+    """The PROXY protocol version the proxy sends: only ``v2`` (v1 cannot carry the SNI)."""
+    if isinstance(value, str) and value.strip().lower() == "v2":
+        return "v2"
+    raise ConfigError(key, f"expected v2, got {value!r}")

@@ -114,6 +114,19 @@ class AuthorizationDenied:
     fingerprint: str
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimited:
+    """A request or WebSocket upgrade was answered 429: its client's bucket on ``route`` is empty.
+
+    ``key`` is the kind of key that was limited (``ip`` or ``cert``), a bounded metric label;
+    the address or fingerprint itself only goes to the log, as the connection's peer.
+    """
+
+    route: str
+    key: str
+    retry_after: int
+
+
 class Side(enum.Enum):
     """A WebSocket relay's two legs."""
 
@@ -163,6 +176,7 @@ Action = (
     | StartWebSocket
     | RequestCompleted
     | AuthorizationDenied
+    | RateLimited
     | MessageRelayed
     | SessionClosed
 )

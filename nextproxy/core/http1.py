@@ -74,6 +74,8 @@ class HttpSession(ResponseSide):
         """Set by the shell on shutdown: no new upgrades (503), close after the current exchange."""
         self.awaiting_head = False
         """Part of a request head is buffered (reported as HeadStarted, then HeadReceived)."""
+        self.now = 0.0
+        """Monotonic seconds, set by the shell before it feeds client bytes (rate limits)."""
 
     # ------------------------------------------------------------------ properties for the shell
 
@@ -213,6 +215,9 @@ class HttpSession(ResponseSide):
                 return [denied] + self._refuse(method, target, 403, denied.reason, route.name)
         if head.upgrade and self.draining:
             return self._refuse(method, target, 503, "shutting down", route.name, retry_after=True)
+        refused = self._routes.admission.check(route, self._client_info, self.now)
+        if refused is not None:  # allow_sources (403) and rate_limit (429), upgrades included
+            return [refused.fact] + self._refuse(method, target, refused.status, refused.reason, route.name, retry_after=refused.retry_after)
         self._exchange = Exchange(route=route, head=head)
         self._connecting = True
         return [ConnectUpstream(route)]
@@ -277,12 +282,12 @@ class HttpSession(ResponseSide):
         reason: str,
         route: str = NO_ROUTE,
         *,
-        retry_after: bool = False,
+        retry_after: int = 0,
     ) -> list[Action]:
         """The proxy's own short answer, in one write; keeps the connection when it safely can."""
         self._exchange = None
         self._connecting = False
-        keep = status in (403, 404, 421, 503) and not self.draining and not self._client_eof and self._skip_request_body()
+        keep = status in (403, 404, 421, 429, 503) and not self.draining and not self._client_eof and self._skip_request_body()
         completed = RequestCompleted(route, method.decode("ascii", "replace"), target.decode("ascii", "replace"), status, 0, 0, reason)
         actions: list[Action] = [SendToClient(refusal(status, reason, keep=keep, retry_after=retry_after)), completed]
         if not keep:  # when kept, the caller (_pump_client's loop) reads the next request

@@ -22,6 +22,7 @@ REASONS = {
     404: b"Not Found",
     405: b"Method Not Allowed",
     421: b"Misdirected Request",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
     502: b"Bad Gateway",
@@ -37,14 +38,14 @@ _UPGRADE_LINES = b"connection: upgrade\r\nupgrade: websocket\r\n"
 _VISIBLE = re.compile(rb"[\x21-\x7e]+")
 
 
-def refusal(status: int, reason: str, *, keep: bool, retry_after: bool = False) -> bytes:
+def refusal(status: int, reason: str, *, keep: bool, retry_after: int = 0) -> bytes:
     """The proxy's own answer, head and body in one piece (one write, one TLS record)."""
     body = GENERIC_BODIES.get(status) or reason.encode("ascii", "replace") + b"\n"
     head = b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % (
         status, REASONS.get(status, b""), len(body),
     )  # fmt: skip
-    if retry_after:
-        head += b"retry-after: 1\r\n"
+    if retry_after:  # seconds (RFC 9110 10.2.3); True counts as 1
+        head += b"retry-after: %d\r\n" % retry_after
     if not keep:
         head += _CLOSE
     return head + b"\r\n" + body

@@ -21,6 +21,7 @@ import re
 from urllib.parse import unquote_to_bytes
 
 from nextproxy.config.model import Config, EncodedSlashes, PathRoute, SniAction, SniRoute
+from nextproxy.core.admission import Admission
 from nextproxy.errors import HttpError
 
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
@@ -78,6 +79,8 @@ class RouteTable:
             for sni in config.sni_routes
             if sni.action is SniAction.TERMINATE and sni.upstream is not None
         }
+        self.admission = Admission(config)
+        """Source allow-lists and rate-limit buckets: the one mutable part, shared per worker."""
 
     def match_sni(self, server_name: str | None) -> SniRoute | None:
         """The SNI route for this name; None means "terminate and route by path"."""
@@ -117,12 +120,24 @@ class RouteTable:
         rows = []
         for name, sni in sorted(self._exact.items()) + sorted(("*." + k, v) for k, v in self._wildcard.items()):
             if sni.action is SniAction.PASSTHROUGH:
-                rows.append((f"sni {name}", "passthrough", f"{sni.upstream}"))
+                rows.append((f"sni {name}", "passthrough" + _policy(sni), f"{sni.upstream}"))
             else:
                 auth = f", client-auth {sni.client_auth.value}" if sni.client_auth.value != "none" else ""
-                rows.append((f"sni {name}", f"terminate{auth}", f"{sni.upstream or 'path routes'}"))
+                rows.append((f"sni {name}", f"terminate{auth}" + _policy(sni), f"{sni.upstream or 'path routes'}"))
         rows.append(("sni (any other or none)", "terminate", "path routes"))
         for route in sorted(self.routes, key=lambda r: r.prefix):
-            rows.append((f"path {route.prefix}", f"http+websocket ({route.websocket.value})", route.upstream))
+            rows.append((f"path {route.prefix}", f"http+websocket ({route.websocket.value})" + _policy(route), route.upstream))
         rows.append(("path (any other)", "404", "-"))
         return rows
+
+
+def _policy(route: PathRoute | SniRoute) -> str:
+    """A route's source allow-list, rate limit and PROXY header, for ``describe``."""
+    parts = []
+    if route.allow_sources is not None:
+        parts.append("sources " + " ".join(route.allow_sources))
+    if route.rate_limit is not None:
+        parts.append(f"rate {route.rate_limit.requests_per_second:g}/s burst {route.rate_limit.burst}")
+    if isinstance(route, SniRoute) and route.proxy_protocol is not None:
+        parts.append(f"proxy-protocol {route.proxy_protocol}")
+    return "".join(", " + part for part in parts)

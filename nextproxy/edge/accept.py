@@ -3,8 +3,15 @@
 By SNI the transport goes either to a passthrough ``Splice`` (raw TCP to an upstream that does
 its own TLS) or to a ``TerminatedConnection`` (TLS 1.3 + HTTP/WebSocket), with
 ``transport.set_protocol`` so that neither pays for a delegation layer afterwards. Until then
-this protocol owns the accept-time limits: the connection cap, the ClientHello size cap (in the
-reader) and the time a client may take to send its hello.
+this protocol owns the accept-time limits: the ClientHello size cap (in the reader) and the
+time a client may take to send its hello (the connection caps are checked before it exists, in
+``edge.acceptor``).
+
+Before the hello, the listener's gate (``edge.gate``): a trusted balancer's connection must start
+with a PROXY protocol header (read under the same hello deadline), whose source then is the
+client everywhere (logs, X-Forwarded-For, allow-lists, per-client caps, rate limits); anyone else
+sending one is closed. Then the per-client new-connection rate, and after the hello an SNI route's
+``allow_sources``: refused before any upstream is contacted.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ from typing import cast
 
 from nextproxy.config.model import SniAction, SniRoute
 from nextproxy.core.clienthello import ClientHello, ClientHelloReader
+from nextproxy.core.proxyprotocol import Endpoint, ProxyHeader, ProxyHeaderReader, build_v2, looks_like_proxy_protocol
 from nextproxy.edge.connection import TerminatedConnection
+from nextproxy.edge.gate import ListenerGate, endpoint
 from nextproxy.edge.host import Group, Host
 from nextproxy.edge.passthrough import start_passthrough
-from nextproxy.errors import ClientHelloError, HelloAnswer
+from nextproxy.errors import ClientHelloError, HelloAnswer, ProxyProtocolError, TlsAlert
 
 USE_HTTPS = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -27,38 +36,102 @@ USE_HTTPS = (
 LINGER = 0.5
 """After refusing, keep reading (and dropping) this long before closing, as after a failed
 handshake: closing at once makes the kernel reset in-flight bytes, and the answer is lost."""
+ACCESS_DENIED = bytes((21, 3, 3, 0, 2, 2, TlsAlert.ACCESS_DENIED))
+"""A fatal access_denied alert record: a terminated SNI route's answer to a refused source."""
+UNTRUSTED = "untrusted"
+TIMEOUT = "timeout"
+"""``nextproxy_proxy_protocol_rejected_total`` reasons besides the reader's own."""
+NO_GATE = ListenerGate("-", None, None)
 
 
 class Accepted(asyncio.Protocol):
     """An edge connection whose ClientHello is still being read."""
 
-    def __init__(self, host: Host, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, host: Host, loop: asyncio.AbstractEventLoop, peer: str, gate: ListenerGate = NO_GATE) -> None:
+        """``peer``: the client address ``edge.acceptor`` admitted (counted in ``host.admission``,
+        one connection and one handshake): every way out counts it out again exactly once."""
         self.rt = host
         self._loop = loop  # handed in: get_running_loop() costs a getpid() syscall on Python 3.11
         self.transport: asyncio.Transport | None = None
-        self.peer = "-"
+        self.peer = peer
+        self.made = False
         self._reader = ClientHelloReader(host.config.limits.max_client_hello)
         self._timer: asyncio.TimerHandle | None = None
+        self._gate = gate
+        self._proxy: ProxyHeaderReader | None = None
+        """Set while a trusted balancer's PROXY header is being read."""
+        self._first = True
+        self._source: Endpoint | None = None
+        self._destination: Endpoint | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         rt = self.rt
-        if rt.full():
-            # Over the cap: refuse at once rather than let a flood exhaust memory and descriptors.
-            transport.close()
-            rt.observer.connection_refused()
-            return
+        self.made = True
         # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
         self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if peer else "-"
         rt.enter(self, Group.PENDING)
         rt.observer.connection_opened()
+        if self._gate.must_send_header(self.peer):
+            self._proxy = ProxyHeaderReader()
+        elif not self._admitted():
+            return
         # A total bound, not an idle one: bytes that trickle in do not extend it.
         self._timer = self._loop.call_later(rt.config.timeouts.client_hello, self._timed_out)
+
+    def _admitted(self) -> bool:
+        """The listener's new-connection rate for this client (after its PROXY header, if any)."""
+        if self._gate.admits(self.peer, self._loop.time()):
+            return True
+        self.rt.observer.connections_rate_limited(self._gate.name, self.peer)
+        self.close()
+        return False
+
+    def _proxy_data(self, reader: ProxyHeaderReader, data: bytes) -> bytes | None:
+        """Feed the PROXY header reader; the bytes after a complete header, None to stop here."""
+        try:
+            header = reader.feed(data)
+        except ProxyProtocolError as exc:
+            self._proxy_refused(exc.reason, exc.detail)
+            return None
+        if header is None:
+            return None
+        self._proxy = None
+        if not self._proxied(header):
+            return None
+        return header.trailing if self._admitted() and header.trailing else None
+
+    def _proxied(self, header: ProxyHeader) -> bool:
+        """The header's client is the client from now on, counted against its own per-address
+        cap; LOCAL keeps the connection's own address. False: over the cap, closed."""
+        self.rt.observer.proxy_header(self._gate.name, header.version, header.command.value)
+        if header.source is not None and header.destination is not None:
+            client = str(header.source.ip)
+            refusal = self.rt.admission.rekey(self.peer, client)
+            if refusal is not None:
+                self.rt.observer.connection_refused(refusal.value)
+                self.close()
+                return False
+            self._source, self._destination = header.source, header.destination
+            self.peer = client
+        return True
+
+    def _proxy_refused(self, reason: str, detail: str) -> None:
+        # The specification: abort at once, without an answer (there is no protocol to answer in).
+        self.rt.observer.proxy_rejected(self._gate.name, reason, detail, self.peer)
+        self.close()
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             return  # lingering after a refusal: bytes are read only so the kernel does not reset
+        if self._proxy is not None:
+            rest = self._proxy_data(self._proxy, data)
+            if rest is None:
+                return
+            data = rest
+        elif self._first and looks_like_proxy_protocol(data):
+            self._proxy_refused(UNTRUSTED, "PROXY protocol header from a peer outside the trusted networks")
+            return
+        self._first = False
         try:
             hello = self._reader.feed(data)
         except ClientHelloError as exc:
@@ -72,6 +145,9 @@ class Accepted(asyncio.Protocol):
             self._hand_over(hello)
 
     def eof_received(self) -> bool:
+        if self._proxy is not None:
+            self._proxy_data(self._proxy, b"")  # refused: the connection ended before a header
+            return False
         if self.transport is not None:
             try:
                 self._reader.feed(b"")  # raises: the hello is unfinished
@@ -97,9 +173,15 @@ class Accepted(asyncio.Protocol):
             self._to_openssl()
             return
         self.rt.observer.bad_hello(exc, self.peer)
+        answer = {HelloAnswer.USE_HTTPS: USE_HTTPS, HelloAnswer.ALERT: exc.alert_record()}.get(exc.answer)
+        self._linger_close(answer or b"")
+
+    def _linger_close(self, answer: bytes) -> None:
+        """Write ``answer`` (if any), half-close, and drop what still comes for ``LINGER`` seconds."""
+        transport = self.transport
+        assert transport is not None
         counted = self.rt.leave(self, Group.PENDING)
         self._forget()
-        answer = {HelloAnswer.USE_HTTPS: USE_HTTPS, HelloAnswer.ALERT: exc.alert_record()}.get(exc.answer)
         if answer:
             transport.write(answer)
         if transport.can_write_eof():
@@ -108,13 +190,17 @@ class Accepted(asyncio.Protocol):
         else:
             transport.close()
         if counted:
-            self.rt.observer.connection_closed()
+            self.rt.admission.handshake_over()
+            self.rt.closed(self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
 
     def _timed_out(self) -> None:
         self._timer = None
+        if self._proxy is not None:
+            self._proxy_refused(TIMEOUT, "no complete PROXY header within the ClientHello timeout")
+            return
         self.rt.observer.handshake("timeout")
         self.close()
 
@@ -122,16 +208,45 @@ class Accepted(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        self._forget()
         route = self.rt.routes.match_sni(hello.server_name)
+        if route is not None and route.allow_sources is not None:
+            denied = self.rt.routes.admission.sni_refusal(route.name, self.peer)
+            if denied is not None:
+                self.rt.observer.denied(denied, self.peer)
+                # Before any upstream connect. Passthrough has no TLS of its own to answer in.
+                self._linger_close(ACCESS_DENIED if route.action is SniAction.TERMINATE else b"")
+                return
+        self._forget()
         if route is not None and route.action is SniAction.PASSTHROUGH:
-            start_passthrough(self.rt, transport, route, hello, self.peer)
+            self.rt.admission.handshake_over()  # the upstream does the TLS handshake
+            start_passthrough(self.rt, transport, route, hello, self.peer, self._passthrough_preamble(route, hello, transport))
             return
         self._terminate(transport, route, hello)
+
+    def _passthrough_preamble(self, route: SniRoute, hello: ClientHello, transport: asyncio.Transport) -> bytes:
+        """The PROXY v2 header a passthrough route sends first: client, SNI, and ALPN when the
+        client offered exactly one protocol (the upstream's TLS picks among several itself)."""
+        if route.proxy_protocol is None:
+            return b""
+        endpoints = self._endpoints(transport)
+        if endpoints is None:
+            return b""
+        alpn = hello.alpn[0] if len(hello.alpn) == 1 else None
+        return build_v2(endpoints[0], endpoints[1], authority=hello.server_name, alpn=alpn)
+
+    def _endpoints(self, transport: asyncio.Transport) -> tuple[Endpoint, Endpoint] | None:
+        """Client and local address for a PROXY header we send: the incoming header's, else the
+        socket's. Worked out only when needed (parsing both costs ~5 µs a connection)."""
+        if self._source is not None and self._destination is not None:
+            return self._source, self._destination
+        source, destination = endpoint(transport.get_extra_info("peername")), endpoint(transport.get_extra_info("sockname"))
+        return (source, destination) if source is not None and destination is not None else None
 
     def _terminate(self, transport: asyncio.Transport, route: SniRoute | None, hello: ClientHello) -> TerminatedConnection:
         self._forget()
         connection = TerminatedConnection(self.rt, transport, self.peer, route, hello, self._loop)
+        if any(upstream.proxy_protocol is not None for upstream in self.rt.config.upstreams):
+            connection.client_endpoints = self._endpoints(transport)
         transport.set_protocol(connection)
         connection.start()
         return connection
@@ -155,7 +270,8 @@ class Accepted(asyncio.Protocol):
         else:
             transport.close()
         if counted:
-            self.rt.observer.connection_closed()
+            self.rt.admission.handshake_over()
+            self.rt.closed(self.peer)
 
     def drain(self) -> None:
         """Shutdown: a connection that has not even said hello yet is simply closed."""

@@ -17,20 +17,29 @@ from typing import Callable
 from nextproxy.config.model import ClientAuth, SniRoute
 from nextproxy.core.actions import Action, StartTunnel, StartWebSocket
 from nextproxy.core.clienthello import ClientHello
+from nextproxy.core.proxyprotocol import Endpoint
 from nextproxy.core.tls import TlsEngine
 from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.dispatch import HANDLERS
 from nextproxy.edge.host import Group, Host
 from nextproxy.edge.phases import HttpPhase, Phase, upgrade
+from nextproxy.edge.reads import read_buffer
 from nextproxy.edge.upstream import UpstreamSlot
 from nextproxy.errors import TlsError
 
-READ_CHUNK_LIMIT = 256 * 1024
-"""High-water mark of each transport's write buffer before the other side is paused."""
+READ_CHUNK_LIMIT = 128 * 1024
+"""High-water mark of the client transport's write buffer before the upstream is paused. With
+64 KiB upstream reads a client that stops reading holds about 245 KiB in all (RSS, measured):
+the mark, one read and the connection; 128 KiB still streams a 1 MiB response in a few turns."""
+SEAL_PIECE = 32 * 1024
+"""Largest plaintext given to one SSL_write (see ``_flush_large``): two full TLS records."""
 
 
-class TerminatedConnection(asyncio.Protocol):
-    """The protocol of an edge connection after its ClientHello chose termination."""
+class TerminatedConnection(asyncio.BufferedProtocol):
+    """The protocol of an edge connection after its ClientHello chose termination.
+
+    A BufferedProtocol for 64 KiB reads (``edge.reads``): a 256 KiB read of a large upload went
+    whole into OpenSSL's incoming memory BIO, which then kept that size for good."""
 
     def __init__(
         self, host: Host, transport: asyncio.Transport, peer: str, sni_route: SniRoute | None,
@@ -41,7 +50,9 @@ class TerminatedConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = transport
         self.peer = peer
         self._hello: ClientHello | None = hello
-        self._server_name = hello.server_name
+        self.server_name = hello.server_name
+        self.client_endpoints: tuple[Endpoint, Endpoint] | None = None
+        """Set by accept: for PROXY headers to upstreams that ask for one."""
         self._sni_route = sni_route
         self._engine: TlsEngine | None = None
         self._phase: Phase | None = None  # None during the handshake, and once closed
@@ -54,6 +65,8 @@ class TerminatedConnection(asyncio.Protocol):
         self.request_started = 0.0
         self._plaintext: list[bytes] = []
         transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
+        self._handshaking = True
+        """Counted in ``host.admission.handshakes`` (taken over from ``accept``) until it ends."""
         host.enter(self, Group.TERMINATED)
 
     def start(self) -> None:
@@ -70,6 +83,12 @@ class TerminatedConnection(asyncio.Protocol):
             self._tls_failed(exc)
             return
         self._tls_data(hello.raw)  # fed like any input, so a refusal's alert gets flushed
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -170,10 +189,16 @@ class TerminatedConnection(asyncio.Protocol):
         if (engine.peer_closed or not data) and phase is not None:
             self.run(phase.client_data(b""))
 
+    def _handshake_over(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self.rt.admission.handshake_over()
+
     def _handshake_done(self, engine: TlsEngine) -> None:
+        self._handshake_over()
         self.rt.observer.handshake("ok")
         certificate = engine.peer_certificate
-        self._phase = self.http = HttpPhase.after_handshake(self, self._sni_route, self._server_name, certificate)
+        self._phase = self.http = HttpPhase.after_handshake(self, self._sni_route, self.server_name, certificate)
         self.deadline.set(self.rt.config.timeouts.client_idle, Timer.IDLE)
 
     def _tls_failed(self, exc: TlsError) -> None:
@@ -194,10 +219,30 @@ class TerminatedConnection(asyncio.Protocol):
     def _flush(self) -> None:
         engine, transport = self._engine, self.transport
         if engine is not None and transport is not None and not transport.is_closing():
-            self._seal(engine)
+            pending = self._plaintext
+            if pending:
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                if len(data) > SEAL_PIECE:
+                    self._flush_large(engine, transport, data)
+                    return
+                engine.send(data)  # one SSL_write: a small response becomes one record
             out = engine.data_to_send()
             if out:
                 transport.write(out)
+
+    def _flush_large(self, engine: TlsEngine, transport: asyncio.Transport, data: bytes) -> None:
+        """Encrypt a large batch (a WebSocket message, a burst of upstream reads) piece by piece,
+        handing each piece's records to the transport at once: OpenSSL's memory BIO keeps the
+        capacity of its largest fill for the connection's lifetime, so one 256 KiB SSL_write
+        left ~350 KiB allocated per connection that had once sent a large response."""
+        view = memoryview(data)
+        out = engine.data_to_send()  # anything already pending goes first
+        if out:
+            transport.write(out)
+        for start in range(0, len(view), SEAL_PIECE):
+            engine.send(view[start : start + SEAL_PIECE])  # type: ignore[arg-type]
+            transport.write(engine.data_to_send())
 
     # actions (``dispatch.HANDLERS`` calls back into the methods below)
 
@@ -299,6 +344,7 @@ class TerminatedConnection(asyncio.Protocol):
                     if out and not transport.is_closing():
                         transport.write(out)
                 transport.close()
+        self._handshake_over()
         self.rt.leave(self, Group.WEBSOCKET)
         if self.rt.leave(self, Group.TERMINATED):
-            self.rt.observer.connection_closed()
+            self.rt.closed(self.peer)

@@ -21,6 +21,9 @@ class Timer(enum.Enum):
     """Quiet: pushed back by every byte (HTTP keep-alive, tunnel, passthrough splice)."""
     HEAD = "head"
     """A partial request head: fixed, more bytes do not push it back."""
+    BODY = "body"
+    """A request in progress, head received or not: fixed from its first byte (``request_body``),
+    so a body trickled a byte at a time cannot hold an upstream connection forever."""
     RESPONSE = "response"
     PING = "ping"
     """WebSocket quiet: ping both legs when it passes."""
@@ -54,7 +57,7 @@ class Deadline:
 
     def touch(self, quiet: float) -> None:
         """Activity pushes a quiet deadline (IDLE, PING) ``quiet`` seconds out; the others
-        (HANDSHAKE, HEAD, RESPONSE, PONG) are fixed and stay."""
+        (HANDSHAKE, HEAD, BODY, RESPONSE, PONG) are fixed and stay."""
         if self.kind is Timer.IDLE or self.kind is Timer.PING:
             self.when = self._loop.time() + quiet
 

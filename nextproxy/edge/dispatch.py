@@ -32,6 +32,24 @@ def _timeouts(shell: Shell) -> Timeouts:
     return shell.rt.config.timeouts
 
 
+def _request_started(shell: Shell, action: act.RequestStarted) -> None:
+    """A request's first byte: its head and body must arrive within ``request_body`` (a fixed
+    bound; the idle timer alone restarts on every byte). The head keeps its own, shorter one."""
+    shell.request_started = shell.loop.time()
+    shell.deadline.switch(Timer.IDLE, Timer.BODY, _timeouts(shell).request_body)
+
+
+def _head_started(shell: Shell, action: act.HeadStarted) -> None:
+    if shell.deadline.kind is Timer.IDLE or shell.deadline.kind is Timer.BODY:
+        shell.deadline.set(_timeouts(shell).request_head, Timer.HEAD)
+
+
+def _completed(shell: Shell, action: act.RequestCompleted) -> None:
+    """An exchange ended without an upstream response (404, 400...): back to keep-alive."""
+    shell.rt.observer.request(action, _since_request(shell), shell.peer)
+    shell.deadline.switch(Timer.BODY, Timer.IDLE, _timeouts(shell).client_idle)
+
+
 HANDLERS: dict[type, Handler] = {
     act.SendToClient: lambda c, a: c.send_client(a.data),
     act.SendToUpstream: lambda c, a: c.upstream.write(a.data),
@@ -42,14 +60,15 @@ HANDLERS: dict[type, Handler] = {
     act.StartTunnel: lambda c, a: c.upgrade(a),
     act.StartWebSocket: lambda c, a: c.upgrade(a),
     # timer facts: the only way the core's state reaches the connection's deadline
-    act.HeadStarted: lambda c, a: c.deadline.switch(Timer.IDLE, Timer.HEAD, _timeouts(c).request_head),
-    act.HeadReceived: lambda c, a: c.deadline.switch(Timer.HEAD, Timer.IDLE, _timeouts(c).client_idle),
+    act.HeadStarted: _head_started,
+    act.HeadReceived: lambda c, a: c.deadline.switch(Timer.HEAD, Timer.BODY, _timeouts(c).request_body),
     act.AwaitResponse: lambda c, a: c.deadline.set(_timeouts(c).upstream_response, Timer.RESPONSE),
     act.ResponseStarted: lambda c, a: c.deadline.set(_timeouts(c).client_idle, Timer.IDLE),
     # facts for the observer (metrics, logs)
-    act.RequestStarted: lambda c, a: setattr(c, "request_started", c.loop.time()),
-    act.RequestCompleted: lambda c, a: c.rt.observer.request(a, _since_request(c), c.peer),
+    act.RequestStarted: _request_started,
+    act.RequestCompleted: _completed,
     act.AuthorizationDenied: lambda c, a: c.rt.observer.denied(a, c.peer),
+    act.RateLimited: lambda c, a: c.rt.observer.rate_limited(a, c.peer),
     act.MessageRelayed: lambda c, a: c.rt.observer.ws_message(c.route_name, a),
     act.SessionClosed: lambda c, a: c.rt.observer.ws_closed(c.route_name, a, c.peer, _since_request(c)),
 }

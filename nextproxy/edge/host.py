@@ -13,6 +13,7 @@ from typing import Protocol
 
 from nextproxy.config.model import Config
 from nextproxy.core.routing import RouteTable
+from nextproxy.edge.admission import Admission
 from nextproxy.edge.observer import EdgeObserver
 from nextproxy.edge.tlscontexts import ServerContexts
 from nextproxy.edge.upstream import UpstreamPool
@@ -55,8 +56,12 @@ class Host(Protocol):
     @property
     def draining(self) -> bool: ...
 
-    def full(self) -> bool:
-        """At ``limits.max_connections``: a new connection must be refused."""
+    @property
+    def admission(self) -> Admission:
+        """The process-wide counts (shared by every runtime a reload made)."""
+
+    def closed(self, peer: str) -> None:
+        """A connection admitted from ``peer`` ended: counted out of the caps, reported once."""
 
     def enter(self, member: Member, group: Group) -> None: ...
 

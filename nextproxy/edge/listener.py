@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 from nextproxy.config.model import Address, Config
 from nextproxy.core.routing import RouteTable
 from nextproxy.edge.accept import Accepted
+from nextproxy.edge.acceptor import Acceptor
+from nextproxy.edge.admission import Admission
+from nextproxy.edge.gate import ListenerGate
 from nextproxy.edge.host import Group, Member
 from nextproxy.edge.observer import EdgeObserver
 from nextproxy.edge.tlscontexts import ServerContexts, upstream_ssl_context
@@ -34,6 +38,9 @@ class Runtime:
     contexts: ServerContexts
     pool: UpstreamPool
     observer: EdgeObserver
+    admission: Admission
+    gates: dict[Address, ListenerGate] = field(default_factory=dict)
+    """Each listen address's accept-time policy (PROXY protocol trust, connection rate)."""
     draining: bool = False
     groups: dict[Group, set[Member]] = field(default_factory=lambda: {group: set() for group in Group})
 
@@ -54,8 +61,9 @@ class Runtime:
     def active(self) -> int:
         return len(self.pending) + len(self.connections) + len(self.passthroughs)
 
-    def full(self) -> bool:
-        return self.active() >= self.config.limits.max_connections
+    def closed(self, peer: str) -> None:
+        self.admission.release(peer)
+        self.observer.connection_closed()
 
     def enter(self, member: Member, group: Group) -> None:
         self.groups[group].add(member)
@@ -96,12 +104,20 @@ def describe_routes(config: Config) -> list[tuple[str, str, str]]:
     return RouteTable(config).describe()
 
 
-def build_runtime(config: Config, observer: EdgeObserver, contexts: ServerContexts | None = None) -> Runtime:
-    """Everything derived from one Config; raises ConfigError before anything is bound."""
+def build_runtime(
+    config: Config, observer: EdgeObserver, contexts: ServerContexts | None = None, admission: Admission | None = None
+) -> Runtime:
+    """Everything derived from one Config; raises ConfigError before anything is bound.
+    ``admission``: the process's counts, carried over on reload (else new ones)."""
     contexts = contexts or ServerContexts.build(config)
     tls = {u.name: upstream_ssl_context(u.tls) for u in config.upstreams if u.tls is not None}
     pool = UpstreamPool(config, tls, on_health=observer.upstream_health)
-    return Runtime(config=config, routes=RouteTable(config), contexts=contexts, pool=pool, observer=observer)
+    admission = admission or Admission(config.limits)
+    gates = {address: ListenerGate.build(config.listener_policy(address)) for address in (config.listen, *config.listen_also)}
+    return Runtime(
+        config=config, routes=RouteTable(config), contexts=contexts, pool=pool, observer=observer,
+        admission=admission, gates=gates,
+    )  # fmt: skip
 
 
 class ProxyServer:
@@ -109,15 +125,14 @@ class ProxyServer:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self._server: asyncio.Server | None = None
-        self._more: list[asyncio.Server] = []
+        self._acceptors: list[Acceptor] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._old: list[Runtime] = []
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._server is not None
-        sockname = self._server.sockets[0].getsockname()
+        assert self._acceptors
+        sockname = self._acceptors[0].sock.getsockname()
         return str(sockname[0]), int(sockname[1])
 
     async def start(self, sock: socket.socket | None = None) -> None:
@@ -133,17 +148,36 @@ class ProxyServer:
                 bound.close()
             raise
         self.runtime.pool.start()
-        self._server = await loop.create_server(self._protocol, sock=sock, backlog=BACKLOG)
-        for extra in more:
-            self._more.append(await loop.create_server(self._protocol, sock=extra, backlog=BACKLOG))
+        for address, listening in zip((config.listen, *config.listen_also), [sock, *more]):
+            listening.setblocking(False)
+            acceptor = Acceptor(
+                loop, listening, partial(self._protocol, address), self.runtime.admission,
+                lambda: self.runtime.observer, partial(self._balancer, address),
+            )  # fmt: skip
+            self._acceptors.append(acceptor)
+            acceptor.start()
+        self.runtime.admission.watch_handshakes(self._handshakes_fell)
 
-    def _protocol(self) -> Accepted:
+    def _handshakes_fell(self) -> None:
+        for acceptor in self._acceptors:
+            acceptor.handshakes_fell()
+
+    def _protocol(self, address: Address, peer: str) -> Accepted:
         assert self._loop is not None  # set by start(), before the listener exists
-        return Accepted(self.runtime, self._loop)
+        runtime = self.runtime  # the current one: a reload's new gates apply to new connections
+        gate = runtime.gates.get(address)
+        return Accepted(runtime, self._loop, peer) if gate is None else Accepted(runtime, self._loop, peer, gate)
+
+    def _balancer(self, address: Address, peer: str) -> bool:
+        """A trusted balancer's connections are counted per client once its PROXY header names one."""
+        gate = self.runtime.gates.get(address)
+        return gate is not None and gate.must_send_header(peer)
 
     def reload(self, config: Config, observer: EdgeObserver, contexts: ServerContexts | None = None) -> None:
         """Swap in a new runtime; established connections keep the one they started with."""
-        new = build_runtime(config, observer, contexts)
+        admission = self.runtime.admission
+        new = build_runtime(config, observer, contexts, admission)
+        admission.limits = config.limits  # the counts carry over: the caps cover every runtime
         new.pool.start()
         old, self.runtime = self.runtime, new
         self._old.append(old)
@@ -168,8 +202,8 @@ class ProxyServer:
 
     async def drain(self, timeout: float, on_step: Callable[[str], None] = lambda s: None) -> bool:
         """Stop accepting, let in-flight work finish, close idle connections. True if all ended."""
-        for server in ([self._server] if self._server else []) + self._more:
-            server.close()
+        for acceptor in self._acceptors:
+            acceptor.close()
         for rt in self._runtimes():
             rt.draining = True
             for pending in list(rt.pending):

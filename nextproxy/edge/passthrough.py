@@ -15,12 +15,14 @@ from typing import Callable, cast
 
 from nextproxy.config.model import Address, SniRoute
 from nextproxy.core.clienthello import ClientHello
+from nextproxy.edge.acceptor import out_of_descriptors
 from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.host import Group, Host
+from nextproxy.edge.reads import read_buffer
 from nextproxy.edge.upstream import first_that_answers
 
 
-class _Side(asyncio.Protocol):
+class _Side(asyncio.BufferedProtocol):
     """One direction's reader; writes what it reads to the other side's transport."""
 
     def __init__(self, pipe: Splice, direction: int) -> None:
@@ -34,6 +36,12 @@ class _Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
         self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()  # 64 KiB reads: see edge.reads
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -145,22 +153,26 @@ class Splice:
         self.close()
 
 
-def start_passthrough(host: Host, transport: asyncio.Transport, route: SniRoute, hello: ClientHello, peer: str) -> Splice:
-    """Take over an accepted connection for ``route``: connect, replay the hello, splice."""
+def start_passthrough(
+    host: Host, transport: asyncio.Transport, route: SniRoute, hello: ClientHello, peer: str, preamble: bytes = b""
+) -> Splice:
+    """Take over an accepted connection for ``route``: connect, replay the hello, splice.
+
+    ``preamble`` (the route's PROXY v2 header, if it sends one) goes out before the hello."""
 
     def closed(splice: Splice) -> None:
         host.leave(splice, Group.PASSTHROUGH)
         host.observer.passthrough_closed(route.name, splice.client.bytes, splice.upstream.bytes, peer)
-        host.observer.connection_closed()
+        host.closed(peer)
 
     splice = Splice(transport, host.config.timeouts.passthrough_idle, closed)
     host.enter(splice, Group.PASSTHROUGH)
     host.observer.passthrough_opened(route.name)
-    asyncio.get_running_loop().create_task(_connect(host, splice, route, hello, peer))
+    asyncio.get_running_loop().create_task(_connect(host, splice, route, preamble + hello.raw, peer))
     return splice
 
 
-async def _connect(host: Host, splice: Splice, route: SniRoute, hello: ClientHello, peer: str) -> None:
+async def _connect(host: Host, splice: Splice, route: SniRoute, initial: bytes, peer: str) -> None:
     """Replay the hello to the first upstream server that answers; else close the client."""
     try:
         upstream = host.config.upstream(route.upstream or "")
@@ -170,10 +182,13 @@ async def _connect(host: Host, splice: Splice, route: SniRoute, hello: ClientHel
             return
         timeout = host.config.timeouts.connect
         try:
-            await first_that_answers(upstream.servers, lambda server: splice.connect(server, hello.raw, timeout))
+            await first_that_answers(upstream.servers, lambda server: splice.connect(server, initial, timeout))
         except (OSError, TimeoutError) as exc:
-            host.pool.mark(upstream.name, False)
-            host.observer.upstream_error(route.name, f"passthrough connect failed: {exc!r}", peer)
+            if out_of_descriptors(exc):  # the proxy's shortage: the upstream's health is unknown
+                host.observer.descriptors_exhausted("upstream", str(exc))
+            else:
+                host.pool.mark(upstream.name, False)
+                host.observer.upstream_error(route.name, f"passthrough connect failed: {exc!r}", peer)
             splice.close()
             return
         host.pool.mark(upstream.name, True)

@@ -18,7 +18,9 @@ from nextproxy.config.model import PathRoute, SniRoute, Upstream
 from nextproxy.core.actions import (
     Action,
     CloseClient,
+    CloseUpstream,
     ConnectUpstream,
+    RequestCompleted,
     SendToClient,
     SendToUpstream,
     StartTunnel,
@@ -26,11 +28,20 @@ from nextproxy.core.actions import (
 )
 from nextproxy.core.headers import ClientInfo
 from nextproxy.core.http1 import HttpSession
+from nextproxy.core.proxyprotocol import Endpoint, build_v2
 from nextproxy.core.tls import PeerCertificate
 from nextproxy.core.websocket import RelayLimits, Side, WebSocketRelay
+from nextproxy.edge.acceptor import out_of_descriptors
 from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.host import Group, Host, Member
 from nextproxy.edge.upstream import UpstreamConnection, UpstreamSlot
+
+
+REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 23\r\nconnection: close\r\n\r\nrequest body timed out\n"
+)
+"""``timeouts.request_body`` passed with no response started (one write, as every own answer)."""
 
 
 class Shell(Member, Protocol):
@@ -46,6 +57,10 @@ class Shell(Member, Protocol):
     http: HttpPhase | None
     route_name: str
     request_started: float
+    client_endpoints: tuple[Endpoint, Endpoint] | None
+    """The client and the address it connected to (from a PROXY header if one was read), for
+    the PROXY v2 header sent to upstreams with ``proxy_protocol = "v2"``."""
+    server_name: str | None
 
     def send_client(self, data: bytes) -> None: ...
     def close_client(self) -> bool: ...
@@ -121,6 +136,7 @@ class HttpPhase:
         return self.session.reading_client
 
     def client_data(self, data: bytes) -> list[Action]:
+        self.session.now = self._shell.loop.time()  # time is an input: rate limits read it
         return self.session.client_data(data)
 
     def upstream_data(self, data: bytes) -> list[Action]:
@@ -141,6 +157,12 @@ class HttpPhase:
             # 504, and back to the keep-alive clock; actions that follow may set another timer.
             self._shell.deadline.set(self.quiet, Timer.IDLE)
             return self.session.upstream_timeout()
+        if kind is Timer.BODY:
+            # No response has started (ResponseStarted would have moved the deadline on): tell
+            # the client, and free the upstream connection the trickled body was holding.
+            shell = self._shell
+            done = RequestCompleted(shell.route_name, "-", "-", 408, 0, 0, "request body timed out")
+            return [SendToClient(REQUEST_TIMEOUT), done, CloseUpstream(), CloseClient()]
         return [CloseClient()]  # idle keep-alive, or a head that took too long
 
     def connect(self, action: ConnectUpstream) -> None:
@@ -149,7 +171,7 @@ class HttpPhase:
         if upstream is None:  # validate() rules it out; answered as any unreachable upstream
             shell.run(session.upstream_failed(f"no upstream named {action.route.upstream!r}"))
             return
-        if not action.fresh:
+        if not action.fresh and upstream.proxy_protocol is None:  # PROXY-header connections are never pooled
             conn = shell.rt.pool.take_idle(upstream, shell)
             if conn is not None:  # the common keep-alive case: no task, no await
                 shell.upstream.attach(conn)
@@ -161,15 +183,19 @@ class HttpPhase:
         shell, session, observer = self._shell, self.session, self._shell.rt.observer
         try:
             try:
-                conn = await shell.rt.pool.connect(upstream, shell)
+                conn = await shell.rt.pool.connect(upstream, shell, self._preamble(upstream))
             except ssl.SSLError as exc:
                 observer.upstream_error(upstream.name, f"TLS to upstream failed: {exc}", shell.peer)
                 actions = session.upstream_failed("upstream TLS verification failed")
             except TimeoutError:
                 actions = session.upstream_failed("upstream connect timed out", timeout=True)
             except OSError as exc:
-                observer.upstream_error(upstream.name, f"connect failed: {exc}", shell.peer)
-                actions = session.upstream_failed("upstream unreachable")
+                if out_of_descriptors(exc):  # the proxy's shortage: not an upstream fault
+                    observer.descriptors_exhausted("upstream", str(exc))
+                    actions = session.upstream_failed("proxy out of file descriptors")
+                else:
+                    observer.upstream_error(upstream.name, f"connect failed: {exc}", shell.peer)
+                    actions = session.upstream_failed("upstream unreachable")
             else:
                 if shell.closed:
                     shell.rt.pool.release(conn, False)
@@ -180,6 +206,15 @@ class HttpPhase:
                 shell.run(actions)
         except Exception as exc:  # a bug: this connection only, never an unretrieved task error
             shell.bug(exc)
+
+
+    def _preamble(self, upstream: Upstream) -> bytes:
+        """The PROXY v2 header for ``upstream`` (empty if it takes none): the client as read at
+        accept, and the server name it asked for."""
+        endpoints = self._shell.client_endpoints
+        if upstream.proxy_protocol is None or endpoints is None:
+            return b""
+        return build_v2(endpoints[0], endpoints[1], authority=self._shell.server_name)
 
 
 class TunnelPhase:

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import ssl
-from typing import Awaitable, Callable, Protocol, Sequence, TypeVar, cast
+from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar, cast
 
 from nextproxy.config.model import Address, Config, Upstream
 from nextproxy.core.upstream_leg import UpstreamLeg, new_upstream_leg
+from nextproxy.core.proxyprotocol import V2_SIGNATURE
+from nextproxy.edge.acceptor import out_of_descriptors
+from nextproxy.edge.reads import read_buffer
 
+LOCAL_V2 = V2_SIGNATURE + bytes((0x20, 0x00, 0x00, 0x00))
+"""A PROXY v2 LOCAL header without addresses: what the health probe sends to such upstreams."""
 HEALTH_INTERVAL = 10.0
 """Seconds between TCP probes of every upstream server (nextproxy_upstream_up)."""
 SWEEP_INTERVAL = 1.0
@@ -40,6 +46,8 @@ async def first_that_answers(servers: Sequence[Address], attempt: Callable[[Addr
         except ssl.SSLError:
             raise
         except (OSError, TimeoutError) as exc:
+            if out_of_descriptors(exc):
+                raise  # our shortage, not this server's: the next one would fail the same way
             error = exc
     assert error is not None, "no servers"
     try:
@@ -51,6 +59,27 @@ async def first_that_answers(servers: Sequence[Address], attempt: Callable[[Addr
         del error
 
 
+async def _sent_first(loop: asyncio.AbstractEventLoop, server: Address, preamble: bytes) -> socket.socket:
+    """A connected TCP socket to ``server`` that has already sent ``preamble``: the PROXY header
+    must precede the TLS ClientHello, which ``create_connection(ssl=...)`` would send at once."""
+    infos = await loop.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, preamble)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:  # a timeout's cancellation: never leak the descriptor
+            sock.close()
+            raise
+    raise error or OSError(f"cannot resolve {server.host!r}")
+
+
 class UpstreamOwner(Protocol):
     """Whoever currently uses an upstream connection (a client connection's shell)."""
 
@@ -59,8 +88,10 @@ class UpstreamOwner(Protocol):
     def upstream_writing(self, paused: bool) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """One TCP (or TLS) connection to an upstream server."""
+class UpstreamConnection(asyncio.BufferedProtocol):
+    """One TCP (or TLS) connection to an upstream server.
+
+    A BufferedProtocol so that the read size is ours (64 KiB, ``edge.reads``), not uvloop's."""
 
     def __init__(self, upstream: Upstream, server: Address, max_header_size: int) -> None:
         self.upstream = upstream
@@ -71,11 +102,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner: UpstreamOwner | None = None
         self.alive = False
         self.idle_since = 0.0
+        self.private = False
+        """It began with a PROXY header naming one client: never pooled, never reused by another."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
         self.transport = cast(asyncio.Transport, transport)
         self.alive = True
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.owner is not None:
@@ -221,16 +260,21 @@ class UpstreamPool:
                 conn.close()
         return None
 
-    async def connect(self, upstream: Upstream, owner: UpstreamOwner) -> UpstreamConnection:
-        """A new connection, round-robin, failing over to the next server (``first_that_answers``)."""
+    async def connect(self, upstream: Upstream, owner: UpstreamOwner, preamble: bytes = b"") -> UpstreamConnection:
+        """A new connection, round-robin, failing over to the next server (``first_that_answers``).
+
+        ``preamble`` (a PROXY protocol header) is written first, before any TLS, and makes the
+        connection private to this client: ``release`` closes it instead of pooling it.
+        """
         servers = upstream.servers
         start = next(self._next_server[upstream.name])
         in_turn = [servers[(start + offset) % len(servers)] for offset in range(len(servers))]
-        conn = await first_that_answers(in_turn, lambda server: self._connect(upstream, server))
+        conn = await first_that_answers(in_turn, lambda server: self._connect(upstream, server, preamble))
         conn.owner = owner
+        conn.private = bool(preamble)
         return conn
 
-    async def _connect(self, upstream: Upstream, server: Address) -> UpstreamConnection:
+    async def _connect(self, upstream: Upstream, server: Address, preamble: bytes = b"") -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         tls = self._tls.get(upstream.name)
         server_hostname = None
@@ -238,10 +282,12 @@ class UpstreamPool:
             server_hostname = (upstream.tls.server_name if upstream.tls else None) or server.host
         try:
             async with asyncio.timeout(self._config.timeouts.connect):
+                where: dict[str, Any] = {"host": server.host, "port": server.port}
+                if preamble:
+                    where = {"sock": await _sent_first(loop, server, preamble)}
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(upstream, server, self._config.limits.max_upstream_header_size),
-                    server.host,
-                    server.port,
+                    **where,
                     ssl=tls,
                     server_hostname=server_hostname,
                     ssl_handshake_timeout=self._config.timeouts.connect if tls else None,
@@ -249,15 +295,16 @@ class UpstreamPool:
         except ssl.SSLError:
             self.mark(upstream.name, True)  # it answered: reachable, but its TLS is refused
             raise
-        except (OSError, TimeoutError):
-            self.mark(upstream.name, False)
+        except (OSError, TimeoutError) as exc:
+            if not out_of_descriptors(exc):  # EMFILE says nothing about the upstream's health
+                self.mark(upstream.name, False)
             raise
         self.mark(upstream.name, True)
         return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         conn.owner = None
-        if not reusable or not conn.reusable_now:
+        if not reusable or conn.private or not conn.reusable_now:
             conn.close()
             return
         idle = self._idle.setdefault(conn.server, [])
@@ -291,9 +338,15 @@ class UpstreamPool:
             try:
                 async with asyncio.timeout(self._config.timeouts.connect):
                     _, writer = await asyncio.open_connection(server.host, server.port)
+                if upstream.proxy_protocol is not None:
+                    # A receiver that requires the header would log a headerless probe as an
+                    # error: a LOCAL header is how balancers say "health check, no client".
+                    writer.write(LOCAL_V2)
                 writer.close()
                 up = True
                 break
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as exc:
+                if out_of_descriptors(exc):
+                    return  # no verdict: the probe could not even try
                 continue
         self.mark(upstream.name, up)

@@ -37,6 +37,10 @@ def check(path: str | None) -> int:
     print(f"configuration: {config.source}")
     listen = ", ".join(str(a) for a in (config.listen, *config.listen_also))
     print(f"listen: {listen}   admin: {config.admin_listen}   workers: {config.workers}")
+    for policy in config.listener_policies:
+        trusted = " ".join(policy.proxy_protocol_trusted) if policy.proxy_protocol_trusted is not None else "-"
+        rate = f"{policy.new_connections_per_second:g}/s per client" if policy.new_connections_per_second is not None else "-"
+        print(f"listener {policy.address}: PROXY protocol from {trusted}   new connections: {rate}")
     for cert in contexts.certificates:
         print(f"certificate: {cert.name} (SANs: {', '.join(cert.sans) or '-'})")
     rows = describe_routes(config)
@@ -48,6 +52,8 @@ def check(path: str | None) -> int:
         upstream = config.upstream(target)
         if upstream is not None:
             target = f"{target} ({', '.join(str(s) for s in upstream.servers)})"
+            if upstream.proxy_protocol is not None:
+                target += f" proxy-protocol {upstream.proxy_protocol}"
         print("  ".join(v.ljust(w) for v, w in zip((row[0], row[1], target), widths)))
     return 0
 
@@ -57,9 +63,12 @@ def run(path: str | None) -> int:
     # Imported here, not at the top: the supervisor sets PROMETHEUS_MULTIPROC_DIR before
     # process.metrics is first imported, which is when prometheus-client reads it.
     from nextproxy.process.logs import Logger
+    from nextproxy.process.nofile import fit
 
     config, contexts = load_checked(path)
+    config, files = fit(config)  # before binding: a cap that cannot fit is a config error
     logger = Logger(config.log_level, config.log_format)
+    logger.log("info", "open_files", **files.describe())
     for name in unknown_variables(os.environ):
         logger.log("warning", "unknown_variable", variable=name)
     if config.workers > 1:

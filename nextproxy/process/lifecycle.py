@@ -24,6 +24,7 @@ from nextproxy.config.model import Config
 from nextproxy.config import load
 from nextproxy.errors import ConfigError
 from nextproxy.process.logs import Logger
+from nextproxy.process.nofile import fit
 from nextproxy.process.observe import Observer
 from nextproxy.edge.listener import ProxyServer, bind, build_runtime
 from nextproxy.edge.tlscontexts import ServerContexts, admin_ssl_context
@@ -76,7 +77,7 @@ class Process:
         """Load, validate and swap in a new configuration; keep the old one on any error."""
         assert self.server is not None
         try:
-            config = load(self.env, self.config_path)
+            config, _ = fit(load(self.env, self.config_path))
             if (config.listen, config.admin_listen) != (self.config.listen, self.config.admin_listen):
                 self.logger.log("warning", "reload_listen_changed", detail="listen addresses change only on restart")
             contexts = ServerContexts.build(config)
@@ -149,7 +150,7 @@ async def serve(
     if admin_server is not None:
         admin_server.close()
     logger.log("info", "stopped", clean=clean)
-    logger.flush()
+    logger.close()
     return 0
 
 
@@ -198,4 +199,5 @@ async def _publish_stats(proc: Process, state: AdminState, heartbeat: Callable[[
         if server is not None:
             state.connections_active = server.active()
             state.websocket_sessions_active = server.websocket_sessions()
+        metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
         await asyncio.sleep(1.0)

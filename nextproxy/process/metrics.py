@@ -85,8 +85,55 @@ CERTIFICATE_EXPIRY = Gauge(
 )
 CONFIG_RELOADS = Counter("nextproxy_config_reloads_total", "Configuration reloads, by result.", ["result"])
 AUTHORIZATION_DENIED = Counter(
-    "nextproxy_authorization_denied_total", "Requests refused by a client-certificate allow list.", ["route", "reason"]
+    "nextproxy_authorization_denied_total", "Requests and connections refused by a client-certificate or source-address allow list.", ["route", "reason"]
 )
+PROXY_PROTOCOL_HEADERS = Counter(
+    "nextproxy_proxy_protocol_headers_total",
+    "PROXY protocol headers accepted from trusted balancers, by listener, version and command.",
+    ["listener", "version", "command"],
+)
+PROXY_PROTOCOL_REJECTED = Counter(
+    "nextproxy_proxy_protocol_rejected_total",
+    "Connections closed over their PROXY protocol header (invalid, missing, or from an untrusted peer).",
+    ["listener", "reason"],
+)
+RATE_LIMITED = Counter(
+    "nextproxy_rate_limited_total", "Requests and WebSocket upgrades answered 429, by route and key kind (ip, cert).",
+    ["route", "key"],
+)  # fmt: skip
+CONNECTIONS_RATE_LIMITED = Counter(
+    "nextproxy_connections_rate_limited_total",
+    "Connections closed at accept for exceeding the listener's new_connections_per_second.",
+    ["listener"],
+)
+PROXY_PROTOCOL_REASONS = ("not_proxy_protocol", "malformed", "too_long", "bad_checksum", "truncated", "untrusted", "timeout")
+
+# Overload protection (issue 12): every limit is counted where it bites.
+CONNECTIONS_REFUSED = Counter(
+    "nextproxy_connections_refused_total", "Connections closed at accept, by the cap that was reached.", ["reason"]
+)
+ACCEPT_PAUSES = Counter(
+    "nextproxy_accept_paused_total",
+    "Times the listener stopped accepting (connections wait in the kernel's backlog), by reason.",
+    ["reason"],
+)
+DESCRIPTORS_EXHAUSTED = Counter(
+    "nextproxy_descriptors_exhausted_total", "EMFILE/ENFILE met by the proxy, by where (accept, upstream).", ["where"]
+)
+LOG_LINES_DROPPED = Counter(
+    "nextproxy_log_lines_dropped_total", "Log lines dropped because stdout was not read fast enough."
+)
+# - livesum: each worker's own loop; a dead worker's tasks died with it.
+ASYNCIO_TASKS = Gauge(
+    "nextproxy_asyncio_tasks", "asyncio tasks alive in the serving loop (sampled once a second).",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+REFUSAL_REASONS = ("max_connections", "max_connections_per_ip")
+PAUSE_REASONS = ("max_handshakes",)
+EXHAUSTION_PLACES = ("accept", "upstream")
+REFUSED_BY_REASON: dict[str, Counter] = {r: CONNECTIONS_REFUSED.labels(reason=r) for r in REFUSAL_REASONS}
+PAUSED_BY_REASON: dict[str, Counter] = {r: ACCEPT_PAUSES.labels(reason=r) for r in PAUSE_REASONS}
+EXHAUSTED_BY_PLACE: dict[str, Counter] = {w: DESCRIPTORS_EXHAUSTED.labels(where=w) for w in EXHAUSTION_PLACES}
 
 CONTRACT_METRIC_NAMES = (
     "nextproxy_requests_total",
@@ -102,7 +149,19 @@ CONTRACT_METRIC_NAMES = (
     "nextproxy_certificate_expiry_timestamp_seconds",
     "nextproxy_config_reloads_total",
     "nextproxy_authorization_denied_total",
+    "nextproxy_connections_refused_total",
+    "nextproxy_accept_paused_total",
+    "nextproxy_descriptors_exhausted_total",
+    "nextproxy_log_lines_dropped_total",
+    "nextproxy_asyncio_tasks",
 )
+POLICY_METRIC_NAMES = (
+    "nextproxy_proxy_protocol_headers_total",
+    "nextproxy_proxy_protocol_rejected_total",
+    "nextproxy_rate_limited_total",
+    "nextproxy_connections_rate_limited_total",
+)
+"""Labelled by listener address or route: their series appear with the first event."""
 
 # Children for the fixed label sets, resolved at import so that every series exists (at 0) from
 # the first scrape; rate() and absent() alerts misbehave on series that appear late.

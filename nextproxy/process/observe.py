@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import traceback
+from typing import Any
 
 from nextproxy.edge.observer import (
     AuthorizationDenied,
     ClientHelloError,
     MessageRelayed,
+    RateLimited,
     RequestCompleted,
     SessionClosed,
     Side,
@@ -29,8 +31,11 @@ class Observer:
     def __init__(self, logger: Logger, listener: str = "edge") -> None:
         self.log = logger
         self._active = metrics.CONNECTIONS_ACTIVE.labels(listener=listener)
-        self._refused = 0
-        self._refused_logged = -1e9
+        self._refused = Throttle(logger, "warning", "connections_refused")
+        self._paused = Throttle(logger, "warning", "accept_paused")
+        self._exhausted = Throttle(logger, "error", "descriptors_exhausted")
+        self._handshakes = Throttle(logger, "info", "tls_handshakes_failed")
+        logger.on_drop = metrics.LOG_LINES_DROPPED.inc
 
     def route(self, name: str) -> metrics.RouteMetrics:
         return metrics.route_metrics(name)
@@ -42,13 +47,17 @@ class Observer:
     def connection_closed(self) -> None:
         self._active.dec()
 
-    def connection_refused(self) -> None:
-        """Logged at most every 10 s with a count: a flood must not also flood the log."""
-        self._refused += 1
-        now = asyncio.get_running_loop().time()
-        if now - self._refused_logged >= 10.0:
-            self.log.log("warning", "connections_refused", reason="max_connections reached", count=self._refused)
-            self._refused, self._refused_logged = 0, now
+    def connection_refused(self, reason: str = "max_connections") -> None:
+        metrics.REFUSED_BY_REASON[reason].inc()
+        self._refused.count(reason)
+
+    def accept_paused(self, reason: str) -> None:
+        metrics.PAUSED_BY_REASON[reason].inc()
+        self._paused.count(reason)
+
+    def descriptors_exhausted(self, where: str, detail: str) -> None:
+        metrics.EXHAUSTED_BY_PLACE[where].inc()
+        self._exhausted.count(where, detail)
 
     def bad_hello(self, exc: ClientHelloError, peer: str) -> None:
         metrics.tls_handshake("other")
@@ -57,8 +66,10 @@ class Observer:
 
     def handshake(self, result: str, detail: str = "", peer: str = "-") -> None:
         metrics.tls_handshake(result)
-        if result != "ok" and self.log.enabled("info"):
-            self.log.log("info", "tls_handshake_failed", client=peer, result=result, detail=detail)
+        if result != "ok":
+            # Scanners and floods abandon handshakes by the thousand: one line per interval with
+            # counts by result (and the last example), never one line each.
+            self._handshakes.count(result, f"{peer} {detail}".strip())
 
     # passthrough
     def passthrough_opened(self, route: str) -> None:
@@ -89,6 +100,27 @@ class Observer:
     def denied(self, denied: AuthorizationDenied, peer: str) -> None:
         self.route(denied.route).denied(denied.reason).inc()
         self.log.log("warning", "authorization_denied", route=denied.route, client=peer, reason=denied.reason, fingerprint=denied.fingerprint)
+
+    def rate_limited(self, limited: RateLimited, peer: str) -> None:
+        metrics.RATE_LIMITED.labels(route=limited.route, key=limited.key).inc()
+        if self.log.enabled("info"):
+            self.log.log("info", "rate_limited", route=limited.route, client=peer, key=limited.key, retry_after=limited.retry_after)
+
+    # accept-time policy: PROXY protocol and connection rates
+    def proxy_header(self, listener: str, version: int, command: str) -> None:
+        metrics.PROXY_PROTOCOL_HEADERS.labels(listener=listener, version=str(version), command=command).inc()
+
+    def proxy_rejected(self, listener: str, reason: str, detail: str, peer: str) -> None:
+        if reason not in metrics.PROXY_PROTOCOL_REASONS:  # labels stay bounded whatever the reader says
+            reason = "malformed"
+        metrics.PROXY_PROTOCOL_REJECTED.labels(listener=listener, reason=reason).inc()
+        if self.log.enabled("info"):  # info, not warning: anyone can make these, and a flood must not flood the log
+            self.log.log("info", "proxy_protocol_rejected", listener=listener, client=peer, reason=reason, detail=detail)
+
+    def connections_rate_limited(self, listener: str, peer: str) -> None:
+        metrics.CONNECTIONS_RATE_LIMITED.labels(listener=listener).inc()
+        if self.log.enabled("info"):
+            self.log.log("info", "connection_rate_limited", listener=listener, client=peer)
 
     def upstream_error(self, name: str, detail: str, peer: str) -> None:
         self.log.log("warning", "upstream_error", upstream=name, client=peer, detail=detail)
@@ -125,3 +157,57 @@ class Observer:
     # bugs
     def bug(self, exc: BaseException, peer: str) -> None:
         self.log.log("error", "internal_error", client=peer, error=repr(exc), traceback="".join(traceback.format_exception(exc))[-4000:])
+
+
+class Throttle:
+    """At most one line per kind and one summary per ``interval`` for a frequent event.
+
+    The first occurrence of each key (a result, a reason) in an interval is logged at once, so
+    an operator sees a new kind of trouble start; repeats are summed into one summary line with
+    counts by key and the last detail, written by a timer at the interval's end. Keys come from a
+    fixed vocabulary, so a flood costs a handful of lines per interval, not one per event.
+    """
+
+    __slots__ = ("_log", "_level", "_event", "interval", "_counts", "_seen", "_detail", "_window", "_timer")
+
+    def __init__(self, log: Logger, level: str, event: str, interval: float = 10.0) -> None:
+        self._log, self._level, self._event, self.interval = log, level, event, interval
+        self._counts: dict[str, int] = {}
+        self._seen: set[str] = set()
+        self._detail = ""
+        self._window = -1e9
+        self._timer: asyncio.TimerHandle | None = None
+
+    def count(self, key: str, detail: str = "") -> None:
+        if not self._log.enabled(self._level):
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._window >= self.interval:
+            self._summary()
+            self._seen.clear()
+            self._window = now
+        if key not in self._seen:
+            self._seen.add(key)
+            self._write({key: 1}, detail)
+            return
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if detail:
+            self._detail = detail
+        if self._timer is None:
+            self._timer = loop.call_at(self._window + self.interval, self._summary)
+
+    def _summary(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._counts:
+            self._write(dict(self._counts), self._detail)
+            self._counts.clear()
+            self._detail = ""
+
+    def _write(self, counts: dict[str, int], detail: str) -> None:
+        fields: dict[str, Any] = {"interval_s": self.interval, "counts": counts}
+        if detail:
+            fields["last"] = detail[:300]
+        self._log.log(self._level, self._event, **fields)

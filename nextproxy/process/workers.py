@@ -182,7 +182,7 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
         supervisor.reap()
     admin.close()
     logger.log("info", "supervisor_stopped")
-    logger.flush()
+    logger.close()
     return 0
 
 

@@ -15,7 +15,8 @@ from tests.tlspeer import TlsPeer, client_context
 
 
 def _accept(rt: Runtime) -> tuple[Accepted, FakeTransport]:
-    accepted = Accepted(rt, asyncio.get_running_loop())
+    assert rt.admission.admit("192.0.2.7") is None  # what edge.acceptor does before the protocol exists
+    accepted = Accepted(rt, asyncio.get_running_loop(), "192.0.2.7")
     transport = FakeTransport()
     accepted.connection_made(transport)
     return accepted, transport
@@ -25,16 +26,22 @@ def _hello(server_name: str) -> bytes:
     return TlsPeer(client_context(), server_name=server_name).data_to_send()
 
 
-def test_over_the_connection_cap_a_connection_is_refused_at_once() -> None:
-    async def scenario() -> tuple[FakeTransport, RecordingObserver, Runtime]:
-        rt, observer = runtime(replace(config(), limits=Limits(max_connections=1)))
-        _accept(rt)
-        _, second = _accept(rt)
-        return second, observer, rt
+def test_closing_before_the_hello_counts_the_connection_and_its_handshake_out() -> None:
+    """The caps themselves are checked in edge.acceptor, before a protocol exists
+    (tests/integration/test_overload.py); here: every way out of accept counts out once."""
 
-    second, observer, rt = run(scenario())
-    assert second.closed and observer.named("connection_refused") == [()]
-    assert len(rt.pending) == 1
+    async def scenario() -> tuple[Runtime, RecordingObserver, list[int]]:
+        rt, observer = runtime(replace(config(), limits=Limits(max_connections=1)))
+        accepted, _ = _accept(rt)
+        assert rt.admission.admit("192.0.2.8") is not None  # the one slot is taken
+        counts = [rt.admission.total, rt.admission.handshakes]
+        accepted.close()
+        accepted.close()  # twice: counted out once
+        return rt, observer, counts + [rt.admission.total, rt.admission.handshakes]
+
+    rt, observer, counts = run(scenario())
+    assert counts == [1, 1, 0, 0] and rt.admission.per_address == {}
+    assert len(observer.named("connection_closed")) == 1 and not rt.pending
 
 
 def test_plaintext_http_gets_a_hint_then_a_half_close_and_a_linger() -> None:

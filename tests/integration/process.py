@@ -64,7 +64,9 @@ class Proxy:
     """A `python -m nextproxy run` subprocess with its own config folder and collected stdout."""
 
     def __init__(self, folder: Path, pki: DemoPki, upstreams: Upstreams, *, workers: int = 1, drain: float = 10, route_options: str = "",
-                 shutdown_delay: float = 0, admin_tls: bool = False) -> None:  # fmt: skip
+                 shutdown_delay: float = 0, admin_tls: bool = False, extra: str = "", read_stdout: bool = True) -> None:  # fmt: skip
+        """``extra``: TOML appended after ``[timeouts]`` (keys of it, then more tables).
+        ``read_stdout=False``: nobody reads the proxy's stdout (a stalled log reader)."""
         self.folder = folder
         self.pki = pki
         self.cert, self.key = folder / "edge.pem", folder / "edge.key"
@@ -100,6 +102,7 @@ allow = ["cn:nobody"]
 [timeouts]
 drain = {drain}
 shutdown_delay = {shutdown_delay}
+{extra}
 """ + (f'[admin_tls]\ncertificate_file = "{self.cert}"\nkey_file = "{self.key}"\n' if admin_tls else ""))
         self.config_file = config
         self.admin_tls = admin_tls
@@ -107,7 +110,7 @@ shutdown_delay = {shutdown_delay}
         env.update(NEXTPROXY_CONFIG=str(config), NEXTPROXY_WORKERS=str(workers), NEXTPROXY_LOG_FORMAT="json")
         self.process = subprocess.Popen([sys.executable, "-m", "nextproxy", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader = threading.Thread(target=self._read if read_stdout else lambda: None, daemon=True)
         self._reader.start()
         self.context = ssl.create_default_context(cadata=pki.ca.certificate.decode())
         self.wait_for(lambda: self.get("/readyz")[0] == 200, 20, "ready")
