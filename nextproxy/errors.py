@@ -30,6 +30,18 @@ class TlsAlert(enum.IntEnum):
     NO_APPLICATION_PROTOCOL = 120
 
 
+TLS_HANDSHAKE_OK = "ok"
+TLS_HANDSHAKE_FAILURES = (
+    "eof_during_handshake", "timeout", "plaintext_http", "decode_error", "hello_too_large", "protocol_version",
+    "no_shared_group", "no_shared_cipher", "no_application_protocol", "certificate_required", "unknown_ca",
+    "certificate_expired", "bad_certificate", "client_alert", "other",
+)  # fmt: skip
+"""Why an edge handshake failed: a small fixed set, shared by the ``tls_handshake_failed`` log
+line and the ``result`` label of ``nextproxy_tls_handshakes_total`` (``ok`` is the success).
+``core.handshake`` maps OpenSSL's errors and the ClientHello reader's refusals onto it; the shell
+adds ``eof_during_handshake`` and ``timeout``, which only it can see."""
+
+
 class NextproxyError(Exception):
     """Base class: lets the shell tell our errors from bugs."""
 

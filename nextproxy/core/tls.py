@@ -20,10 +20,14 @@ from cryptography.x509.verification import Store
 from OpenSSL import SSL, crypto
 
 from nextproxy.config.model import ClientAuth
+from nextproxy.core.handshake import VerifyNote, openssl_failure_reason
 from nextproxy.core.peercert import PeerCertificate, describe_certificate
 from nextproxy.errors import TlsError
 
-__all__ = ["NoApplicationProtocol", "PeerCertificate", "TlsEngine", "TlsServerContext", "describe_certificate"]
+__all__ = [
+    "NoApplicationProtocol", "PeerCertificate", "TlsEngine", "TlsServerContext", "describe_certificate",
+    "note_verify_error",
+]  # fmt: skip
 
 # One TLS record carries at most 16 KiB of plaintext (RFC 8446 section 5.1) and SSL_read
 # returns at most one record, so a bigger buffer would only cost allocation.
@@ -85,7 +89,9 @@ class TlsEngine:
         self.error: TlsError | None = None
         """The failure that ended this engine; set before any alert is flushed."""
         self._error_raised = False
+        self._verify_note = VerifyNote()
         self._conn = self._call(lambda: SSL.Connection(context.context, None))
+        self._conn.set_app_data(self._verify_note)
         self._conn.set_accept_state()
         if initial:
             # Raising from a constructor would lose the object, and with it the alert queued in
@@ -229,7 +235,8 @@ class TlsEngine:
     def _fail(self, exc: Exception) -> TlsError:
         """Turn a pyOpenSSL exception into a TlsError, noting whether an alert is queued."""
         text = str(exc).lower()
-        reason = "no_application_protocol" if isinstance(exc, NoApplicationProtocol) else error_reason(text)
+        code = self._verify_note.code  # set before any OpenSSL call can fail
+        reason = "no_application_protocol" if isinstance(exc, NoApplicationProtocol) else openssl_failure_reason(text, code)
         received_alert = "alert" in text and reason != "protocol_version"
         # OpenSSL writes its fatal alert into the BIO before raising; a peer's alert gets no answer.
         queued = self._drain_into_stash() if hasattr(self, "_conn") else False
@@ -294,24 +301,11 @@ class TlsEngine:
         return describe_certificate(leaf_der, chain_der, self._context, self._now)
 
 
-# OpenSSL reason strings, lower-cased, in the order they are tried. A received alert reads
-# "tlsv1 alert unknown ca": the peer refused *us*, so it must not count as a bad client cert.
-_REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("protocol_version", ("unsupported protocol", "wrong version number", "protocol version",
-                          "no protocols available", "version too low")),
-    ("other", ("alert",)),
-    ("no_client_cert", ("peer did not return a certificate",)),
-    ("bad_client_cert", ("certificate verify failed", "unknown ca", "certificate expired",
-                         "bad certificate", "unsupported certificate")),
-)  # fmt: skip
-
-
-def error_reason(text: str) -> str:
-    """Map an OpenSSL error text to protocol_version, no_client_cert, bad_client_cert or other."""
-    for reason, needles in _REASONS:
-        if any(needle in text for needle in needles):
-            return reason
-    return "other"
+def note_verify_error(connection: SSL.Connection, errnum: int) -> None:
+    """For a context's verify callback: remember why OpenSSL refuses this chain (for the reason)."""
+    note = connection.get_app_data()
+    if isinstance(note, VerifyNote):
+        note.note(errnum)
 
 
 def _short(exc: SSL.Error) -> str:

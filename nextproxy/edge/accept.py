@@ -21,6 +21,7 @@ from typing import cast
 
 from nextproxy.config.model import SniAction, SniRoute
 from nextproxy.core.clienthello import ClientHello, ClientHelloReader
+from nextproxy.core.handshake import hello_failure_reason
 from nextproxy.core.proxyprotocol import Endpoint, ProxyHeader, ProxyHeaderReader, build_v2, looks_like_proxy_protocol
 from nextproxy.edge.connection import TerminatedConnection
 from nextproxy.edge.gate import ListenerGate, endpoint
@@ -77,6 +78,14 @@ class Accepted(asyncio.Protocol):
             return
         # A total bound, not an idle one: bytes that trickle in do not extend it.
         self._timer = self._loop.call_later(rt.config.timeouts.client_hello, self._timed_out)
+
+    def port(self) -> int | None:
+        """The client's port, for failure lines only: the PROXY header's, else the socket's
+        (looked up when needed, not for every connection)."""
+        if self._source is not None:
+            return self._source.port
+        peername = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return peername[1] if isinstance(peername, tuple) and len(peername) >= 2 else None
 
     def _admitted(self) -> bool:
         """The listener's new-connection rate for this client (after its PROXY header, if any)."""
@@ -172,7 +181,7 @@ class Accepted(asyncio.Protocol):
         if exc.answer is HelloAnswer.TLS_LIBRARY:
             self._to_openssl()
             return
-        self.rt.observer.bad_hello(exc, self.peer)
+        self.rt.observer.handshake(hello_failure_reason(exc), str(exc), self.peer, self.port())
         answer = {HelloAnswer.USE_HTTPS: USE_HTTPS, HelloAnswer.ALERT: exc.alert_record()}.get(exc.answer)
         self._linger_close(answer or b"")
 
@@ -194,6 +203,9 @@ class Accepted(asyncio.Protocol):
             self.rt.closed(self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None and exc is not None and self._reader.received():
+            # A reset in the middle of the ClientHello (a clean EOF goes through eof_received).
+            self.rt.observer.handshake("eof_during_handshake", f"connection lost: {exc}", self.peer, self.port())
         self.close()
 
     def _timed_out(self) -> None:
@@ -201,7 +213,9 @@ class Accepted(asyncio.Protocol):
         if self._proxy is not None:
             self._proxy_refused(TIMEOUT, "no complete PROXY header within the ClientHello timeout")
             return
-        self.rt.observer.handshake("timeout")
+        limit = self.rt.config.timeouts.client_hello
+        got = len(self._reader.received())
+        self.rt.observer.handshake("timeout", f"no ClientHello within {limit:g} s ({got} bytes received)", self.peer, self.port())
         self.close()
 
     def _hand_over(self, hello: ClientHello) -> None:
@@ -244,7 +258,8 @@ class Accepted(asyncio.Protocol):
 
     def _terminate(self, transport: asyncio.Transport, route: SniRoute | None, hello: ClientHello) -> TerminatedConnection:
         self._forget()
-        connection = TerminatedConnection(self.rt, transport, self.peer, route, hello, self._loop)
+        source = self._source
+        connection = TerminatedConnection(self.rt, transport, self.peer, route, hello, self._loop, source.port if source else None)
         if any(upstream.proxy_protocol is not None for upstream in self.rt.config.upstreams):
             connection.client_endpoints = self._endpoints(transport)
         transport.set_protocol(connection)

@@ -43,12 +43,13 @@ class TerminatedConnection(asyncio.BufferedProtocol):
 
     def __init__(
         self, host: Host, transport: asyncio.Transport, peer: str, sni_route: SniRoute | None,
-        hello: ClientHello, loop: asyncio.AbstractEventLoop,
+        hello: ClientHello, loop: asyncio.AbstractEventLoop, port: int | None = None,
     ) -> None:  # fmt: skip
         self.rt = host
         self.loop = loop  # kept: on Python 3.11 every get_running_loop() costs a getpid() syscall
         self.transport: asyncio.Transport | None = transport
         self.peer = peer
+        self.port = port
         self._hello: ClientHello | None = hello
         self.server_name = hello.server_name
         self.client_endpoints: tuple[Endpoint, Endpoint] | None = None
@@ -106,6 +107,9 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._phase is None and not self.closed and self._engine is not None:
+            # A reset (no EOF first) in the middle of the handshake.
+            self._handshake_failed("eof_during_handshake", f"connection lost: {exc}" if exc else "connection lost")
         phase = self._phase
         if phase is not None and phase.outlives_client:
             self.transport = None  # let the phase finish the upstream's side (its closing handshake)
@@ -168,13 +172,15 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             # EOF goes to OpenSSL too: mid-handshake it answers as a plain server would.
             plaintext = engine.receive(data) if data else engine.end_of_stream()
         except TlsError as exc:
-            self._tls_failed(exc)
+            # OpenSSL's view of an EOF mid-handshake ("unexpected eof", or decode_error for a
+            # truncated hello) is detail; the reason is what happened: the client hung up.
+            self._tls_failed(exc, None if data or engine.handshake_complete else "eof_during_handshake")
             return
         if self._phase is None:
             if not engine.handshake_complete:
                 self._flush()
                 if not data:
-                    self.rt.observer.handshake("other")
+                    self._handshake_failed("eof_during_handshake", "the client closed before the handshake finished")
                     self._close()
                 return
             self._handshake_done(engine)
@@ -201,12 +207,26 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         self._phase = self.http = HttpPhase.after_handshake(self, self._sni_route, self.server_name, certificate)
         self.deadline.set(self.rt.config.timeouts.client_idle, Timer.IDLE)
 
-    def _tls_failed(self, exc: TlsError) -> None:
-        self.rt.observer.handshake(exc.reason if self._phase is None else "other", str(exc), self.peer)
+    def _tls_failed(self, exc: TlsError, reason: str | None = None) -> None:
+        if self._phase is None:
+            self._handshake_failed(reason or exc.reason, exc.detail)
+        else:  # the handshake was counted as ok; this is no second handshake result
+            self.rt.observer.tls_error(exc.detail, self.peer, self._port(), self.server_name)
         # The alert is already in the engine's out-buffer: flush it, then half-close and linger
         # briefly, or the kernel answers the client's in-flight bytes with a reset.
         self._flush()
         self._close(linger=True)
+
+    def _handshake_failed(self, reason: str, detail: str) -> None:
+        self.rt.observer.handshake(reason, detail, self.peer, self._port(), self.server_name)
+
+    def _port(self) -> int | None:
+        """The client's port for failure lines: a PROXY header's (handed in), else the socket's,
+        looked up only when a line needs it."""
+        if self.port is not None:
+            return self.port
+        peername = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return peername[1] if isinstance(peername, tuple) and len(peername) >= 2 else None
 
     def _seal(self, engine: TlsEngine) -> None:
         """Encrypt what the batch produced in one SSL_write: a small response (head, body, end)
@@ -302,7 +322,8 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         if phase is not None:
             self._guarded(lambda: self.run(phase.deadline(kind)))
         elif not self.closed:  # the handshake took too long
-            self.rt.observer.handshake("timeout")
+            limit = self.rt.config.timeouts.handshake
+            self._handshake_failed("timeout", f"handshake not finished within {limit:g} s")
             self._flush()
             self._close()
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Protocol
 
 from nextproxy.core.actions import AuthorizationDenied, MessageRelayed, RateLimited, RequestCompleted, SessionClosed, Side
-from nextproxy.errors import ClientHelloError
 
 # The facts' types, for the observer's implementation: process/ sees them only through here.
 __all__ = [
-    "AuthorizationDenied", "ClientHelloError", "EdgeObserver", "MessageRelayed", "RateLimited", "RequestCompleted",
+    "AuthorizationDenied", "EdgeObserver", "MessageRelayed", "RateLimited", "RequestCompleted",
     "SessionClosed", "Side",
 ]  # fmt: skip
 
@@ -30,8 +29,13 @@ class EdgeObserver(Protocol):
         """The listener stopped reading its socket (``max_handshakes``); connections queue in the kernel."""
     def descriptors_exhausted(self, where: str, detail: str) -> None:
         """EMFILE/ENFILE at ``accept`` or ``upstream`` connect: the proxy's shortage, not a peer's fault."""
-    def bad_hello(self, exc: ClientHelloError, peer: str) -> None: ...
-    def handshake(self, result: str, detail: str = "", peer: str = "-") -> None: ...
+    def handshake(
+        self, result: str, detail: str = "", peer: str = "-", port: int | None = None, server_name: str | None = None
+    ) -> None:
+        """``result`` is ``ok`` or one of ``errors.TLS_HANDSHAKE_FAILURES``; the rest is for the
+        failure's log line: the client's address and port, and the SNI if the hello had one."""
+    def tls_error(self, detail: str, peer: str, port: int | None, server_name: str | None) -> None:
+        """TLS failed after a successful handshake (a corrupt record, say): not a handshake result."""
     def passthrough_opened(self, route: str) -> None: ...
     def passthrough_closed(self, route: str, to_upstream: int, to_client: int, peer: str) -> None: ...
     def request(self, done: RequestCompleted, duration: float, peer: str) -> None: ...

@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
 from nextproxy.config.model import CertificateConfig, ClientAuth, Config, SniAction, SniRoute, UpstreamTls
-from nextproxy.core.tls import NoApplicationProtocol, TlsServerContext
+from nextproxy.core.tls import NoApplicationProtocol, TlsServerContext, note_verify_error
 from nextproxy.errors import ConfigError
 
 __all__ = [
@@ -179,7 +179,9 @@ def _accept_any(connection: SSL.Connection, cert: crypto.X509, errnum: int, dept
 
 def _openssl_verdict(connection: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
     # require-ca: OpenSSL's own chain verdict; on failure it sends the matching alert
-    # (unknown_ca, certificate_expired, ...).
+    # (unknown_ca, certificate_expired, ...); the engine's failure reason says which, too.
+    if not ok:
+        note_verify_error(connection, errnum)
     return bool(ok)
 
 

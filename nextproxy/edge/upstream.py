@@ -11,6 +11,7 @@ the upstream closes it is the classic source of spurious 502s.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import socket
 import ssl
@@ -30,6 +31,10 @@ SWEEP_INTERVAL = 1.0
 
 
 _T = TypeVar("_T")
+
+OPEN_CONNECTIONS: collections.Counter[str] = collections.Counter()
+"""Open upstream connections of this process by upstream name, across pools (a reload's new
+pool does not own the old pool's connections, which stay open until their requests end)."""
 
 
 async def first_that_answers(servers: Sequence[Address], attempt: Callable[[Address], Awaitable[_T]]) -> _T:
@@ -109,6 +114,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
         self.transport = cast(asyncio.Transport, transport)
         self.alive = True
+        OPEN_CONNECTIONS[self.upstream.name] += 1
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return read_buffer()
@@ -130,6 +136,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
+        if self.transport is not None:
+            OPEN_CONNECTIONS[self.upstream.name] -= 1
         owner, self.owner = self.owner, None
         if owner is not None:
             owner.upstream_lost(exc)
@@ -243,6 +251,13 @@ class UpstreamPool:
         if self.health.get(name) != up:
             self.health[name] = up
         self._on_health(name, up)
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """Upstream name -> (open, idle) connections, for the status page (not the hot path)."""
+        return {
+            u.name: (OPEN_CONNECTIONS[u.name], sum(len(self._idle.get(server, ())) for server in u.servers))
+            for u in self._config.upstreams
+        }
 
     def take_idle(self, upstream: Upstream, owner: UpstreamOwner) -> UpstreamConnection | None:
         """A pooled connection that is still usable, without waiting; None if there is none.

@@ -1,4 +1,4 @@
-"""The admin port (9613 by default): /livez, /readyz, /metrics and a small HTML status page.
+"""The admin port (9613 by default): /livez, /readyz, /metrics, a live status page and /status.json.
 
 HTTP/1.1 over h11 on an asyncio Protocol, optionally inside TLS (a stdlib ``ssl`` context built
 by ``tlsconfig``). It reads ``AdminState``, which the server owns and mutates, and never changes
@@ -11,19 +11,20 @@ than a bounded amount of memory or a connection longer than the idle timeout.
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import logging
 import ssl
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Callable, cast
 
 import h11
 
 from nextproxy import __version__
 from nextproxy.process import metrics
+from nextproxy.process.status import SAMPLE_INTERVAL, Facts, Ring, take_sample
+from nextproxy.process.statuspage import render_page
+from nextproxy.process.statusview import status_document
 
 SECONDS = 1.0
 KiB = 1024
@@ -39,7 +40,6 @@ MAX_REQUEST_HEAD = 8 * KiB
 MAX_REQUEST_BODY = 16 * KiB
 """Nothing here takes a body; a small one is read and dropped so keep-alive survives."""
 MAX_CONNECTIONS = 128
-CERTIFICATE_WARNING_DAYS = 14
 
 log = logging.getLogger("nextproxy.process.admin")
 
@@ -64,6 +64,12 @@ class AdminState:
     websocket_sessions_active: int = 0
     version: str = __version__
     config_source: str = ""
+    route_kinds: dict[str, str] = field(default_factory=dict)
+    """Route name -> "http" or "passthrough" (``status.route_kinds``)."""
+    ring: Ring = field(default_factory=Ring)
+    """Metric samples of the last minutes, recorded by the admin port's sampler."""
+    facts: Callable[[], Facts] = Facts
+    """What the serving processes know beyond metrics (pools, last errors, reloads)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +95,9 @@ async def start_admin(
     *,
     heartbeat_interval: float = HEARTBEAT_INTERVAL,
     stale_after: float = LIVENESS_STALE_AFTER,
+    sample_interval: float = SAMPLE_INTERVAL,
 ) -> asyncio.Server:
-    """Listen on ``host:port`` and serve ``state``; the heartbeat stops after ``server.close()``."""
+    """Listen on ``host:port`` and serve ``state``; heartbeat and sampler stop after ``server.close()``."""
     site = _Site(state, stale_after)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -101,10 +108,12 @@ async def start_admin(
         ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if ssl_context is not None else None,
     )
     state.last_loop_tick = time.monotonic()
-    task = loop.create_task(_heartbeat(server, state, heartbeat_interval), name="nextproxy-admin-heartbeat")
-    # The loop keeps only weak references to tasks; hold this one until it ends.
-    _HEARTBEATS.add(task)
-    task.add_done_callback(_HEARTBEATS.discard)
+    state.ring.record(take_sample(metrics.registry_for_exposition().collect(), time.time()))
+    for job, name in ((_heartbeat(server, state, heartbeat_interval), "heartbeat"), (_sampler(server, state, sample_interval), "sampler")):
+        task = loop.create_task(job, name=f"nextproxy-admin-{name}")
+        # The loop keeps only weak references to tasks; hold this one until it ends.
+        _HEARTBEATS.add(task)
+        task.add_done_callback(_HEARTBEATS.discard)
     return server
 
 
@@ -129,6 +138,18 @@ async def _heartbeat(server: asyncio.Server, state: AdminState, interval: float)
         state.last_loop_tick = time.monotonic()
 
 
+async def _sampler(server: asyncio.Server, state: AdminState, interval: float) -> None:
+    """Every ``interval``, the merged metrics into the status ring (bounded: see ``status``)."""
+    while True:
+        await asyncio.sleep(interval)
+        if not server.is_serving():
+            return
+        try:
+            state.ring.record(take_sample(metrics.registry_for_exposition().collect(), time.time()))
+        except Exception:  # a worker's half-written file, say: skip one sample, keep sampling
+            log.exception("status sample failed")
+
+
 class _Site:
     """The pages, keyed by path; each builds a complete ``Reply`` from the current state."""
 
@@ -141,6 +162,7 @@ class _Site:
             "/readyz": self.readyz,
             "/metrics": self.metrics_page,
             "/": self.status_page,
+            "/status.json": self.status_json,
         }
 
     def handle(self, request: h11.Request) -> Reply:
@@ -172,8 +194,16 @@ class _Site:
             headers += (("content-encoding", rendered.content_encoding),)
         return Reply(200, rendered.content_type, rendered.body, headers)
 
+    def document(self) -> dict[str, object]:
+        now = time.time()
+        live = take_sample(metrics.registry_for_exposition().collect(), now)
+        return status_document(self.state, live, self.state.facts(), now)
+
     def status_page(self, request: h11.Request) -> Reply:
-        return Reply(200, HTML_TYPE, render_status(self.state, time.time()).encode(), HTML_HEADERS)
+        return Reply(200, HTML_TYPE, render_page(self.document()).encode(), HTML_HEADERS)
+
+    def status_json(self, request: h11.Request) -> Reply:
+        return Reply(200, JSON, json.dumps(self.document(), indent=1).encode() + b"\n")
 
 
 def _header(request: h11.Request, name: bytes) -> str:
@@ -328,71 +358,3 @@ class _AdminProtocol(asyncio.Protocol):
             self._transport.abort()
         else:
             self._transport.close()
-
-
-# ---------------------------------------------------------------------- status page
-
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#1d232a;background:#f7f8fa}
-h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
-table{border-collapse:collapse;background:#fff}td,th{border:1px solid #d5d9de;padding:.3em .7em;text-align:left}
-th{background:#eef0f3}.badge{display:inline-block;padding:0 .6em;border-radius:.8em;color:#fff;font-weight:600}
-.up{background:#1a7f37}.down{background:#cf222e}.warn{background:#bf8700}
-dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
-"""
-
-
-def render_status(state: AdminState, now: float) -> str:
-    """The status page as HTML; every value from the state is escaped."""
-    e = html.escape
-    ready = _badge("ready", "up") if state.ready else _badge(f"not ready: {state.not_ready_reason}", "down")
-    routes = "".join(f"<tr><td>{e(m)}</td><td>{e(a)}</td><td>{e(t)}</td></tr>" for m, a, t in state.routes)
-    upstreams = "".join(
-        f"<tr><td>{e(name)}</td><td>{_badge('up', 'up') if up else _badge('down', 'down')}</td></tr>"
-        for name, up in sorted(state.upstreams.items())
-    )
-    certificates = "".join(_certificate_row(name, not_after, now) for name, not_after in state.certificates)
-    started = datetime.fromtimestamp(state.started_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
-<title>nextproxy status</title><style>{_CSS}</style></head><body>
-<h1>nextproxy {e(state.version)}</h1>
-<dl>
-<dt>Readiness</dt><dd>{ready}</dd>
-<dt>Started</dt><dd>{started} (up {_duration(now - state.started_at)})</dd>
-<dt>Configuration</dt><dd>{e(state.config_source) or "-"}</dd>
-<dt>Active connections</dt><dd>{state.connections_active}</dd>
-<dt>WebSocket sessions</dt><dd>{state.websocket_sessions_active}</dd>
-</dl>
-<h2>Routes</h2>
-<table><tr><th>Match</th><th>Action</th><th>Target</th></tr>{routes}</table>
-<h2>Upstreams</h2>
-<table><tr><th>Upstream</th><th>Health</th></tr>{upstreams}</table>
-<h2>Certificates</h2>
-<table><tr><th>Certificate</th><th>Expires</th><th>Days left</th></tr>{certificates}</table>
-</body></html>
-"""
-
-
-def _badge(text: str, kind: str) -> str:
-    return f'<span class="badge {kind}">{html.escape(text)}</span>'
-
-
-def _certificate_row(name: str, not_after: float, now: float) -> str:
-    expires = datetime.fromtimestamp(not_after, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    days = (not_after - now) / 86400
-    if days < 0:
-        left = _badge(f"expired {int(-days)} days ago", "down")
-    elif days < CERTIFICATE_WARNING_DAYS:
-        left = _badge(f"{int(days)}", "warn")
-    else:
-        left = str(int(days))
-    return f"<tr><td>{html.escape(name)}</td><td>{expires}</td><td>{left}</td></tr>"
-
-
-def _duration(seconds: float) -> str:
-    total = max(0, int(seconds))
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{days}d {hours:02d}h {minutes:02d}m {secs:02d}s" if days else f"{hours:02d}h {minutes:02d}m {secs:02d}s"

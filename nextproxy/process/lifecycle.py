@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +27,7 @@ from nextproxy.errors import ConfigError
 from nextproxy.process.logs import Logger
 from nextproxy.process.nofile import fit
 from nextproxy.process.observe import Observer
+from nextproxy.process.status import Facts, route_kinds, write_facts
 from nextproxy.edge.listener import ProxyServer, bind, build_runtime
 from nextproxy.edge.tlscontexts import ServerContexts, admin_ssl_context
 
@@ -65,6 +67,7 @@ class Process:
     admin_state: AdminState | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    facts: Facts = field(default_factory=Facts)
 
     def publish_certificates(self, contexts: ServerContexts) -> None:
         for cert in contexts.certificates:
@@ -84,11 +87,13 @@ class Process:
             self.server.reload(config, self.server.runtime.observer, contexts)
         except ConfigError as exc:
             metrics.config_reload(False)
+            self.facts.reloaded(time.time(), False, str(exc))
             self.logger.log("error", "reload_failed", error=str(exc))
             return False
         self.config = config
         self.publish_certificates(contexts)
         metrics.config_reload(True)
+        self.facts.reloaded(time.time(), True, config.source)
         self.logger.log("info", "reloaded", source=config.source)
         return True
 
@@ -109,8 +114,9 @@ async def serve(
     observer = Observer(logger)
     contexts = contexts or ServerContexts.build(config)
     runtime = build_runtime(config, observer, contexts)
-    proc = Process(config=config, logger=logger, config_path=config_path)
-    state = AdminState(version=__version__, config_source=config.source)
+    proc = Process(config=config, logger=logger, config_path=config_path, facts=observer.facts)
+    state = AdminState(version=__version__, config_source=config.source, route_kinds=route_kinds(config))
+    state.facts = lambda: observer.facts
     proc.admin_state = state
     edge = edge_socket or bind(config.listen, "NEXTPROXY_LISTEN" if config.source.startswith("environment") else "listen")
     admin_server = await _start_admin(config, state, edge) if serve_admin else None
@@ -170,6 +176,7 @@ async def _reload_loop(proc: Process, state: AdminState) -> None:
         await proc.reload_requested.wait()
         proc.reload_requested.clear()
         if proc.reload() and proc.server is not None:
+            state.route_kinds = route_kinds(proc.config)
             state.routes = proc.server.runtime.routes.describe()
             state.upstreams = proc.server.runtime.pool.health
 
@@ -191,7 +198,13 @@ async def _watch_certificates(proc: Process) -> None:
 
 
 async def _publish_stats(proc: Process, state: AdminState, heartbeat: Callable[[], None] | None) -> None:
-    """Once a second: status-page numbers, and (in a worker) the proof that this loop turns."""
+    """Once a second: status-page numbers, and (in a worker) the proof that this loop turns.
+
+    A worker also leaves its status facts where the supervisor reads them (``status``), and
+    only when they changed: most seconds cost one JSON dump and a string compare.
+    """
+    directory = metrics.multiprocess_dir() if heartbeat is not None else None
+    written = ""
     while True:
         if heartbeat is not None:
             heartbeat()
@@ -199,5 +212,14 @@ async def _publish_stats(proc: Process, state: AdminState, heartbeat: Callable[[
         if server is not None:
             state.connections_active = server.active()
             state.websocket_sessions_active = server.websocket_sessions()
+            proc.facts.pool = server.runtime.pool.counts()
         metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
+        if directory is not None:
+            text = proc.facts.to_json()
+            if text != written:
+                try:
+                    write_facts(directory, os.getpid(), text)
+                    written = text
+                except OSError as exc:
+                    proc.logger.log("warning", "status_facts_not_written", error=str(exc))
         await asyncio.sleep(1.0)

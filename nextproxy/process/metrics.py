@@ -8,7 +8,8 @@ names come from the configuration, never from a request. The request path must n
 Multiprocess mode: when ``PROMETHEUS_MULTIPROC_DIR`` is set before this module is first imported,
 prometheus_client keeps every value in per-process files in that directory, and the admin port
 (served once, by the supervisor) merges them through ``registry_for_exposition()``. The directory
-must exist, and should be emptied when the supervisor starts. This module never imports nextproxy.
+must exist, and should be emptied when the supervisor starts. Of nextproxy this module imports
+only ``errors`` (the handshake results), which imports nothing.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from prometheus_client import multiprocess
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.process_collector import ProcessCollector
 
+from nextproxy.errors import TLS_HANDSHAKE_FAILURES, TLS_HANDSHAKE_OK
+
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
-TLS_HANDSHAKE_RESULTS = ("ok", "protocol_version", "no_client_cert", "bad_client_cert", "no_application_protocol", "timeout", "other")
+# "ok", then every failure reason (errors.TLS_HANDSHAKE_FAILURES documents them); all exist at 0.
+TLS_HANDSHAKE_RESULTS = (TLS_HANDSHAKE_OK, *TLS_HANDSHAKE_FAILURES)
 LISTENERS = ("edge", "admin")
 CLIENT_TO_UPSTREAM = "client_to_upstream"
 UPSTREAM_TO_CLIENT = "upstream_to_client"

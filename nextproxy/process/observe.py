@@ -8,12 +8,12 @@ its level is disabled, and metric label children are resolved once per route, no
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 from typing import Any
 
 from nextproxy.edge.observer import (
     AuthorizationDenied,
-    ClientHelloError,
     MessageRelayed,
     RateLimited,
     RequestCompleted,
@@ -22,6 +22,7 @@ from nextproxy.edge.observer import (
 )
 from nextproxy.process import metrics
 from nextproxy.process.logs import Logger
+from nextproxy.process.status import Facts
 
 
 class Observer:
@@ -35,7 +36,11 @@ class Observer:
         self._paused = Throttle(logger, "warning", "accept_paused")
         self._exhausted = Throttle(logger, "error", "descriptors_exhausted")
         self._handshakes = Throttle(logger, "info", "tls_handshakes_failed")
+        self._tls_errors = Throttle(logger, "info", "tls_errors")
         logger.on_drop = metrics.LOG_LINES_DROPPED.inc
+        self.facts = Facts()
+        """The status page's non-metric facts: last upstream errors here, pools and reloads
+        filled in by the lifecycle."""
 
     def route(self, name: str) -> metrics.RouteMetrics:
         return metrics.route_metrics(name)
@@ -59,17 +64,18 @@ class Observer:
         metrics.EXHAUSTED_BY_PLACE[where].inc()
         self._exhausted.count(where, detail)
 
-    def bad_hello(self, exc: ClientHelloError, peer: str) -> None:
-        metrics.tls_handshake("other")
-        if self.log.enabled("debug"):
-            self.log.log("debug", "client_hello_rejected", client=peer, reason=str(exc))
-
-    def handshake(self, result: str, detail: str = "", peer: str = "-") -> None:
+    def handshake(
+        self, result: str, detail: str = "", peer: str = "-", port: int | None = None, server_name: str | None = None
+    ) -> None:
         metrics.tls_handshake(result)
         if result != "ok":
-            # Scanners and floods abandon handshakes by the thousand: one line per interval with
-            # counts by result (and the last example), never one line each.
-            self._handshakes.count(result, f"{peer} {detail}".strip())
+            # Scanners and floods abandon handshakes by the thousand: the first of each reason in
+            # an interval at once, the rest summed into one line per interval (with the last
+            # example's fields), never one line each. Every line names the client and the SNI.
+            self._handshakes.count(result, fields=_where(peer, port, server_name, reason=result, detail=detail[:300]))
+
+    def tls_error(self, detail: str, peer: str, port: int | None, server_name: str | None) -> None:
+        self._tls_errors.count("tls_error", fields=_where(peer, port, server_name, detail=detail[:300]))
 
     # passthrough
     def passthrough_opened(self, route: str) -> None:
@@ -123,6 +129,7 @@ class Observer:
             self.log.log("info", "connection_rate_limited", listener=listener, client=peer)
 
     def upstream_error(self, name: str, detail: str, peer: str) -> None:
+        self.facts.upstream_error(name, time.time(), detail)
         self.log.log("warning", "upstream_error", upstream=name, client=peer, detail=detail)
 
     def upstream_health(self, name: str, up: bool) -> None:
@@ -159,6 +166,16 @@ class Observer:
         self.log.log("error", "internal_error", client=peer, error=repr(exc), traceback="".join(traceback.format_exception(exc))[-4000:])
 
 
+def _where(peer: str, port: int | None, server_name: str | None, **more: object) -> dict[str, object]:
+    """Log fields naming a client: address, port and SNI (the last two only when known)."""
+    fields: dict[str, object] = {"client": peer}
+    if port is not None:
+        fields["client_port"] = port
+    if server_name is not None:
+        fields["sni"] = server_name
+    return {**fields, **more}
+
+
 class Throttle:
     """At most one line per kind and one summary per ``interval`` for a frequent event.
 
@@ -168,17 +185,20 @@ class Throttle:
     fixed vocabulary, so a flood costs a handful of lines per interval, not one per event.
     """
 
-    __slots__ = ("_log", "_level", "_event", "interval", "_counts", "_seen", "_detail", "_window", "_timer")
+    __slots__ = ("_log", "_level", "_event", "interval", "_counts", "_seen", "_detail", "_fields", "_window", "_timer")
 
     def __init__(self, log: Logger, level: str, event: str, interval: float = 10.0) -> None:
         self._log, self._level, self._event, self.interval = log, level, event, interval
         self._counts: dict[str, int] = {}
         self._seen: set[str] = set()
         self._detail = ""
+        self._fields: dict[str, object] = {}
         self._window = -1e9
         self._timer: asyncio.TimerHandle | None = None
 
-    def count(self, key: str, detail: str = "") -> None:
+    def count(self, key: str, detail: str = "", fields: dict[str, object] | None = None) -> None:
+        """``fields`` go into the line of the first occurrence as they are, and into the
+        interval's summary as those of its last example."""
         if not self._log.enabled(self._level):
             return
         loop = asyncio.get_running_loop()
@@ -189,11 +209,13 @@ class Throttle:
             self._window = now
         if key not in self._seen:
             self._seen.add(key)
-            self._write({key: 1}, detail)
+            self._write({key: 1}, detail, fields or {})
             return
         self._counts[key] = self._counts.get(key, 0) + 1
         if detail:
             self._detail = detail
+        if fields:
+            self._fields = fields
         if self._timer is None:
             self._timer = loop.call_at(self._window + self.interval, self._summary)
 
@@ -202,12 +224,13 @@ class Throttle:
             self._timer.cancel()
             self._timer = None
         if self._counts:
-            self._write(dict(self._counts), self._detail)
+            self._write(dict(self._counts), self._detail, self._fields)
             self._counts.clear()
             self._detail = ""
+            self._fields = {}
 
-    def _write(self, counts: dict[str, int], detail: str) -> None:
+    def _write(self, counts: dict[str, int], detail: str, example: dict[str, object]) -> None:
         fields: dict[str, Any] = {"interval_s": self.interval, "counts": counts}
         if detail:
             fields["last"] = detail[:300]
-        self._log.log(self._level, self._event, **fields)
+        self._log.log(self._level, self._event, **fields, **example)

@@ -129,6 +129,7 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     from nextproxy import __version__
     from nextproxy.process import metrics
     from nextproxy.process.admin import AdminState, start_admin
+    from nextproxy.process.status import merge_facts, read_facts, route_kinds
     from nextproxy.edge.listener import describe_routes
     from nextproxy.edge.tlscontexts import admin_ssl_context
 
@@ -138,6 +139,9 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     state.version = __version__
     state.config_source = config.source
     state.routes = describe_routes(config)
+    state.route_kinds = route_kinds(config)
+    # Workers write their facts next to their metric files; only live workers' files count.
+    state.facts = lambda: merge_facts(read_facts(metrics.multiprocess_dir() or "", list(supervisor.workers)))
     state.upstreams = {u.name: True for u in config.upstreams}
     admin_tls = admin_ssl_context(config.admin_tls) if config.admin_tls else None
     admin = await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)

@@ -15,7 +15,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from nextproxy.config.model import CertificateConfig, ClientAuth, PemSource
-from nextproxy.core.tls import TlsEngine, TlsServerContext, describe_certificate, error_reason
+from nextproxy.core.handshake import openssl_failure_reason as error_reason
+from nextproxy.core.tls import TlsEngine, TlsServerContext, describe_certificate
 from nextproxy.errors import TlsError
 from nextproxy.edge.tlscontexts import LoadedCertificate, build_edge_context, load_certificate_info
 from tests.pki import Issued, TestPki, make_test_pki
@@ -264,14 +265,14 @@ MATRIX: dict[tuple[ClientAuth, str], tuple[str, str] | None] = {
     (ClientAuth.OPTIONAL, "client"): None,
     (ClientAuth.OPTIONAL, "unknown_client"): None,
     (ClientAuth.OPTIONAL, "expired_client"): None,
-    (ClientAuth.REQUIRE_ANY, "none"): ("no_client_cert", "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
+    (ClientAuth.REQUIRE_ANY, "none"): ("certificate_required", "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
     (ClientAuth.REQUIRE_ANY, "client"): None,
     (ClientAuth.REQUIRE_ANY, "unknown_client"): None,
     (ClientAuth.REQUIRE_ANY, "expired_client"): None,
-    (ClientAuth.REQUIRE_CA, "none"): ("no_client_cert", "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
+    (ClientAuth.REQUIRE_CA, "none"): ("certificate_required", "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
     (ClientAuth.REQUIRE_CA, "client"): None,
-    (ClientAuth.REQUIRE_CA, "unknown_client"): ("bad_client_cert", "TLSV1_ALERT_UNKNOWN_CA"),
-    (ClientAuth.REQUIRE_CA, "expired_client"): ("bad_client_cert", "SSLV3_ALERT_CERTIFICATE_EXPIRED"),
+    (ClientAuth.REQUIRE_CA, "unknown_client"): ("unknown_ca", "TLSV1_ALERT_UNKNOWN_CA"),
+    (ClientAuth.REQUIRE_CA, "expired_client"): ("certificate_expired", "SSLV3_ALERT_CERTIFICATE_EXPIRED"),
 }
 # What PeerCertificate says when the handshake succeeds with a certificate: (verified, verify_error).
 VERDICT = {"client": (True, None), "unknown_client": (False, "unknown_ca"), "expired_client": (False, "expired")}
@@ -360,7 +361,7 @@ def test_client_rejecting_our_certificate_is_not_a_bad_client_cert(tpki: TestPki
     result = pump(peer, engine)
     assert isinstance(peer.error, ssl.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(peer.error)
     assert result.server_error is not None
-    assert result.server_error.reason == "other" and not result.server_error.alert_sent
+    assert result.server_error.reason == "client_alert" and not result.server_error.alert_sent
     assert "unknown ca" in str(result.server_error)
 
 
@@ -387,9 +388,11 @@ def test_garbage_raises_tls_error_only(server_cert: LoadedCertificate) -> None:
         ("[('SSL routines', '', 'unsupported protocol')]", "protocol_version"),
         ("wrong version number", "protocol_version"),
         ("tlsv1 alert protocol version", "protocol_version"),
-        ("peer did not return a certificate", "no_client_cert"),
-        ("certificate verify failed", "bad_client_cert"),
-        ("tlsv1 alert unknown ca", "other"),  # the client refused *our* certificate
+        ("peer did not return a certificate", "certificate_required"),
+        ("certificate verify failed", "bad_certificate"),
+        ("tlsv1 alert unknown ca", "client_alert"),  # the client refused *our* certificate
+        ("no suitable key share", "no_shared_group"),
+        ("no shared cipher", "no_shared_cipher"),
         ("bad record type", "other"),
     ],
 )

@@ -67,7 +67,10 @@ def test_a_client_that_never_says_hello_is_timed_out() -> None:
         return transport, observer, rt
 
     transport, observer, rt = run(scenario())
-    assert transport.closed and ("timeout",) in observer.named("handshake")
+    assert transport.closed
+    ((result, detail, peer, port),) = observer.named("handshake")
+    assert (result, peer, port) == ("timeout", "192.0.2.7", 50000)
+    assert detail == "no ClientHello within 0.05 s (0 bytes received)"
     assert not rt.pending and len(observer.named("connection_closed")) == 1
 
 
@@ -127,3 +130,18 @@ def test_an_unreachable_passthrough_upstream_closes_the_client_and_marks_it_down
     assert transport.closed and rt.pool.health["pt"] is False
     assert observer.named("upstream_error") and not rt.passthroughs
     assert observer.named("passthrough_closed")[0][:3] == ("pt", 0, 0)
+
+
+def test_a_reset_inside_the_client_hello_is_eof_during_handshake() -> None:
+    async def scenario() -> RecordingObserver:
+        rt, observer = runtime()
+        accepted, _ = _accept(rt)
+        accepted.data_received(_hello("localhost")[:20])  # a hello cut short, then a reset
+        accepted.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
+        silent, _ = _accept(rt)
+        silent.connection_lost(ConnectionResetError(104, "Connection reset by peer"))  # said nothing: no failure
+        return observer
+
+    observer = run(scenario())
+    ((result, detail, peer, port),) = observer.named("handshake")
+    assert (result, peer, port) == ("eof_during_handshake", "192.0.2.7", 50000) and "reset" in detail

@@ -4,6 +4,8 @@ against the core engine), real routes and deadlines; only the socket is a record
 from __future__ import annotations
 
 import asyncio
+
+import pytest
 from collections.abc import Callable
 
 from nextproxy.config.model import Address
@@ -121,14 +123,55 @@ def test_a_handshake_that_takes_too_long_is_counted_and_closed() -> None:
         hello = ClientHelloReader(65536).feed(peer.data_to_send())
         assert hello is not None
         transport = FakeTransport()
-        TerminatedConnection(rt, transport, "-", None, hello, asyncio.get_running_loop()).start()
+        TerminatedConnection(rt, transport, "192.0.2.7", None, hello, asyncio.get_running_loop(), 50000).start()
         await asyncio.sleep(0.2)  # the client never answers the server's flight
         return transport, observer, rt
 
     transport, observer, rt = run(scenario())
     assert transport.closed
-    assert ("timeout",) in observer.named("handshake")
+    assert observer.named("handshake") == [("timeout", "handshake not finished within 0.05 s", "192.0.2.7", 50000, "localhost")]
     assert not rt.connections and len(observer.named("connection_closed")) == 1
+
+
+@pytest.mark.parametrize("how", ["eof", "reset"])
+def test_a_client_hanging_up_mid_handshake_is_named_with_its_address_and_sni(how: str) -> None:
+    """Issue 14: this used to log ``client=-`` and an empty detail, counted as ``other``."""
+
+    async def scenario() -> tuple[FakeTransport, RecordingObserver]:
+        rt, observer = runtime()
+        peer = TlsPeer(client_context(), server_name="localhost")
+        hello = ClientHelloReader(65536).feed(peer.data_to_send())
+        assert hello is not None
+        transport = FakeTransport()
+        connection = TerminatedConnection(rt, transport, "192.0.2.7", None, hello, asyncio.get_running_loop(), 50000)
+        transport.set_protocol(connection)
+        connection.start()
+        if how == "eof":
+            connection.eof_received()
+        else:
+            connection.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
+        return transport, observer
+
+    transport, observer = run(scenario())
+    ((result, detail, client, port, sni),) = observer.named("handshake")
+    assert (result, client, port, sni) == ("eof_during_handshake", "192.0.2.7", 50000, "localhost")
+    assert detail and (how == "eof" or "reset" in detail)
+    assert len(observer.named("connection_closed")) == 1
+
+
+def test_a_corrupt_record_after_the_handshake_is_a_tls_error_not_a_handshake_result() -> None:
+    async def scenario() -> tuple[Client, RecordingObserver]:
+        rt, observer = runtime()
+        client = Client(rt)
+        assert client.peer.handshake_done
+        client.conn.data_received(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data nobody encrypted
+        return client, observer
+
+    client, observer = run(scenario())
+    assert [args[0] for args in observer.named("handshake")] == ["ok"]
+    ((detail, peer, port, sni),) = observer.named("tls_error")
+    assert detail and (peer, sni) == ("192.0.2.7", "localhost")
+    assert client.transport.closed or client.transport.eof_written
 
 
 def test_a_tls12_client_gets_the_alert_and_a_half_close() -> None:

@@ -226,7 +226,7 @@ def test_client_auth_comes_from_the_route_and_contexts_are_cached(tpki: TestPki,
     peer = TlsPeer(client_context(tpki.ca), server_name="api.example.com")
     engine = TlsEngine(ctx, peer.data_to_send(), now=NOW)
     result = pump(peer, engine)
-    assert result.server_error is not None and result.server_error.reason == "no_client_cert"
+    assert result.server_error is not None and result.server_error.reason == "certificate_required"
 
 
 def test_optional_sends_ca_names_in_the_certificate_request(tpki: TestPki) -> None:
@@ -275,7 +275,7 @@ def test_upstream_context_verifies_the_server_from_its_ca(tpki: TestPki, tmp_pat
     result = pump(other, TlsEngine(foreign, other.data_to_send(), now=NOW))
     assert isinstance(other.error, ssl.SSLCertVerificationError)
     assert other.error.verify_message == "unable to get local issuer certificate"
-    assert result.server_error is not None and result.server_error.reason == "other"
+    assert result.server_error is not None and result.server_error.reason == "client_alert"
 
 
 def test_upstream_context_presents_the_client_certificate(tpki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -160,22 +159,6 @@ def test_two_workers_serve_aggregate_and_survive_a_death(tmp_path: Path, pki: De
         assert proxy.stop() == 0
     finally:
         proxy.stop()
-
-
-def test_status_page_in_headless_chromium(proxy: Proxy, tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "chromium is installed by .ci/run"
-    assert proxy.https("/app/x")[0] == 200
-    shot = Path(__file__).resolve().parents[1] / "artifacts" / "status-page.png"
-    shot.parent.mkdir(exist_ok=True)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium'}"]  # fmt: skip
-    url = f"http://127.0.0.1:{proxy.admin}/"
-    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=60)
-    assert "/app" in dom.stdout and "localhost" in dom.stdout, dom.stderr[-2000:]
-    subprocess.run([chromium, *flags, "--window-size=1280,1000", f"--screenshot={shot}", url], capture_output=True, timeout=60)
-    assert shot.exists() and shot.stat().st_size > 10_000
 
 
 def test_admin_port_over_tls_and_the_healthcheck_command(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:

@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nextproxy.process import admin, metrics
 from nextproxy.process.admin import AdminState, start_admin
+from nextproxy.process.status import Facts
 
 T = TypeVar("T")
 TIMEOUT = 20.0
@@ -381,31 +382,59 @@ def _livez_ok(port: int) -> bool:
 # ---------------------------------------------------------------------------------- status page
 
 
-def test_status_page_lists_routes_and_escapes_everything() -> None:
+HOSTILE = """<script>alert("x")</script>'&"""
+
+
+def test_status_page_and_json_escape_every_value() -> None:
+    """Route, upstream and error text come from configuration files and remote peers: the page
+    must show them as text (never markup), and /status.json must carry them unchanged."""
     now = time.time()
+    facts = Facts()
+    facts.pool = {HOSTILE: (3, 1)}
+    facts.upstream_error(HOSTILE, now - 12, f"connect failed: {HOSTILE}")
+    facts.reloaded(now - 3, False, f"routes.0.name: bad {HOSTILE}")
+    metrics.route_metrics(HOSTILE).requests(200).inc()
     state = AdminState(
         ready=False,
-        not_ready_reason="draining",
-        routes=[("path /ns/sigmai", "http+websocket (frames)", "ns"), ("sni <script>x</script>", "passthrough", "a&b")],
-        upstreams={"ns": True, "mc": False},
+        not_ready_reason=f"draining {HOSTILE}",
+        routes=[("path /ns/sigmai", "http+websocket (frames)", "ns"), (f"sni {HOSTILE}", "passthrough", "a&b")],
+        upstreams={"ns": True, "mc": False, HOSTILE: True},
         certificates=[("edge", now + 90 * 86400 + 60), ("old", now - 3 * 86400)],
         connections_active=7,
         websocket_sessions_active=3,
-        config_source="/etc/nextproxy.toml",
+        config_source=f"/etc/{HOSTILE}.toml",
+        route_kinds={HOSTILE: "http", "ns": "http"},
     )
-    status, headers, body = serve(state, lambda port: get(port, "/"))
+    state.facts = lambda: facts
+
+    def both(port: int) -> tuple[tuple[int, dict[str, str], bytes], tuple[int, dict[str, str], bytes]]:
+        return get(port, "/"), get(port, "/status.json")
+
+    (status, headers, body), (json_status, json_headers, json_body) = serve(state, both)
     page = body.decode()
-    assert status == 200
-    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert status == 200 and json_status == 200
+    assert headers["content-type"] == "text/html; charset=utf-8" and json_headers["content-type"] == "application/json"
     assert "default-src 'none'" in headers["content-security-policy"]
-    assert "<td>path /ns/sigmai</td><td>http+websocket (frames)</td><td>ns</td>" in page
-    assert "&lt;script&gt;x&lt;/script&gt;" in page and "<script>" not in page
-    assert "<td>a&amp;b</td>" in page
-    assert '<td>ns</td><td><span class="badge up">up</span>' in page
-    assert '<td>mc</td><td><span class="badge down">down</span>' in page
-    assert "not ready: draining" in page
-    assert "<td>90</td>" in page and "expired 3 days ago" in page
-    assert "<dd>7</dd>" in page and "<dd>3</dd>" in page and "/etc/nextproxy.toml" in page
+    # No markup and no script from any value; the one tag named script would be ours, and there is none.
+    assert "<script" not in page.lower() and "alert(\"x\")" not in page
+    escaped = "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&#x27;&amp;"
+    for where in (f'<td class="name">{escaped}</td>', f"connect failed: {escaped}", f"routes.0.name: bad {escaped}",
+                  f"/etc/{escaped}.toml", f"not ready: draining {escaped}", f'<td class="name">sni {escaped}</td>'):
+        assert where in page, where
+    assert '<meta http-equiv="refresh"' in page and "<link" not in page and "src=" not in page
+    assert '<td class="name">ns</td><td><span class="badge up">up</span>' in page
+    assert '<td class="name">mc</td><td><span class="badge down">down</span>' in page
+    assert '<td class="n">90</td>' in page and "expired 3 days ago" in page, page[page.find("<h2>Certificates"):][:1500]
+
+    doc = json.loads(json_body)
+    route = next(r for r in doc["routes"] if r["route"] == HOSTILE)
+    assert route["requests_total"] >= 1
+    upstream = next(u for u in doc["upstreams"] if u["name"] == HOSTILE)
+    assert (upstream["open"], upstream["idle"]) == (3, 1)
+    assert upstream["last_error"]["detail"] == f"connect failed: {HOSTILE}"
+    assert doc["reloads"]["recent"][0]["detail"] == f"routes.0.name: bad {HOSTILE}" and not doc["reloads"]["recent"][0]["ok"]
+    assert doc["connections_active"] == 7 and doc["websocket_sessions_active"] == 3
+    assert doc["not_ready_reason"] == f"draining {HOSTILE}"
 
 
 # ---------------------------------------------------------------------------------- TLS

@@ -73,3 +73,31 @@ def test_stdout_nobody_reads_drops_lines_instead_of_blocking() -> None:
     finally:
         process.kill()
         process.wait(10)
+
+
+def test_handshake_failure_lines_name_the_client_the_sni_and_the_reason() -> None:
+    """Issue 14.3 within issue 12's throttle: the first failure of a reason is its own line with
+    every field; repeats are counted in one summary that carries the last example's fields."""
+    from nextproxy.process.observe import Observer
+
+    stream = io.StringIO()
+    logger = Logger("info", "json", stream=stream, buffered=False)
+
+    async def failures() -> None:
+        observer = Observer(logger)
+        observer._handshakes.interval = 0.2
+        observer.handshake("eof_during_handshake", "the client closed", "192.0.2.7", 40001, "localhost")
+        observer.handshake("eof_during_handshake", "connection lost", "192.0.2.8", 40002, None)
+        observer.handshake("timeout", "no ClientHello within 10 s (0 bytes received)", "192.0.2.9", 40003)
+        await asyncio.sleep(0.3)
+
+    asyncio.run(failures())
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if '"tls_handshakes_failed"' in line]
+    first, timeout, summary = lines
+    assert {k: first[k] for k in ("client", "client_port", "sni", "reason", "detail")} == {
+        "client": "192.0.2.7", "client_port": 40001, "sni": "localhost", "reason": "eof_during_handshake",
+        "detail": "the client closed",
+    }  # fmt: skip
+    assert timeout["reason"] == "timeout" and "sni" not in timeout and timeout["client_port"] == 40003
+    assert summary["counts"] == {"eof_during_handshake": 1} and summary["client"] == "192.0.2.8"
+    assert summary["client_port"] == 40002 and summary["reason"] == "eof_during_handshake"
