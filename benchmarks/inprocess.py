@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from floor import REQUEST, RESPONSE  # noqa: E402  (the same request and response as floor.py)
+from wsframes import OP_BINARY, frame  # noqa: E402
 from nextproxy.core import buffer, chunked, codec, http1_response, request_body, upstream_leg  # noqa: E402
 from nextproxy.edge.accept import Accepted  # noqa: E402
 from nextproxy.config.model import (
@@ -38,6 +39,7 @@ from nextproxy.config.model import (
     PemSource,
     Upstream,
 )  # noqa: E402
+from nextproxy.core.headers import websocket_accept  # noqa: E402
 from nextproxy.demo.pki import make_pki  # noqa: E402
 from nextproxy.process.logs import Logger  # noqa: E402
 from nextproxy.process.observe import Observer  # noqa: E402
@@ -149,6 +151,37 @@ class Bench:
         assert response.startswith(b"HTTP/1.1 200 "), response[:80]
 
 
+def websocket_echo(bench: Bench) -> Callable[[int], float]:
+    """Upgrade one connection to a ``frames`` WebSocket session (the route "/" relays frames);
+    the returned function times n 32-byte echoes (client -> upstream -> client) through it."""
+    client, incoming, outgoing, transport = bench.connect()
+    bench.pool_upstream()
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    client.write(b"GET /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    transport.protocol.data_received(outgoing.read())
+    bench.upstream.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                 b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n\r\n")
+    incoming.write(transport.take())
+    assert client.read(65536).startswith(b"HTTP/1.1 101 ")
+    from_client = frame(OP_BINARY, b"x" * 32, b"\x01\x02\x03\x04")
+    from_upstream = frame(OP_BINARY, b"x" * 32)
+
+    def echoes(n: int) -> float:
+        bench.proxy_seconds = 0.0
+        for _ in range(n):
+            client.write(from_client)
+            record = outgoing.read()
+            bench.timed(lambda: transport.protocol.data_received(record))
+            bench.upstream_transport.out.clear()
+            bench.timed(lambda: bench.upstream.data_received(from_upstream))
+            incoming.write(transport.take())
+            assert client.read(65536) == from_upstream
+        return bench.proxy_seconds / n * 1e6
+
+    return echoes
+
+
 class CodecClock:
     """Times every call into the codec (outermost calls only): head search, the two head parsers,
     the client response head, chunked framing. Each entry point is wrapped where the session
@@ -228,11 +261,15 @@ async def main() -> None:
         return clock.seconds / n * 1e6
 
     codec_share = best_of(inside_codec)
+    echoes = websocket_echo(bench)  # last: the upgrade takes the bench's upstream connection
+    echoes(200)
+    echo = best_of(lambda: echoes(2000))
     print(f"Python {sys.version.split()[0]}; proxy-side µs, best of {BATCHES} batches, in-process\n")
     print(f"  keep-alive request (client record in -> upstream -> response record out) {request:7.1f}")
     print(f"    of which inside the codec (both legs' heads; a pass with timing wrappers) {codec_share:6.1f}")
     print(f"  new connection + one request + close                                    {connection:7.1f}")
     print(f"    of which OpenSSL's handshake (SSL_do_handshake)                       {openssl:7.1f}")
+    print(f"  WebSocket echo, frames mode, 32 B (client -> upstream -> client)         {echo:7.1f}")
 
 
 if __name__ == "__main__":

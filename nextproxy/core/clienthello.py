@@ -99,6 +99,9 @@ class ClientHelloReader:
         try:
             if not chunk:
                 raise self._end_of_stream()
+            body = self._whole_hello(chunk) if self._records == 0 and len(self._chunks) == 1 else None
+            if body is not None:
+                return self._parsed(parse_body(body))
             done = self._consume(chunk)
             if not done:
                 if self._consumed > self._max_size:
@@ -115,9 +118,28 @@ class ClientHelloReader:
             error = fail(TlsAlert.DECODE_ERROR, f"malformed ClientHello: {exc!r}")
             self._error = _detached(error)
             raise error from exc
+        return self._parsed(hello)
+
+    def _parsed(self, hello: ClientHello) -> ClientHello:
         self._message = bytearray()
         self._hello = self._with_raw(hello)
         return self._hello
+
+    def _whole_hello(self, data: bytes) -> bytes | None:
+        """The ClientHello body when ``data`` starts with one whole handshake record holding
+        the whole message (nearly every client): parsed at once, without the reassembly
+        walk. None for anything else, which takes the general path and its checks."""
+        if len(data) < _RECORD_HEADER + _HANDSHAKE_HEADER or data[0] != _CONTENT_HANDSHAKE or data[1] != 3:
+            return None
+        record = data[3] << 8 | data[4]
+        size = _HANDSHAKE_HEADER + (data[6] << 16 | data[7] << 8 | data[8])
+        end = _RECORD_HEADER + size
+        if data[5] != _HANDSHAKE_CLIENT_HELLO or size > record or record > _MAX_RECORD or end > len(data):
+            return None
+        if end > self._max_size:
+            return None
+        self._records, self._consumed = 1, end
+        return data[_RECORD_HEADER + _HANDSHAKE_HEADER : end]
 
     def received(self) -> bytes:
         """Every byte fed so far: what OpenSSL gets when the reader cannot route by it."""

@@ -14,7 +14,7 @@ import ssl
 from datetime import datetime, timezone
 from typing import Callable
 
-from nextproxy.config.model import SniRoute
+from nextproxy.config.model import ClientAuth, SniRoute
 from nextproxy.core.actions import Action, StartTunnel, StartWebSocket
 from nextproxy.core.clienthello import ClientHello
 from nextproxy.core.proxyprotocol import Endpoint
@@ -77,7 +77,9 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         self.deadline.set(self.rt.config.timeouts.handshake, Timer.HANDSHAKE)
         context = self.rt.contexts.select(self._sni_route, hello.server_name)
         try:
-            self._engine = TlsEngine(context, now=datetime.now(timezone.utc))
+            # The clock is read only where a client certificate may be verified against it.
+            now = datetime.now(timezone.utc) if context.client_auth is not ClientAuth.NONE else None
+            self._engine = TlsEngine(context, now=now)
         except TlsError as exc:
             self._tls_failed(exc)
             return
@@ -189,7 +191,9 @@ class TerminatedConnection(asyncio.BufferedProtocol):
                     self._close()
                 return
             self._handshake_done(engine)
-        self._flush()  # session tickets go out right after the handshake
+            self._flush()  # session tickets go out right after the handshake
+        elif not plaintext:
+            self._flush()  # whatever OpenSSL answered by itself (run() flushes after a phase)
         phase = self._phase
         if plaintext and phase is not None:
             self.deadline.touch(phase.quiet)

@@ -10,6 +10,7 @@ upstream transport itself; a 101 swaps the HTTP phase for one of the other two.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from typing import Protocol
 
@@ -271,7 +272,7 @@ class WebSocketPhase:
     reading_client = True
 
     def __init__(self, route: PathRoute, shell: Shell) -> None:
-        self.relay = WebSocketRelay(RelayLimits(max_message_size=route.max_message_size))
+        self.relay = WebSocketRelay(RelayLimits(max_message_size=route.max_message_size), os.urandom)
         self.route = route
         self.quiet = route.ping_interval
         self._shell = shell
