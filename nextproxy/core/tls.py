@@ -171,7 +171,7 @@ class TlsEngine:
 
     # ------------------------------------------------------------------ bytes out
 
-    def send(self, plaintext: bytes) -> None:
+    def send(self, plaintext: bytes | memoryview) -> None:
         """Encrypt application data; the records wait in ``data_to_send()``."""
         if not self.handshake_complete:
             raise TlsError("other", "send before the handshake completed")

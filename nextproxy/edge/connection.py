@@ -23,16 +23,10 @@ from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.dispatch import HANDLERS
 from nextproxy.edge.host import Group, Host
 from nextproxy.edge.phases import HttpPhase, Phase, upgrade
-from nextproxy.edge.reads import MAX_READ, MIN_READ, read_buffer
+from nextproxy.edge.reads import READ_CHUNK_LIMIT, read_buffer, read_room
+from nextproxy.edge.records import peer_port, write_goodbye, write_records
 from nextproxy.edge.upstream import UpstreamSlot
 from nextproxy.errors import TlsError
-
-READ_CHUNK_LIMIT = 128 * 1024
-"""High-water mark of the client transport's write buffer before the upstream is paused. With
-upstream reads sized to the room left below it (``read_room``) a client that stops reading
-holds about 215 KiB in all (RSS, measured): the mark, a 16 KiB read and the connection; 128 KiB still streams a 1 MiB response in a few turns."""
-SEAL_PIECE = 32 * 1024
-"""Largest plaintext given to one SSL_write (see ``_flush_large``): two full TLS records."""
 
 
 class TerminatedConnection(asyncio.BufferedProtocol):
@@ -159,11 +153,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             self._guarded(lambda: self.run(phase.upstream_lost(exc)))
 
     def read_room(self) -> int:
-        """The upstream's next read: what the client's buffer can take below its mark, so a
-        stalled client's buffer never passes the mark by more than ``MIN_READ``."""
-        transport = self.transport
-        room = READ_CHUNK_LIMIT - transport.get_write_buffer_size() if transport is not None else 0
-        return MIN_READ if room < MIN_READ else (MAX_READ if room > MAX_READ else room)
+        return read_room(self.transport)
 
     def upstream_writing(self, paused: bool) -> None:
         self.upstream.paused = paused
@@ -228,48 +218,14 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         self.rt.observer.handshake(reason, detail, self.peer, self._port(), self.server_name)
 
     def _port(self) -> int | None:
-        """The client's port for failure lines: a PROXY header's (handed in), else the socket's,
-        looked up only when a line needs it."""
-        if self.port is not None:
-            return self.port
-        peername = self.transport.get_extra_info("peername") if self.transport is not None else None
-        return peername[1] if isinstance(peername, tuple) and len(peername) >= 2 else None
-
-    def _seal(self, engine: TlsEngine) -> None:
-        """Encrypt what the batch produced in one SSL_write: a small response (head, body, end)
-        becomes one TLS record instead of three, saving CPU here and in the client."""
-        pending = self._plaintext
-        if pending:
-            engine.send(pending[0] if len(pending) == 1 else b"".join(pending))
-            pending.clear()
+        """The client's port for failure lines: a PROXY header's, else the socket's (looked up
+        only when a line needs it)."""
+        return self.port if self.port is not None else peer_port(self.transport)
 
     def _flush(self) -> None:
         engine, transport = self._engine, self.transport
         if engine is not None and transport is not None and not transport.is_closing():
-            pending = self._plaintext
-            if pending:
-                data = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
-                if len(data) > SEAL_PIECE:
-                    self._flush_large(engine, transport, data)
-                    return
-                engine.send(data)  # one SSL_write: a small response becomes one record
-            out = engine.data_to_send()
-            if out:
-                transport.write(out)
-
-    def _flush_large(self, engine: TlsEngine, transport: asyncio.Transport, data: bytes) -> None:
-        """Encrypt a large batch (a WebSocket message, a burst of upstream reads) piece by piece,
-        handing each piece's records to the transport at once: OpenSSL's memory BIO keeps the
-        capacity of its largest fill for the connection's lifetime, so one 256 KiB SSL_write
-        left ~350 KiB allocated per connection that had once sent a large response."""
-        view = memoryview(data)
-        out = engine.data_to_send()  # anything already pending goes first
-        if out:
-            transport.write(out)
-        for start in range(0, len(view), SEAL_PIECE):
-            engine.send(view[start : start + SEAL_PIECE])  # type: ignore[arg-type]
-            transport.write(engine.data_to_send())
+            write_records(engine, transport, self._plaintext)
 
     # actions (``dispatch.HANDLERS`` calls back into the methods below)
 
@@ -363,14 +319,8 @@ class TerminatedConnection(asyncio.BufferedProtocol):
                 transport.write_eof()
                 self.loop.call_later(0.5, transport.close)
             else:
-                engine = self._engine
-                if engine is not None:
-                    if phase is not None:
-                        self._seal(engine)
-                        engine.close()
-                    out = engine.data_to_send()
-                    if out and not transport.is_closing():
-                        transport.write(out)
+                if self._engine is not None:
+                    write_goodbye(self._engine, transport, self._plaintext, established=phase is not None)
                 transport.close()
         self._handshake_over()
         self.rt.leave(self, Group.WEBSOCKET)

@@ -1,0 +1,71 @@
+"""Plaintext out of a terminated connection: sealed into TLS records and written, batch by batch.
+
+Why batches: the actions of one core call (a response head, its body, its end) are gathered and
+encrypted with one SSL_write, so a small response is one TLS record instead of three (less CPU
+here and in the client). Why pieces: OpenSSL's memory BIO keeps the capacity of its largest fill
+for the connection's lifetime, so a large batch (a WebSocket message, a burst of upstream reads)
+is sealed ``SEAL_PIECE`` at a time and each piece's records handed to the transport at once; one
+256 KiB SSL_write left ~350 KiB allocated per connection that had once sent a large response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from nextproxy.core.tls import TlsEngine
+
+SEAL_PIECE = 32 * 1024
+"""Largest plaintext given to one SSL_write: two full TLS records."""
+
+
+def joined(pending: list[bytes]) -> bytes:
+    """The batch as one bytes object (no copy for a batch of one), and the list emptied."""
+    data = pending[0] if len(pending) == 1 else b"".join(pending)
+    pending.clear()
+    return data
+
+
+def seal(engine: TlsEngine, pending: list[bytes]) -> None:
+    """Encrypt the batch in one SSL_write; the records wait in the engine (closing sends them
+    together with our close_notify)."""
+    if pending:
+        engine.send(joined(pending))
+
+
+def write_records(engine: TlsEngine, transport: asyncio.Transport, pending: list[bytes]) -> None:
+    """Seal the batch and write every record the engine holds (handshake flights, tickets, alerts
+    and OpenSSL's own answers included)."""
+    if pending:
+        data = joined(pending)
+        if len(data) > SEAL_PIECE:
+            _write_in_pieces(engine, transport, data)
+            return
+        engine.send(data)
+    out = engine.data_to_send()
+    if out:
+        transport.write(out)
+
+
+def _write_in_pieces(engine: TlsEngine, transport: asyncio.Transport, data: bytes) -> None:
+    view = memoryview(data)
+    out = engine.data_to_send()  # anything already pending goes first
+    if out:
+        transport.write(out)
+    for start in range(0, len(view), SEAL_PIECE):
+        engine.send(view[start : start + SEAL_PIECE])
+        transport.write(engine.data_to_send())
+
+
+def write_goodbye(engine: TlsEngine, transport: asyncio.Transport, pending: list[bytes], *, established: bool) -> None:
+    """The last records and, after a finished handshake, our close_notify: one write."""
+    if established:
+        seal(engine, pending)
+        engine.close()
+    out = engine.data_to_send()
+    if out and not transport.is_closing():
+        transport.write(out)
+
+
+def peer_port(transport: asyncio.Transport | None) -> int | None:
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    return peername[1] if isinstance(peername, tuple) and len(peername) >= 2 else None
