@@ -171,9 +171,21 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
         except TimeoutError:
             pass
 
-    supervisor.stopping = True
     state.ready = False
     state.not_ready_reason = "draining"
+    await _stop_workers(supervisor, config, logger)
+    admin.close()
+    logger.log("info", "supervisor_stopped")
+    logger.close()
+    return 0
+
+
+async def _stop_workers(supervisor: Supervisor, config: Config, logger: Logger) -> None:
+    """SIGTERM every worker (each drains), then SIGKILL whoever outlives the drain."""
+    from nextproxy.process import metrics
+
+    loop = asyncio.get_running_loop()
+    supervisor.stopping = True
     logger.log("info", "supervisor_draining", workers=len(supervisor.workers))
     supervisor.signal_all(signal.SIGTERM)
     deadline = loop.time() + config.timeouts.shutdown_delay + config.timeouts.drain + 5
@@ -184,10 +196,6 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     if supervisor.workers:
         supervisor.signal_all(signal.SIGKILL)
         supervisor.reap()
-    admin.close()
-    logger.log("info", "supervisor_stopped")
-    logger.close()
-    return 0
 
 
 def _refresh(state: Any) -> None:
