@@ -18,6 +18,8 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.x509.verification import Store
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
 from nextproxy.config.model import ClientAuth
 from nextproxy.core.handshake import VerifyNote, openssl_failure_reason
@@ -36,6 +38,11 @@ READ_CHUNK = 16384
 DRAIN_CHUNK = 65536
 
 _T = TypeVar("_T")
+
+# How much ciphertext the incoming memory BIO still holds (BIO_CTRL_INFO on a memory BIO; NULL
+# asks only for the length). pyOpenSSL exposes no public call for it; without it, every read
+# ends in one SSL_read that fails with WantReadError, an exception per client read.
+_bio_unread: Callable[..., int] | None = getattr(_lib, "BIO_get_mem_data", None)
 
 
 
@@ -146,9 +153,15 @@ class TlsEngine:
     def _read_all(self) -> bytes:
         conn = self._conn
         parts: list[bytes] = []
+        # Without read-ahead OpenSSL takes from the BIO only the record it decrypts: once the
+        # BIO is empty and no decrypted byte is pending, the next SSL_read can only want more.
+        unread = _bio_unread
+        bio = getattr(conn, "_into_ssl", None) if unread is not None else None
         while True:
             try:
                 parts.append(conn.recv(READ_CHUNK))
+                if bio is not None and unread is not None and not unread(bio, _ffi.NULL) and not conn.pending():
+                    break
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
