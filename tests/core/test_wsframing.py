@@ -144,11 +144,25 @@ def test_small_whole_frames_take_the_fast_path_and_wsproto_reads_what_it_writes(
     assert sent[2:6] != sent[40:44]
 
 
+def test_a_whole_64_bit_length_frame_takes_the_fast_path() -> None:
+    relay = WebSocketRelay(RelayLimits(), os.urandom)
+    payload = bytes(range(256)) * 300  # 76,800 bytes: the 64-bit length form is the shortest
+    data = frame(0x82, payload, b"\x01\x02\x03\x04")
+    assert simple_frame(data, 0, True) == (len(data), 0x82, payload)
+    assert simple_frame(data[:-1], 0, True) is None  # not whole yet: wsproto's
+    sent = next(a for a in relay.client_data(data) if isinstance(a, SendToUpstream)).data
+    upstream = Connection(ConnectionType.SERVER)
+    upstream.receive_data(sent)
+    (event,) = list(upstream.events())
+    assert isinstance(event, BytesMessage) and event.data == payload and event.message_finished
+
+
 @pytest.mark.parametrize(
     "data, masked",
     [
         (frame(0x82, b"abc", None, length_form="16"), False),  # not the shortest length form
         (frame(0x82, b"abc", None, length_form="64"), False),
+        (frame(0x82, b"a" * 65535, None, length_form="64"), False),  # 16 bits would have held it
         (frame(0x02, b"abc", None), False),  # not final
         (frame(0x89, b"abc", None), False),  # control
         (frame(0xC2, b"abc", None), False),  # RSV1
