@@ -27,6 +27,7 @@ from nextproxy.edge.connection import TerminatedConnection
 from nextproxy.edge.gate import ListenerGate, endpoint
 from nextproxy.edge.host import Group, Host
 from nextproxy.edge.passthrough import start_passthrough
+from nextproxy.edge.records import linger_close
 from nextproxy.errors import ClientHelloError, HelloAnswer, ProxyProtocolError, TlsAlert
 
 USE_HTTPS = (
@@ -34,9 +35,6 @@ USE_HTTPS = (
     b"content-length: 42\r\nconnection: close\r\n\r\n"
     b"This port speaks TLS: use https:// instead\n"
 )
-LINGER = 0.5
-"""After refusing, keep reading (and dropping) this long before closing, as after a failed
-handshake: closing at once makes the kernel reset in-flight bytes, and the answer is lost."""
 ACCESS_DENIED = bytes((21, 3, 3, 0, 2, 2, TlsAlert.ACCESS_DENIED))
 """A fatal access_denied alert record: a terminated SNI route's answer to a refused source."""
 UNTRUSTED = "untrusted"
@@ -187,20 +185,11 @@ class Accepted(asyncio.Protocol):
 
     def _linger_close(self, answer: bytes) -> None:
         """Write ``answer`` (if any), half-close, and drop what still comes for ``LINGER`` seconds."""
-        transport = self.transport
+        transport = self._let_go()
         assert transport is not None
-        counted = self.rt.leave(self, Group.PENDING)
-        self._forget()
         if answer:
             transport.write(answer)
-        if transport.can_write_eof():
-            transport.write_eof()
-            self._loop.call_later(LINGER, transport.close)
-        else:
-            transport.close()
-        if counted:
-            self.rt.admission.handshake_over()
-            self.rt.closed(self.peer)
+        linger_close(transport, self._loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None and exc is not None and self._reader.received():
@@ -275,18 +264,26 @@ class Accepted(asyncio.Protocol):
         self.rt.leave(self, Group.PENDING)
 
     def close(self, *, abort: bool = False) -> None:
-        transport = self.transport
+        transport = self._let_go()
         if transport is None:
             return
-        counted = self.rt.leave(self, Group.PENDING)
-        self._forget()
         if abort:
             transport.abort()
         else:
             transport.close()
+
+    def _let_go(self) -> asyncio.Transport | None:
+        """Stop owning the connection and count it out exactly once (connection and handshake
+        slots); the caller finishes the transport this returns."""
+        transport = self.transport
+        if transport is None:
+            return None
+        counted = self.rt.leave(self, Group.PENDING)
+        self._forget()
         if counted:
             self.rt.admission.handshake_over()
             self.rt.closed(self.peer)
+        return transport
 
     def drain(self) -> None:
         """Shutdown: a connection that has not even said hello yet is simply closed."""

@@ -24,7 +24,7 @@ from nextproxy.edge.dispatch import HANDLERS
 from nextproxy.edge.host import Group, Host
 from nextproxy.edge.phases import HttpPhase, Phase, upgrade
 from nextproxy.edge.reads import READ_CHUNK_LIMIT, read_buffer, read_room
-from nextproxy.edge.records import peer_port, write_goodbye, write_records
+from nextproxy.edge.records import linger_close, peer_port, write_goodbye, write_records
 from nextproxy.edge.upstream import UpstreamSlot
 from nextproxy.errors import TlsError
 
@@ -315,9 +315,8 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         if transport is not None:
             if abort:
                 transport.abort()
-            elif linger and transport.can_write_eof():
-                transport.write_eof()
-                self.loop.call_later(0.5, transport.close)
+            elif linger:
+                linger_close(transport, self.loop)
             else:
                 if self._engine is not None:
                     write_goodbye(self._engine, transport, self._plaintext, established=phase is not None)

@@ -14,6 +14,9 @@ import asyncio
 
 from nextproxy.core.tls import TlsEngine
 
+LINGER = 0.5
+"""After a refusal or a failed handshake, keep reading (and dropping) this long before closing:
+closing at once makes the kernel reset in-flight client bytes, and the answer is lost."""
 SEAL_PIECE = 32 * 1024
 """Largest plaintext given to one SSL_write: two full TLS records."""
 
@@ -69,3 +72,12 @@ def write_goodbye(engine: TlsEngine, transport: asyncio.Transport, pending: list
 def peer_port(transport: asyncio.Transport | None) -> int | None:
     peername = transport.get_extra_info("peername") if transport is not None else None
     return peername[1] if isinstance(peername, tuple) and len(peername) >= 2 else None
+
+
+def linger_close(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    """Half-close after the last answer (alert, 400), then close once ``LINGER`` has passed."""
+    if transport.can_write_eof():
+        transport.write_eof()
+        loop.call_later(LINGER, transport.close)
+    else:
+        transport.close()

@@ -7,7 +7,8 @@ import asyncio
 from dataclasses import replace
 
 from nextproxy.config.model import Address, Limits
-from nextproxy.edge.accept import LINGER, USE_HTTPS, Accepted
+from nextproxy.edge.accept import USE_HTTPS, Accepted
+from nextproxy.edge.records import LINGER
 from nextproxy.edge.connection import TerminatedConnection
 from nextproxy.edge.listener import Runtime
 from tests.edge.fakes import PASSTHROUGH_NAME, FakeTransport, RecordingObserver, config, run, runtime
