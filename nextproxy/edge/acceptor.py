@@ -127,9 +127,9 @@ class Acceptor:
             conn.close()  # before any transport or protocol exists: a refusal costs next to nothing
             self._observer().connection_refused(refusal.value)
             return
+        # Non-blocking and TCP_NODELAY are the transport's to set: uvloop's does both when it
+        # opens the socket (asyncio's too). Setting them here as well cost two syscalls.
         try:
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             protocol = self._factory(address)
         except Exception:
             conn.close()

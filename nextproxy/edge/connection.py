@@ -59,6 +59,10 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         self.deadline = Deadline(loop, self._on_deadline)
         self.request_started = 0.0
         self._plaintext: list[bytes] = []
+        self._tickets_wait = False
+        """The session tickets OpenSSL wrote after the handshake wait for the first response
+        (``_flush``): the client sent its first request with its Finished, so an answer is on
+        its way and the tickets ride in its write instead of a write (and a wakeup) of their own."""
         transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
         self._handshaking = True
         """Counted in ``host.admission.handshakes`` (taken over from ``accept``) until it ends."""
@@ -181,7 +185,10 @@ class TerminatedConnection(asyncio.BufferedProtocol):
                     self._close()
                 return
             self._handshake_done(engine)
-            self._flush()  # session tickets go out right after the handshake
+            if plaintext:
+                self._tickets_wait = True
+            else:
+                self._flush()  # the session tickets: nothing else is about to be written
         elif not plaintext:
             self._flush()  # whatever OpenSSL answered by itself (run() flushes after a phase)
         phase = self._phase
@@ -224,6 +231,10 @@ class TerminatedConnection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         engine, transport = self._engine, self.transport
+        if self._tickets_wait:
+            if not self._plaintext and engine is not None and engine.error is None:
+                return  # only the tickets are pending; they go with the response
+            self._tickets_wait = False
         if engine is not None and transport is not None and not transport.is_closing():
             write_records(engine, transport, self._plaintext)
 

@@ -76,6 +76,41 @@ def test_handshake_then_a_404_in_one_write_and_one_request_fact() -> None:
     assert isinstance(done, RequestCompleted) and (done.status, done.target, peer) == (404, "/nowhere", "192.0.2.7")
 
 
+def test_session_tickets_ride_with_the_first_response_when_the_request_came_with_the_finished() -> None:
+    """A client that sends its Finished and its first request together (wrk, most HTTP/1.1
+    libraries) gets the tickets in the response's write: one write instead of two. A client
+    that sends its Finished alone gets them at once (nothing else is about to be written)."""
+
+    async def scenario() -> tuple[int, int, TlsPeer, TlsPeer]:
+        rt, _observer = runtime()
+        together = TlsPeer(client_context(alpn=("http/1.1",)), server_name="localhost")
+        hello = ClientHelloReader(rt.config.limits.max_client_hello).feed(together.data_to_send())
+        assert hello is not None
+        transport = FakeTransport()
+        conn = TerminatedConnection(rt, transport, "192.0.2.7", None, hello, asyncio.get_running_loop())
+        transport.set_protocol(conn)
+        conn.start()
+        together.feed(transport.take())  # the server's flight; the client's handshake is done
+        assert together.handshake_done
+        together.send(GET_NOWHERE)
+        before = transport.writes
+        conn.data_received(together.data_to_send())  # Finished + request in one read
+        writes_together = transport.writes - before
+        together.feed(transport.take())
+
+        alone = Client(rt)  # pumps the Finished on its own first
+        before = alone.transport.writes
+        alone.send(GET_NOWHERE)
+        return writes_together, alone.transport.writes - before, together, alone.peer
+
+    writes_together, writes_after_alone, together, alone = run(scenario())
+    assert writes_together == 1  # tickets and the 404 in one write
+    assert together.received.startswith(b"HTTP/1.1 404 ")
+    assert together.obj.session is not None and together.obj.session.has_ticket
+    assert writes_after_alone == 1  # the tickets went out before the request, on their own
+    assert alone.obj.session is not None and alone.obj.session.has_ticket
+
+
 def test_a_partial_head_gets_the_fixed_head_timer() -> None:
     async def scenario() -> tuple[list[Timer | None], Client]:
         rt, _ = runtime(config(request_head=0.1, client_idle=10))
