@@ -152,7 +152,7 @@ class ProxyServer:
             listening.setblocking(False)
             acceptor = Acceptor(
                 loop, listening, partial(self._protocol, address), self.runtime.admission,
-                lambda: self.runtime.observer, partial(self._balancer, address),
+                lambda: self.runtime.observer, partial(self._balancer, address), BACKLOG,
             )  # fmt: skip
             self._acceptors.append(acceptor)
             acceptor.start()
