@@ -29,6 +29,10 @@ class Group(enum.Enum):
     """A terminated connection relaying WebSocket frames (also counted as TERMINATED)."""
     PASSTHROUGH = "passthrough"
 
+    # Members are singletons, so identity hashes them as well as Enum's own __hash__, which is
+    # a Python function (hash of the name): six of those per connection in the registry's dict.
+    __hash__ = object.__hash__
+
 
 class Member(Protocol):
     """A live connection as the listener handles it on shutdown."""

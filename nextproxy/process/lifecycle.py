@@ -151,6 +151,7 @@ async def serve(
     if timeouts.shutdown_delay > 0:
         await asyncio.sleep(timeouts.shutdown_delay)
     clean = await server.drain(timeouts.drain)
+    observer.flush()  # the last tallied counts reach prometheus-client (and a worker's files)
     for task in (watcher, reloader, stats):
         task.cancel()
     if admin_server is not None:

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import threading
+import weakref
+from typing import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -248,6 +251,53 @@ def route_metrics(route: str) -> RouteMetrics:
     return metrics
 
 
+class Tally:
+    """Increments from the hot path, summed in a dict and handed to prometheus-client later.
+
+    Each ``inc`` on a prometheus-client child costs ~1.2 µs (two observability checks and a
+    lock); a new connection made six of them and a keep-alive request three. Here an increment
+    is one dict update, and ``flush`` gives each child its sum in one ``inc``. Flushed before
+    every collection in this process (``registry_for_exposition``: scrapes, the status page's
+    samples) and by the owner's timer (a worker's counts reach the supervisor's merge within
+    ``FLUSH_INTERVAL``). Counters and gauges only: a histogram's observations are not sums.
+    """
+
+    __slots__ = ("_pending", "_lock")
+
+    def __init__(self) -> None:
+        self._pending: dict[Counter | Gauge, float] = {}
+        self._lock = threading.Lock()
+        """A collection may run on another thread than the loop (an embedding application, the
+        tests' in-thread proxy); uncontended, it costs a fraction of prometheus-client's own."""
+
+    def add(self, child: Counter | Gauge, amount: float = 1.0) -> None:
+        with self._lock:
+            pending = self._pending
+            pending[child] = pending.get(child, 0.0) + amount
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for child, amount in pending.items():
+            if amount:
+                child.inc(amount)
+
+
+FLUSH_INTERVAL = 1.0
+"""Seconds a tallied increment may wait before it is handed to prometheus-client."""
+_BEFORE_COLLECT: list[weakref.WeakMethod[Callable[[], None]]] = []
+
+
+def before_collect(flush: Callable[[], None]) -> None:
+    """Run the bound method ``flush`` before every collection in this process (a ``Tally``'s
+    owner registers; held weakly, so an owner that is gone is simply skipped)."""
+    _BEFORE_COLLECT[:] = [ref for ref in _BEFORE_COLLECT if ref() is not None]
+    _BEFORE_COLLECT.append(weakref.WeakMethod(flush))
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_DIR_VARIABLE) or None
 
@@ -260,6 +310,10 @@ def registry_for_exposition() -> CollectorRegistry:
     metrics (``process_*``) then describe the supervisor only: prometheus_client cannot merge
     them across processes, and each worker's are not exported.
     """
+    for ref in _BEFORE_COLLECT:
+        flush = ref()
+        if flush is not None:
+            flush()
     path = multiprocess_dir()
     if path is None:
         return REGISTRY

@@ -12,6 +12,8 @@ import time
 import traceback
 from typing import Any
 
+from prometheus_client import Counter, Gauge
+
 from nextproxy.edge.observer import (
     AuthorizationDenied,
     MessageRelayed,
@@ -32,6 +34,12 @@ class Observer:
     def __init__(self, logger: Logger, listener: str = "edge") -> None:
         self.log = logger
         self._active = metrics.CONNECTIONS_ACTIVE.labels(listener=listener)
+        self._handshake_ok = metrics.TLS_HANDSHAKE_BY_RESULT["ok"]
+        self._tally = metrics.Tally()
+        """The hot path's counters (connections, handshakes, requests, bytes), flushed before
+        every collection and at most ``metrics.FLUSH_INTERVAL`` after the first increment."""
+        self._flush_timer: asyncio.TimerHandle | None = None
+        metrics.before_collect(self.flush)
         self._refused = Throttle(logger, "warning", "connections_refused")
         self._paused = Throttle(logger, "warning", "accept_paused")
         self._exhausted = Throttle(logger, "error", "descriptors_exhausted")
@@ -46,11 +54,29 @@ class Observer:
         return metrics.route_metrics(name)
 
     # connections and TLS
+    def flush(self) -> None:
+        """Hand the tallied increments to prometheus-client (also at exit: none is lost)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        self._tally.flush()
+
+    def _count(self, child: Counter | Gauge, amount: float = 1.0) -> None:
+        tally = self._tally
+        if not tally and self._flush_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a script, a test): count at once
+                child.inc(amount)
+                return
+            self._flush_timer = loop.call_later(metrics.FLUSH_INTERVAL, self.flush)
+        tally.add(child, amount)
+
     def connection_opened(self) -> None:
-        self._active.inc()
+        self._count(self._active)
 
     def connection_closed(self) -> None:
-        self._active.dec()
+        self._count(self._active, -1.0)
 
     def connection_refused(self, reason: str = "max_connections") -> None:
         metrics.REFUSED_BY_REASON[reason].inc()
@@ -67,12 +93,14 @@ class Observer:
     def handshake(
         self, result: str, detail: str = "", peer: str = "-", port: int | None = None, server_name: str | None = None
     ) -> None:
+        if result == "ok":
+            self._count(self._handshake_ok)
+            return
         metrics.tls_handshake(result)
-        if result != "ok":
-            # Scanners and floods abandon handshakes by the thousand: the first of each reason in
-            # an interval at once, the rest summed into one line per interval (with the last
-            # example's fields), never one line each. Every line names the client and the SNI.
-            self._handshakes.count(result, fields=_where(peer, port, server_name, reason=result, detail=detail[:300]))
+        # Scanners and floods abandon handshakes by the thousand: the first of each reason in
+        # an interval at once, the rest summed into one line per interval (with the last
+        # example's fields), never one line each. Every line names the client and the SNI.
+        self._handshakes.count(result, fields=_where(peer, port, server_name, reason=result, detail=detail[:300]))
 
     def tls_error(self, detail: str, peer: str, port: int | None, server_name: str | None) -> None:
         self._tls_errors.count("tls_error", fields=_where(peer, port, server_name, detail=detail[:300]))
@@ -90,12 +118,12 @@ class Observer:
     # HTTP
     def request(self, done: RequestCompleted, duration: float, peer: str) -> None:
         children = self.route(done.route)
-        children.requests(done.status).inc()
+        self._count(children.requests(done.status))
         children.duration.observe(duration)
         if done.bytes_from_client:
-            children.bytes_client_to_upstream.inc(done.bytes_from_client)
+            self._count(children.bytes_client_to_upstream, done.bytes_from_client)
         if done.bytes_to_client:
-            children.bytes_upstream_to_client.inc(done.bytes_to_client)
+            self._count(children.bytes_upstream_to_client, done.bytes_to_client)
         if self.log.threshold <= 20:
             self.log.log(
                 "info", "request", route=done.route, client=peer, method=done.method, path=done.target[:512],

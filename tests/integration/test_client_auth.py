@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from prometheus_client import REGISTRY
 
 from nextproxy.process import metrics
 from nextproxy.config.model import AllowRule, CertificateConfig, ClientAuth, Config, PemSource
@@ -155,7 +154,7 @@ class Outcome:
 def handshake_counts() -> dict[str, float]:
     counts = {}
     for result in HANDSHAKE_RESULTS:
-        value = REGISTRY.get_sample_value("nextproxy_tls_handshakes_total", {"result": result})
+        value = metrics.registry_for_exposition().get_sample_value("nextproxy_tls_handshakes_total", {"result": result})
         counts[result] = value or 0.0
     return counts
 
@@ -475,7 +474,7 @@ def with_allow(rules: tuple[AllowRule, ...]) -> Callable[[Config], Config]:
 
 
 def counter(name: str, labels: dict[str, str]) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.registry_for_exposition().get_sample_value(name, labels) or 0.0
 
 
 ALLOW_CASES = {

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from prometheus_client import REGISTRY
 
 from nextproxy.config.model import Address, Config, Limits, ListenerPolicy, RateLimitConfig, SniAction, SniRoute, Timeouts, Upstream
 from nextproxy.core.proxyprotocol import Endpoint, ProxyCommand, ProxyHeader, ProxyHeaderReader, build_v2
@@ -98,7 +97,7 @@ class Counting:
 
 
 def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.registry_for_exposition().get_sample_value(name, labels) or 0.0
 
 
 def exposed(line_start: str) -> float:

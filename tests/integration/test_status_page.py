@@ -133,6 +133,9 @@ def test_status_json_merges_workers(tmp_path: Path, pki: DemoPki, upstreams: Ups
         proxy.wait_for(lambda: status(proxy)["reloads"]["ok"] == 2, 10, "two reloads")
         proxy.wait_for(lambda: row(status(proxy)["upstreams"], "name", "dead")["last_error"] is not None, 10, "worker facts")
         proxy.wait_for(lambda: row(status(proxy)["upstreams"], "name", "app")["open"] >= 1, 10, "pool facts")
+        # A worker hands its counts to the merge within metrics.FLUSH_INTERVAL (1 s).
+        app_requests = lambda: row(status(proxy)["routes"], "route", "app")  # noqa: E731
+        proxy.wait_for(lambda: app_requests()["requests_total"] == APP_REQUESTS + 1 and app_requests()["requests_per_second"] > 0, 10, "merged counts")
         doc = status(proxy)
         check_document(doc)
         rows = lambda: [(r["ok"], r["processes"]) for r in status(proxy)["reloads"]["recent"]]  # noqa: E731

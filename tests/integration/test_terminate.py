@@ -14,6 +14,7 @@ import pytest
 
 from nextproxy.config.model import Timeouts
 from nextproxy.demo.pki import DemoPki
+from nextproxy.process import metrics
 from nextproxy.demo.standins import pattern_sha256
 from tests.integration.harness import PATH_ROUTES, Edge, dead_server_first
 
@@ -179,10 +180,9 @@ def test_no_route_404_and_misdirected_421(edge: Edge) -> None:
 
 
 def test_an_http2_preface_gets_a_clean_505_and_is_counted(edge: Edge) -> None:
-    from prometheus_client import REGISTRY
 
     labels = {"route": "-", "code": "505"}
-    before = REGISTRY.get_sample_value("nextproxy_requests_total", labels) or 0.0
+    before = metrics.registry_for_exposition().get_sample_value("nextproxy_requests_total", labels) or 0.0
     sock = edge.tls_socket()  # ALPN http/1.1 negotiated; a client speaking h2 anyway (prior knowledge)
     try:
         sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
@@ -195,7 +195,7 @@ def test_an_http2_preface_gets_a_clean_505_and_is_counted(edge: Edge) -> None:
     finally:
         sock.close()
     assert answer.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), answer
-    assert REGISTRY.get_sample_value("nextproxy_requests_total", labels) == before + 1
+    assert metrics.registry_for_exposition().get_sample_value("nextproxy_requests_total", labels) == before + 1
 
 
 def test_content_length_with_transfer_encoding_is_400_and_never_forwarded(edge: Edge) -> None:

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
-from prometheus_client import REGISTRY
 
 from nextproxy.config import Address, Config
 from nextproxy.demo.pki import DemoPki
+from nextproxy.process import metrics
 from tests.integration.harness import Edge
 
 ROUTE = "sfs-sigmai"
@@ -108,7 +108,7 @@ def read_all(edge: Edge) -> bytes:
 
 
 def count(code: str) -> float:
-    return REGISTRY.get_sample_value("nextproxy_requests_total", {"route": ROUTE, "code": code}) or 0.0
+    return metrics.registry_for_exposition().get_sample_value("nextproxy_requests_total", {"route": ROUTE, "code": code}) or 0.0
 
 
 def test_mid_body_cut_reaches_the_client_only_as_a_cut(cut: tuple[Edge, CuttingUpstream]) -> None:
