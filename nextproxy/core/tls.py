@@ -205,6 +205,12 @@ class TlsEngine:
                 raise self._fail(exc) from None
             view = view[sent:]
 
+    @property
+    def may_have_output(self) -> bool:
+        """False when ``data_to_send()`` would certainly return b"" (nothing called OpenSSL
+        since the last drain and nothing is stashed): the shell skips the flush."""
+        return self._bio_touched or bool(self._stash)
+
     def data_to_send(self) -> bytes:
         """Every pending outgoing byte: handshake flights, records, alerts, session tickets."""
         parts: list[bytes] = [self._stash]

@@ -231,6 +231,8 @@ class TerminatedConnection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         engine, transport = self._engine, self.transport
+        if not self._plaintext and (engine is None or not engine.may_have_output):
+            return  # most flushes of a request: its head went upstream, nothing for the client
         if self._tickets_wait:
             if not self._plaintext and engine is not None and engine.error is None:
                 return  # only the tickets are pending; they go with the response
