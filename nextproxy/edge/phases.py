@@ -242,16 +242,23 @@ class TunnelPhase:
         return actions
 
     def client_data(self, data: bytes) -> list[Action]:
-        if data:
-            return [SendToUpstream(data)]
+        # Bytes go straight to the other leg (no action to build and dispatch per chunk: a
+        # tunnel relays small messages by the thousand, and a chunk means nothing more here).
         up = self._upstream
+        if data:
+            if up is not None:
+                up.write(data)  # a no-op once that connection is gone, as the slot's write
+            return []
         transport = up.transport if up is not None else None
         if transport is not None and transport.can_write_eof():
             transport.write_eof()  # the upstream may still answer
         return []
 
     def upstream_data(self, data: bytes) -> list[Action]:
-        return [SendToClient(data)] if data else [CloseClient()]
+        if data:
+            self._shell.send_client(data)  # sealed and written by run()'s flush
+            return []
+        return [CloseClient()]
 
     def upstream_lost(self, exc: Exception | None) -> list[Action]:
         return [CloseClient()]
