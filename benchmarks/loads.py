@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,8 @@ class Sample:
     p50_ms: float
     p99_ms: float
     errors: int
+    load_cpu_us_per_op: float = float("nan")
+    """wrk's and the upstream's CPU per operation (what shares the two cores with the proxy)."""
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -64,16 +67,25 @@ def write_stop_script(workdir: Path) -> Path:
     return script
 
 
-def run_wrk(system: System, url: str, duration: float, connections: int, close: bool, stop_script: Path) -> Sample:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk's, once it has been waited for
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_wrk(
+    system: System, url: str, duration: float, connections: int, close: bool, stop_script: Path,
+    upstream: System | None = None,
+) -> Sample:  # fmt: skip
     argv = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "5s",
             "-s", str(stop_script)]
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(url)
     pids = system.pids()
-    before = cpu_seconds(pids)
+    upstream_pids = upstream.pids() if upstream is not None and upstream is not system else []
+    before, load_before = cpu_seconds(pids), _children_cpu() + cpu_seconds(upstream_pids)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
-    after = cpu_seconds(pids)
+    after, load_after = cpu_seconds(pids), _children_cpu() + cpu_seconds(upstream_pids)
     match = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s), ([\d.]+)([KMGT]?B) read", out)
     if not match:
         raise RuntimeError(f"wrk printed no summary for {system.name} {url}:\n{out}")
@@ -94,6 +106,7 @@ def run_wrk(system: System, url: str, duration: float, connections: int, close: 
         mb_per_s=read / seconds / 1024**2 if seconds else 0.0,
         cpu_us_per_op=(after - before) / ops * 1e6 if ops else float("nan"),
         p50_ms=_latency_ms(out, "50"), p99_ms=_latency_ms(out, "99"), errors=errors,
+        load_cpu_us_per_op=(load_after - load_before) / ops * 1e6 if ops else float("nan"),
     )
 
 

@@ -128,6 +128,28 @@ def interleaved(reps: int, plan: list[tuple[str, Callable[[], Sample]]]) -> dict
     return {name: median_sample(s) for name, s in samples.items() if s}
 
 
+def scaling_lines(results: dict[str, Any]) -> list[str]:
+    """W1 with two workers against one, beside what two shared cores allow at all. With p2 the
+    proxy's CPU per request with two workers and g what wrk and the upstream spend per request
+    (measured in the same runs), both cores together serve at most 2 / (p2 + g) requests a second,
+    however well the workers scale; the line says how close each system comes to that."""
+    w1 = results["workloads"].get("W1 keep-alive GET small, 50 conns", {})
+    lines = []
+    for name in ("nginx", "haproxy", "nextproxy"):
+        one, two = w1.get(f"{name}-1"), w1.get(f"{name}-2")
+        if not one or not two or not one["rate"]:
+            continue
+        g = statistics.median(r.get("load_cpu_us_per_op", float("nan")) for r in two["runs"])
+        p2 = two["cpu_us_per_op"]
+        most = 2e6 / (p2 + g) if g == g else float("nan")
+        lines.append(
+            f"W1 scaling {name}: 2 workers {two['rate'] / one['rate']:.2f}x one ({two['rate']:,.0f} req/s, CPU per "
+            f"request {p2:.1f} vs {one['cpu_us_per_op']:.1f} µs); two shared cores allow at most 2/(p2+g) = "
+            f"{most:,.0f} req/s = {most / one['rate']:.2f}x one (g = wrk + upstream = {g:.1f} µs per request)"
+        )
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per run (default 2)")
@@ -181,7 +203,7 @@ def main() -> int:
                     continue  # the skeleton forwards Connection: close and would not pool upstreams
                 host = "localhost" if passthrough else "127.0.0.1"  # SNI localhost = nextproxy's passthrough route
                 url = f"https://{host}:{port}{path}"
-                plan.append((s.name, lambda s=s, url=url: run_wrk(s, url, d, conns, close, stop)))
+                plan.append((s.name, lambda s=s, url=url: run_wrk(s, url, d, conns, close, stop, direct)))
             return plan
 
         http = [
@@ -274,6 +296,8 @@ def main() -> int:
     if idle_table:
         print()
         print(idle_table)
+    for line in scaling_lines(results):
+        print(line)
     for note in notes:
         print(f"note: {note}")
     target = Path(args.out)
