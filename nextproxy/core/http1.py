@@ -144,6 +144,14 @@ class HttpSession(ResponseSide):
         self._connecting = False
         return self._upstream_error(504 if timeout else 502, reason)
 
+    def body_timed_out(self, route_name: str) -> RequestCompleted:
+        """The fact for a request whose body did not arrive within its deadline (the shell
+        answers 408 and closes both legs): its method, target and the body bytes that came."""
+        exchange = self._exchange
+        if exchange is None:  # the head itself never completed
+            return RequestCompleted(route_name, "-", "-", 408, 0, 0, "request body timed out")
+        return self._completed(exchange, 408, "request body timed out")
+
     def upstream_timeout(self) -> list[Action]:
         """The response head did not arrive within the response timeout."""
         return self._drop_upstream() + self._upstream_error(504, "upstream timed out")

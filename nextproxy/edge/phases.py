@@ -20,7 +20,6 @@ from nextproxy.core.actions import (
     CloseClient,
     CloseUpstream,
     ConnectUpstream,
-    RequestCompleted,
     SendToClient,
     SendToUpstream,
     StartTunnel,
@@ -161,8 +160,7 @@ class HttpPhase:
         if kind is Timer.BODY:
             # No response has started (ResponseStarted would have moved the deadline on): tell
             # the client, and free the upstream connection the trickled body was holding.
-            shell = self._shell
-            done = RequestCompleted(shell.route_name, "-", "-", 408, 0, 0, "request body timed out")
+            done = self.session.body_timed_out(self._shell.route_name)
             return [SendToClient(REQUEST_TIMEOUT), done, CloseUpstream(), CloseClient()]
         return [CloseClient()]  # idle keep-alive, or a head that took too long
 

@@ -155,6 +155,7 @@ def test_trickled_body_gets_408_and_frees_the_upstream_connection(pki: DemoPki) 
             time.sleep(0.05)
         assert _established_to(upstream_port) == 0  # the upstream connection was closed, not pooled
         sock.close()
-        assert '"status":408' in edge.logs()
+        [line] = [line for line in edge.logs().splitlines() if '"status":408' in line]
+        assert '"method":"POST"' in line and '"path":"/ns/sigmai/upload"' in line  # not "-"
     finally:
         edge.close()
