@@ -19,11 +19,15 @@ import signal
 import tempfile
 import time
 from multiprocessing.context import SpawnProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nextproxy.config.model import Config
+from nextproxy.errors import ConfigError
 from nextproxy.process.logs import Logger
 from nextproxy.process.loop import run_loop
+
+if TYPE_CHECKING:  # imported where used: metrics must not load before PROMETHEUS_MULTIPROC_DIR is set
+    from nextproxy.process.admin import AdminState
 
 RESTART_DELAY = 1.0
 """Seconds before a dead worker is replaced, so a crash loop cannot spin the CPU."""
@@ -148,7 +152,11 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: supervisor.signal_all(signal.SIGHUP))
+    def reload() -> None:
+        supervisor.signal_all(signal.SIGHUP)
+        _reload_view(state, config_path)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     for _ in range(config.workers):
         supervisor.spawn()
     logger.log("info", "supervisor_started", pid=os.getpid(), workers=config.workers, admin=str(config.admin_listen))
@@ -178,6 +186,26 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     logger.log("info", "supervisor_stopped")
     logger.close()
     return 0
+
+
+def _reload_view(state: AdminState, config_path: str | None) -> None:
+    """SIGHUP: the status page's route table and upstream list follow the workers' reload.
+
+    Loaded and checked the way a worker does (configuration, then certificates); on an error the
+    workers keep their configuration (and log why), so the page keeps the table it had."""
+    from nextproxy.config import load
+    from nextproxy.edge.listener import describe_routes
+    from nextproxy.edge.tlscontexts import ServerContexts
+    from nextproxy.process.status import route_kinds
+
+    try:
+        config = load(path=config_path)
+        ServerContexts.build(config)
+    except ConfigError:
+        return
+    state.routes = describe_routes(config)
+    state.route_kinds = route_kinds(config)
+    state.upstreams = {u.name: state.upstreams.get(u.name, True) for u in config.upstreams}
 
 
 async def _stop_workers(supervisor: Supervisor, config: Config, logger: Logger) -> None:

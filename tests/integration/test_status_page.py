@@ -145,3 +145,20 @@ def test_status_json_merges_workers(tmp_path: Path, pki: DemoPki, upstreams: Ups
         assert code == 200 and b"<polyline" in page and b"connect failed" in page
     finally:
         assert proxy.stop() == 0
+
+
+def test_a_reload_with_workers_updates_the_supervisors_route_table(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    """The supervisor serves the page; on SIGHUP it loads the new configuration as the workers
+    do, so a route added by the reload is listed (not only after a restart)."""
+    proxy = Proxy(tmp_path, pki, upstreams, workers=2)
+    try:
+        before = [row["match"] for row in status(proxy)["route_table"]]
+        assert not any("/dead" in match for match in before), before
+        proxy.config_file.write_text(proxy.config_file.read_text() + DEAD_UPSTREAM)
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.wait_for(lambda: status(proxy)["reloads"]["ok"] == 2, 10, "two reloads")
+        after = [(row["match"], row["target"]) for row in status(proxy)["route_table"]]
+        assert any("/dead" in match and "dead" in target for match, target in after), after
+        assert proxy.https("/dead/x")[0] == 502  # the workers serve it too
+    finally:
+        assert proxy.stop() == 0
