@@ -61,6 +61,9 @@ class MemoryTransport:
     def write(self, data: bytes) -> None:
         self.out.append(data)
 
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.out.extend(chunks)
+
     def take(self) -> bytes:
         data = b"".join(self.out)
         self.out.clear()

@@ -274,3 +274,25 @@ def test_a_bug_closes_this_connection_only_and_is_reported() -> None:
     assert client.transport.aborted
     [(exc, peer)] = observer.named("bug")
     assert isinstance(exc, AttributeError) and peer == "192.0.2.7"
+
+
+def test_a_large_batch_is_sealed_in_pieces_and_written_in_one_call() -> None:
+    """OpenSSL's BIO is kept small (SEAL_PIECE of plaintext at a time), but the pieces' records
+    reach the transport together (one writelines: one writev under uvloop), not a write each."""
+    from nextproxy.edge.records import SEAL_PIECE, write_records
+
+    async def scenario() -> tuple[int, Client, int]:
+        rt, _observer = runtime()
+        client = Client(rt)
+        engine = client.conn._engine  # noqa: SLF001 (the connection's own engine, after a real handshake)
+        assert engine is not None
+        before = client.transport.writes
+        size = 3 * SEAL_PIECE + 1234
+        write_records(engine, client.transport, [b"a" * (size - 1), b"b"])
+        writes = client.transport.writes - before
+        client.peer.feed(client.transport.take())
+        return writes, client, size
+
+    writes, client, size = run(scenario())
+    assert writes == 1
+    assert bytes(client.peer.received) == b"a" * (size - 1) + b"b"
