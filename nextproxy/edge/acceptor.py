@@ -153,18 +153,8 @@ class Acceptor:
     def _native_made(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
-        refusal = self._admission.admit(address, capped=not self._balancer(address))
-        if refusal is not None:
-            transport.close()
-            self._observer().connection_refused(refusal.value)
-        else:
-            try:
-                protocol = self._factory(address)
-            except Exception:
-                transport.abort()
-                self._admission.release(address)
-                self._admission.handshake_over()
-                raise
+        protocol = self._protocol_for(address, transport.close)
+        if protocol is not None:
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
         if self._native is None:
@@ -211,21 +201,27 @@ class Acceptor:
         # else: handshakes_fell() resumes once one finishes
 
     def _admitted(self, conn: socket.socket, address: str) -> None:
+        # Before any transport exists: a refusal costs an accept and a close. Non-blocking and
+        # TCP_NODELAY are the transport's to set (uvloop's and asyncio's both do).
+        protocol = self._protocol_for(address, conn.close)
+        if protocol is not None:
+            self._loop.create_task(self._connect(conn, protocol, address))
+
+    def _protocol_for(self, address: str, drop: Callable[[], None]) -> asyncio.Protocol | None:
+        """Admit a connection from ``address`` and make its protocol, or ``drop`` it (refused,
+        or the factory failed: then counted out again) and return None."""
         refusal = self._admission.admit(address, capped=not self._balancer(address))
         if refusal is not None:
-            conn.close()  # before any transport or protocol exists: a refusal costs next to nothing
+            drop()
             self._observer().connection_refused(refusal.value)
-            return
-        # Non-blocking and TCP_NODELAY are the transport's to set: uvloop's does both when it
-        # opens the socket (asyncio's too). Setting them here as well cost two syscalls.
+            return None
         try:
-            protocol = self._factory(address)
+            return self._factory(address)
         except Exception:
-            conn.close()
+            drop()
             self._admission.release(address)
             self._admission.handshake_over()
             raise
-        self._loop.create_task(self._connect(conn, protocol, address))
 
     async def _connect(self, conn: socket.socket, protocol: asyncio.Protocol, address: str) -> None:
         try:
