@@ -32,6 +32,7 @@ from nextproxy.core.actions import (
     Side,
 )
 from nextproxy.core.wsframing import FrameScanner, encode_frame, simple_frame
+from nextproxy.core.wsstream import FrameStream, encode_head, partial_head, stream_head
 
 __all__ = ["MessageRelayed", "RelayLimits", "SessionClosed", "Side", "WebSocketRelay"]
 
@@ -62,7 +63,8 @@ class _Leg:
     """One side's wsproto connection plus what the relay tracks about it."""
 
     __slots__ = ("side", "conn", "out", "finished", "close_due", "close_sent", "ping_payload",
-                 "message_size", "messages", "bytes", "scanner")  # fmt: skip
+                 "message_size", "messages", "bytes", "scanner", "stream", "pending", "mid_frame",
+                 "held")  # fmt: skip
 
     def __init__(self, side: Side, role: ConnectionType) -> None:
         self.side = side
@@ -76,6 +78,18 @@ class _Leg:
         self.messages = 0
         self.bytes = 0
         self.scanner = FrameScanner()  # where wsproto's input stands: the fast path needs a boundary
+        self.stream: FrameStream | None = None  # a frame from this side being streamed to the other
+        self.pending = b""  # the start of a header the fast path may stream, held for the next read
+        self.mid_frame = False  # a streamed frame toward this side is not finished...
+        self.held = bytearray()  # ...so what wsproto writes to this side waits here until it is
+
+    def send(self, event: Event) -> None:
+        """wsproto's bytes for ``event`` on this leg, after any frame being streamed to it."""
+        data = self.conn.send(event)
+        if self.mid_frame:
+            self.held += data
+        else:
+            self.out += data
 
     @property
     def writable(self) -> bool:
@@ -144,7 +158,7 @@ class WebSocketRelay:
         self._pings_sent += 1
         leg.ping_payload = b"nextproxy-%d" % self._pings_sent
         if leg.conn.state is _OPEN:
-            leg.out += leg.conn.send(Ping(payload=leg.ping_payload))
+            leg.send(Ping(payload=leg.ping_payload))
         return self._collect()
 
     def pong_outstanding(self, side: Side) -> bool:
@@ -167,7 +181,7 @@ class WebSocketRelay:
         self._record(None, GOING_AWAY, "going away")
         for leg in (self._client, self._upstream):
             if leg.writable:
-                leg.out += leg.conn.send(CloseConnection(code=GOING_AWAY, reason="going away"))
+                leg.send(CloseConnection(code=GOING_AWAY, reason="going away"))
         return self._collect()
 
     def abort(self) -> list[Action]:
@@ -191,6 +205,13 @@ class WebSocketRelay:
         if not data:
             self._eof(leg, other)
             return self._collect()
+        if leg.pending:
+            data, leg.pending = leg.pending + data, b""
+        if leg.stream is not None:
+            pos = self._stream(leg, other, data, 0)
+            if pos == len(data):
+                return self._collect()
+            data = data[pos:]
         if self._fast and leg.scanner.clean and leg.writable and other.writable:
             pos = self._relay_simple(leg, other, data)
             if pos == len(data):
@@ -214,8 +235,8 @@ class WebSocketRelay:
         from_client = leg is self._client
         if from_client and self._entropy is None:
             return 0
-        pos, limit = 0, self._limits.max_message_size
-        while pos < len(data):
+        pos, limit, end = 0, self._limits.max_message_size, len(data)
+        while pos < end:
             frame = simple_frame(data, pos, from_client)
             if frame is None or len(frame[2]) > limit:
                 break  # the size cap's answer (1009) is wsproto path's to give
@@ -225,7 +246,50 @@ class WebSocketRelay:
             leg.bytes += size
             leg.messages += 1
             self._facts.append(MessageRelayed(leg.side, size))
-        return pos
+        return pos if pos == end else self._open_stream(leg, other, data, pos)
+
+    def _open_stream(self, leg: _Leg, other: _Leg, data: bytes, pos: int) -> int:
+        """Start streaming the frame at ``pos`` if the read ends inside it (core/wsstream.py);
+        returns where wsproto's part of ``data`` starts (``len(data)`` if none)."""
+        from_client = leg is self._client
+        head = stream_head(data, pos, from_client)
+        if head is None:
+            if partial_head(data, pos, from_client):
+                leg.pending = data[pos:]
+                return len(data)
+            return pos
+        first, start, length, theirs = head
+        if length > self._limits.max_message_size or start + length <= len(data):
+            return pos  # over the cap: wsproto's path closes with 1009
+        ours = self._key() if from_client else None
+        other.out += encode_head(first, length, ours)
+        other.mid_frame = True
+        leg.stream = FrameStream(length, theirs, ours)
+        return self._stream(leg, other, data, start)
+
+    def _stream(self, leg: _Leg, other: _Leg, data: bytes, pos: int) -> int:
+        """Relay the streamed frame's bytes in ``data`` from ``pos``; returns where they end.
+
+        The frame goes on even once either leg is closing (it cannot be cut short without
+        breaking the other leg's framing): wsproto's bytes for the other leg wait in ``held``
+        until it ends. If the other leg's transport is gone the rest is read and dropped."""
+        stream = leg.stream
+        assert stream is not None
+        end, piece = stream.take(data, pos)
+        if not other.close_due:
+            other.out += piece
+            leg.bytes += end - pos
+        if stream.left:
+            return end
+        leg.stream = None
+        other.mid_frame = False
+        if other.held:
+            other.out += other.held
+            other.held.clear()
+        if not other.close_due:
+            leg.messages += 1
+            self._facts.append(MessageRelayed(leg.side, stream.size))
+        return end
 
     def _key(self) -> bytes:
         """A fresh masking key (RFC 6455 section 5.3), from entropy drawn 64 keys at a time."""
@@ -242,7 +306,7 @@ class WebSocketRelay:
         elif isinstance(event, Ping):
             # wsproto never answers pings itself (RFC 6455 5.5.2 makes it ours to do).
             if leg.writable:
-                leg.out += leg.conn.send(event.response())
+                leg.send(event.response())
         elif isinstance(event, Pong):
             if event.payload == leg.ping_payload:
                 leg.ping_payload = None
@@ -267,7 +331,7 @@ class WebSocketRelay:
         # An empty non-final piece (e.g. text cut inside a UTF-8 sequence) would cost an empty
         # frame on the other leg and say nothing.
         if data or event.message_finished:
-            other.out += other.conn.send(event)
+            other.send(event)
         leg.bytes += size
         if event.message_finished:
             leg.messages += 1
@@ -284,10 +348,10 @@ class WebSocketRelay:
             return
         if state is ConnectionState.REMOTE_CLOSING:
             # The peer started: echo its code (RFC 6455 5.5.1) and pass it on to the other leg.
-            leg.out += leg.conn.send(_wire_close(code, reason))
+            leg.send(_wire_close(code, reason))
             self._record(leg.side, code, reason)
             if other.writable:
-                other.out += other.conn.send(_wire_close(code, reason))
+                other.send(_wire_close(code, reason))
         # Otherwise (CLOSED) this was the answer to a Close we sent.
         self._finish(leg, clean=True)
 
@@ -302,11 +366,11 @@ class WebSocketRelay:
     def _fail(self, leg: _Leg, other: _Leg, code: int, reason: str) -> None:
         """Fail this leg (RFC 6455 7.1.7): our Close, then its transport; 1001 to the other."""
         if leg.writable:
-            leg.out += leg.conn.send(_wire_close(code, reason))
+            leg.send(_wire_close(code, reason))
         self._record(None, code, reason)
         self._finish(leg, clean=False)
         if other.writable:
-            other.out += other.conn.send(CloseConnection(code=GOING_AWAY, reason="peer failed"))
+            other.send(CloseConnection(code=GOING_AWAY, reason="peer failed"))
 
     def _close_other(self, gone: _Leg) -> None:
         """``gone`` vanished: tell the other side, 1001 toward the upstream, 1014 toward the client."""
@@ -316,7 +380,7 @@ class WebSocketRelay:
                 event = CloseConnection(code=GOING_AWAY, reason="client gone")
             else:
                 event = CloseConnection(code=BAD_GATEWAY, reason="upstream gone")
-            other.out += other.conn.send(event)
+            other.send(event)
 
     def _record(self, closed_by: Side | None, code: int, reason: str) -> None:
         if self._ending is None:
@@ -330,6 +394,14 @@ class WebSocketRelay:
         # A dead or failed leg's transport goes now; after a clean closing handshake it waits
         # for the session end, so the shell sees one end of the session, not two.
         leg.close_due = not clean
+        if not clean and leg.mid_frame:
+            leg.mid_frame = False  # the frame toward it is cut with its transport
+            leg.held.clear()
+        if leg.stream is not None:
+            # Its frame can never end, so the other leg, mid-frame, cannot be sent a Close
+            # either (as with a TCP EOF mid-frame on the wsproto path, no message completes).
+            leg.stream = None
+            self._finish(self._upstream if leg is self._client else self._client, clean=False)
         if self._client.finished and self._upstream.finished and not self._closed:
             self._closed = True
             self._client.close_due = self._upstream.close_due = True
