@@ -261,3 +261,11 @@ def test_frame_stream_remasks_at_any_offset() -> None:
         pos, piece = stream.take(masked[:pos + step], pos)
         out += piece
     assert stream.left == 0 and mask(bytes(out), ours) == payload
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 16 * KiB - 1, 16 * KiB, 16 * KiB + 3, 64 * KiB + 10])
+def test_mask_is_the_same_xor_at_every_size(size: int) -> None:
+    """Large payloads take byte tables, small ones one big int: the same XOR either way."""
+    payload, key = random.Random(size).randbytes(size), b"\x00\x7f\x80\xff"
+    expected = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    assert mask(payload, key) == expected and mask(expected, key) == payload
