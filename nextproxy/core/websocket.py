@@ -6,6 +6,8 @@ so wsproto checks the client's masking and masks what we send upstream. No exten
 negotiated (permessage-deflate is stripped from the forwarded handshake): frames are relayed
 uncompressed on both legs, so there is no per-leg inflate/deflate cost. Messages are streamed
 piece by piece as wsproto decodes them; the only cap is ``RelayLimits.max_message_size``.
+Whole data frames, and a final binary frame cut by reads, skip wsproto (core/wsframing.py,
+core/wsstream.py): the latter reaches the other leg as the same single frame.
 Pings are answered per leg and never forwarded; closes are relayed with their code and reason.
 It must never do I/O, keep time or log: the shell owns sockets and timers, and the only
 exceptions that may escape are bugs (every wsproto error becomes a Close with a code).
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import ProtocolError
@@ -31,7 +33,8 @@ from nextproxy.core.actions import (
     SessionClosed,
     Side,
 )
-from nextproxy.core.wsframing import FrameScanner, encode_frame, simple_frame
+from nextproxy.core.wsframing import encode_frame, simple_frame
+from nextproxy.core.wsleg import Leg
 from nextproxy.core.wsstream import FrameStream, encode_head, partial_head, stream_head
 
 __all__ = ["MessageRelayed", "RelayLimits", "SessionClosed", "Side", "WebSocketRelay"]
@@ -57,43 +60,6 @@ _LOCAL_CLOSING = ConnectionState.LOCAL_CLOSING
 class RelayLimits:
     max_message_size: int = 16 * 1024 * 1024
     """Bytes of payload in one message, counted across fragments (text counted as UTF-8)."""
-
-
-class _Leg:
-    """One side's wsproto connection plus what the relay tracks about it."""
-
-    __slots__ = ("side", "conn", "out", "finished", "close_due", "close_sent", "ping_payload",
-                 "message_size", "messages", "bytes", "scanner", "stream", "pending", "mid_frame",
-                 "held")  # fmt: skip
-
-    def __init__(self, side: Side, role: ConnectionType) -> None:
-        self.side = side
-        self.conn = Connection(role)
-        self.out = bytearray()  # bytes for this side produced by the current call
-        self.finished = False  # closing handshake done, transport gone, or failed by us
-        self.close_due = False  # the shell must close this leg's transport
-        self.close_sent = False  # ... and has been told so
-        self.ping_payload: bytes | None = None  # our keepalive ping still unanswered
-        self.message_size = 0  # payload of the message in progress, for the size cap
-        self.messages = 0
-        self.bytes = 0
-        self.scanner = FrameScanner()  # where wsproto's input stands: the fast path needs a boundary
-        self.stream: FrameStream | None = None  # a frame from this side being streamed to the other
-        self.pending = b""  # the start of a header the fast path may stream, held for the next read
-        self.mid_frame = False  # a streamed frame toward this side is not finished...
-        self.held = bytearray()  # ...so what wsproto writes to this side waits here until it is
-
-    def send(self, event: Event) -> None:
-        """wsproto's bytes for ``event`` on this leg, after any frame being streamed to it."""
-        data = self.conn.send(event)
-        if self.mid_frame:
-            self.held += data
-        else:
-            self.out += data
-
-    @property
-    def writable(self) -> bool:
-        return not self.finished and self.conn.state is _OPEN
 
 
 def _wire_close(code: int, reason: str) -> CloseConnection:
@@ -123,8 +89,8 @@ class WebSocketRelay:
         self._entropy = entropy
         self._fast = fast
         self._keys = b""
-        self._client = _Leg(Side.CLIENT, ConnectionType.SERVER)
-        self._upstream = _Leg(Side.UPSTREAM, ConnectionType.CLIENT)
+        self._client = Leg(Side.CLIENT, ConnectionType.SERVER)
+        self._upstream = Leg(Side.UPSTREAM, ConnectionType.CLIENT)
         self._facts: list[MessageRelayed] = []
         self._ending: tuple[Side | None, int, str] | None = None  # the first cause, kept
         self._session_closed: SessionClosed | None = None
@@ -194,10 +160,10 @@ class WebSocketRelay:
 
     # ------------------------------------------------------------------ receiving
 
-    def _leg(self, side: Side) -> _Leg:
+    def _leg(self, side: Side) -> Leg:
         return self._client if side is Side.CLIENT else self._upstream
 
-    def _receive(self, leg: _Leg, other: _Leg, data: bytes) -> list[Action]:
+    def _receive(self, leg: Leg, other: Leg, data: bytes) -> list[Action]:
         # A finished leg's transport is closing; late bytes (or its EOF) change nothing, and
         # wsproto raises if fed after its CLOSED state.
         if leg.finished:
@@ -229,7 +195,7 @@ class WebSocketRelay:
             self._fail(leg, other, INTERNAL_ERROR, f"relay error: {exc}")
         return self._collect()
 
-    def _relay_simple(self, leg: _Leg, other: _Leg, data: bytes) -> int:
+    def _relay_simple(self, leg: Leg, other: Leg, data: bytes) -> int:
         """Relay the whole small data frames at the start of ``data`` without wsproto (see
         core/wsframing.py); returns where the rest, for wsproto, starts."""
         from_client = leg is self._client
@@ -248,7 +214,7 @@ class WebSocketRelay:
             self._facts.append(MessageRelayed(leg.side, size))
         return pos if pos == end else self._open_stream(leg, other, data, pos)
 
-    def _open_stream(self, leg: _Leg, other: _Leg, data: bytes, pos: int) -> int:
+    def _open_stream(self, leg: Leg, other: Leg, data: bytes, pos: int) -> int:
         """Start streaming the frame at ``pos`` if the read ends inside it (core/wsstream.py);
         returns where wsproto's part of ``data`` starts (``len(data)`` if none)."""
         from_client = leg is self._client
@@ -267,7 +233,7 @@ class WebSocketRelay:
         leg.stream = FrameStream(length, theirs, ours)
         return self._stream(leg, other, data, start)
 
-    def _stream(self, leg: _Leg, other: _Leg, data: bytes, pos: int) -> int:
+    def _stream(self, leg: Leg, other: Leg, data: bytes, pos: int) -> int:
         """Relay the streamed frame's bytes in ``data`` from ``pos``; returns where they end.
 
         The frame goes on even once either leg is closing (it cannot be cut short without
@@ -300,7 +266,7 @@ class WebSocketRelay:
         self._keys = keys[4:]
         return keys[:4]
 
-    def _handle(self, leg: _Leg, other: _Leg, event: Event) -> None:
+    def _handle(self, leg: Leg, other: Leg, event: Event) -> None:
         if isinstance(event, (TextMessage, BytesMessage)):
             self._relay_piece(leg, other, event)
         elif isinstance(event, Ping):
@@ -313,7 +279,7 @@ class WebSocketRelay:
         elif isinstance(event, CloseConnection):
             self._on_close(leg, other, event)
 
-    def _relay_piece(self, leg: _Leg, other: _Leg, event: TextMessage | BytesMessage) -> None:
+    def _relay_piece(self, leg: Leg, other: Leg, event: TextMessage | BytesMessage) -> None:
         # Once either side is closing, data can no longer be delivered (wsproto refuses to send
         # data after a Close, as RFC 6455 5.5.1 asks): drop it.
         if not (leg.writable and other.writable):
@@ -338,7 +304,7 @@ class WebSocketRelay:
             self._facts.append(MessageRelayed(leg.side, leg.message_size))
             leg.message_size = 0
 
-    def _on_close(self, leg: _Leg, other: _Leg, event: CloseConnection) -> None:
+    def _on_close(self, leg: Leg, other: Leg, event: CloseConnection) -> None:
         state = leg.conn.state
         code, reason = event.code, event.reason or ""
         if state is _OPEN or state is _LOCAL_CLOSING:
@@ -355,7 +321,7 @@ class WebSocketRelay:
         # Otherwise (CLOSED) this was the answer to a Close we sent.
         self._finish(leg, clean=True)
 
-    def _eof(self, leg: _Leg, other: _Leg) -> None:
+    def _eof(self, leg: Leg, other: Leg) -> None:
         if leg.conn.state is _OPEN:
             self._record(leg.side, ABNORMAL_CLOSURE, f"{leg.side.value} EOF")
         self._finish(leg, clean=False)
@@ -363,7 +329,7 @@ class WebSocketRelay:
 
     # ------------------------------------------------------------------ ending
 
-    def _fail(self, leg: _Leg, other: _Leg, code: int, reason: str) -> None:
+    def _fail(self, leg: Leg, other: Leg, code: int, reason: str) -> None:
         """Fail this leg (RFC 6455 7.1.7): our Close, then its transport; 1001 to the other."""
         if leg.writable:
             leg.send(_wire_close(code, reason))
@@ -372,7 +338,7 @@ class WebSocketRelay:
         if other.writable:
             other.send(CloseConnection(code=GOING_AWAY, reason="peer failed"))
 
-    def _close_other(self, gone: _Leg) -> None:
+    def _close_other(self, gone: Leg) -> None:
         """``gone`` vanished: tell the other side, 1001 toward the upstream, 1014 toward the client."""
         other = self._upstream if gone is self._client else self._client
         if other.writable:
@@ -387,7 +353,7 @@ class WebSocketRelay:
             # int(): wsproto hands out CloseReason members; logs and metrics want plain numbers.
             self._ending = (closed_by, int(code), reason)
 
-    def _finish(self, leg: _Leg, *, clean: bool) -> None:
+    def _finish(self, leg: Leg, *, clean: bool) -> None:
         if leg.finished:
             return
         leg.finished = True

@@ -5,9 +5,10 @@ the frame into an event and serializing it again, most of the relay's cost. Near
 message on a busy session is one complete frame per read, so ``simple_frame`` recognizes
 exactly that case (FIN set, RSV clear, binary or text, length in its shortest form,
 masked exactly when the peer is the client, text valid UTF-8) and ``encode_frame``
-writes it for the other leg. Anything else (control frames, fragments, a frame
-split across reads, anything malformed) goes to wsproto as before, which answers it with the
-right close code: the fast path never judges, it only recognizes what wsproto would accept.
+writes it for the other leg; a binary frame cut by a read is streamed by core/wsstream.py.
+Anything else (control frames, fragments, a text frame split across reads, anything
+malformed) goes to wsproto as before, which answers it with the right close code: the fast
+path never judges, it only recognizes what wsproto would accept.
 
 ``FrameScanner`` follows the frame boundaries of what went to wsproto, so the relay knows when
 wsproto has no partial frame or message buffered and the fast path may resume.
