@@ -44,6 +44,7 @@ from nextproxy.demo.pki import make_pki  # noqa: E402
 from nextproxy.process.logs import Logger  # noqa: E402
 from nextproxy.process.observe import Observer  # noqa: E402
 from nextproxy.edge.listener import build_runtime  # noqa: E402
+from nextproxy.edge.reads import READ_SIZE  # noqa: E402
 from nextproxy.edge.upstream import UpstreamConnection  # noqa: E402
 
 CLOSING_REQUEST = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
@@ -167,19 +168,29 @@ def websocket_echo(bench: Bench) -> Callable[[int], float]:
                                  b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n\r\n")
     incoming.write(transport.take())
     assert client.read(65536).startswith(b"HTTP/1.1 101 ")
-    from_client = frame(OP_BINARY, b"x" * 32, b"\x01\x02\x03\x04")
-    from_upstream = frame(OP_BINARY, b"x" * 32)
 
-    def echoes(n: int) -> float:
+    def echoes(n: int, size: int = 32) -> float:
+        """``size``-byte echoes: the client's records reach the proxy in reads of at most
+        ``READ_SIZE`` (64 KiB, as the shell reads them), the upstream's frame in one read of
+        up to 128 KiB."""
+        from_client = frame(OP_BINARY, b"x" * size, b"\x01\x02\x03\x04")
+        from_upstream = frame(OP_BINARY, b"x" * size)
         bench.proxy_seconds = 0.0
         for _ in range(n):
             client.write(from_client)
-            record = outgoing.read()
-            bench.timed(lambda: transport.protocol.data_received(record))
+            records = outgoing.read()
+            for start in range(0, len(records), READ_SIZE):
+                read = records[start : start + READ_SIZE]
+                bench.timed(lambda: transport.protocol.data_received(read))
             bench.upstream_transport.out.clear()
-            bench.timed(lambda: bench.upstream.data_received(from_upstream))
+            for start in range(0, len(from_upstream), 2 * READ_SIZE):
+                read = from_upstream[start : start + 2 * READ_SIZE]
+                bench.timed(lambda: bench.upstream.data_received(read))
             incoming.write(transport.take())
-            assert client.read(65536) == from_upstream
+            echoed = bytearray()
+            while len(echoed) < len(from_upstream):
+                echoed += client.read(len(from_upstream))
+            assert echoed == from_upstream
         return bench.proxy_seconds / n * 1e6
 
     return echoes
@@ -267,12 +278,15 @@ async def main() -> None:
     echoes = websocket_echo(bench)  # last: the upgrade takes the bench's upstream connection
     echoes(200)
     echo = best_of(lambda: echoes(2000))
+    echoes(20, 65536)
+    big_echo = best_of(lambda: echoes(200, 65536))
     print(f"Python {sys.version.split()[0]}; proxy-side µs, best of {BATCHES} batches, in-process\n")
     print(f"  keep-alive request (client record in -> upstream -> response record out) {request:7.1f}")
     print(f"    of which inside the codec (both legs' heads; a pass with timing wrappers) {codec_share:6.1f}")
     print(f"  new connection + one request + close                                    {connection:7.1f}")
     print(f"    of which OpenSSL's handshake (SSL_do_handshake)                       {openssl:7.1f}")
     print(f"  WebSocket echo, frames mode, 32 B (client -> upstream -> client)         {echo:7.1f}")
+    print(f"  WebSocket echo, frames mode, 64 KiB (client in 64 KiB reads, upstream 128 KiB) {big_echo:7.1f}")
 
 
 if __name__ == "__main__":

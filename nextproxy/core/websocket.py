@@ -6,6 +6,8 @@ so wsproto checks the client's masking and masks what we send upstream. No exten
 negotiated (permessage-deflate is stripped from the forwarded handshake): frames are relayed
 uncompressed on both legs, so there is no per-leg inflate/deflate cost. Messages are streamed
 piece by piece as wsproto decodes them; the only cap is ``RelayLimits.max_message_size``.
+Whole data frames, and a final binary frame cut by reads, skip wsproto (core/wsframing.py,
+core/wsstream.py): the latter reaches the other leg as the same single frame.
 Pings are answered per leg and never forwarded; closes are relayed with their code and reason.
 It must never do I/O, keep time or log: the shell owns sockets and timers, and the only
 exceptions that may escape are bugs (every wsproto error becomes a Close with a code).
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import ProtocolError
@@ -31,7 +33,9 @@ from nextproxy.core.actions import (
     SessionClosed,
     Side,
 )
-from nextproxy.core.wsframing import FrameScanner, encode_frame, simple_frame
+from nextproxy.core.wsframing import encode_frame, simple_frame
+from nextproxy.core.wsleg import Leg
+from nextproxy.core.wsstream import FrameStream, encode_head, partial_head, stream_head
 
 __all__ = ["MessageRelayed", "RelayLimits", "SessionClosed", "Side", "WebSocketRelay"]
 
@@ -56,30 +60,6 @@ _LOCAL_CLOSING = ConnectionState.LOCAL_CLOSING
 class RelayLimits:
     max_message_size: int = 16 * 1024 * 1024
     """Bytes of payload in one message, counted across fragments (text counted as UTF-8)."""
-
-
-class _Leg:
-    """One side's wsproto connection plus what the relay tracks about it."""
-
-    __slots__ = ("side", "conn", "out", "finished", "close_due", "close_sent", "ping_payload",
-                 "message_size", "messages", "bytes", "scanner")  # fmt: skip
-
-    def __init__(self, side: Side, role: ConnectionType) -> None:
-        self.side = side
-        self.conn = Connection(role)
-        self.out = bytearray()  # bytes for this side produced by the current call
-        self.finished = False  # closing handshake done, transport gone, or failed by us
-        self.close_due = False  # the shell must close this leg's transport
-        self.close_sent = False  # ... and has been told so
-        self.ping_payload: bytes | None = None  # our keepalive ping still unanswered
-        self.message_size = 0  # payload of the message in progress, for the size cap
-        self.messages = 0
-        self.bytes = 0
-        self.scanner = FrameScanner()  # where wsproto's input stands: the fast path needs a boundary
-
-    @property
-    def writable(self) -> bool:
-        return not self.finished and self.conn.state is _OPEN
 
 
 def _wire_close(code: int, reason: str) -> CloseConnection:
@@ -109,8 +89,8 @@ class WebSocketRelay:
         self._entropy = entropy
         self._fast = fast
         self._keys = b""
-        self._client = _Leg(Side.CLIENT, ConnectionType.SERVER)
-        self._upstream = _Leg(Side.UPSTREAM, ConnectionType.CLIENT)
+        self._client = Leg(Side.CLIENT, ConnectionType.SERVER)
+        self._upstream = Leg(Side.UPSTREAM, ConnectionType.CLIENT)
         self._facts: list[MessageRelayed] = []
         self._ending: tuple[Side | None, int, str] | None = None  # the first cause, kept
         self._session_closed: SessionClosed | None = None
@@ -144,7 +124,7 @@ class WebSocketRelay:
         self._pings_sent += 1
         leg.ping_payload = b"nextproxy-%d" % self._pings_sent
         if leg.conn.state is _OPEN:
-            leg.out += leg.conn.send(Ping(payload=leg.ping_payload))
+            leg.send(Ping(payload=leg.ping_payload))
         return self._collect()
 
     def pong_outstanding(self, side: Side) -> bool:
@@ -167,7 +147,7 @@ class WebSocketRelay:
         self._record(None, GOING_AWAY, "going away")
         for leg in (self._client, self._upstream):
             if leg.writable:
-                leg.out += leg.conn.send(CloseConnection(code=GOING_AWAY, reason="going away"))
+                leg.send(CloseConnection(code=GOING_AWAY, reason="going away"))
         return self._collect()
 
     def abort(self) -> list[Action]:
@@ -180,10 +160,10 @@ class WebSocketRelay:
 
     # ------------------------------------------------------------------ receiving
 
-    def _leg(self, side: Side) -> _Leg:
+    def _leg(self, side: Side) -> Leg:
         return self._client if side is Side.CLIENT else self._upstream
 
-    def _receive(self, leg: _Leg, other: _Leg, data: bytes) -> list[Action]:
+    def _receive(self, leg: Leg, other: Leg, data: bytes) -> list[Action]:
         # A finished leg's transport is closing; late bytes (or its EOF) change nothing, and
         # wsproto raises if fed after its CLOSED state.
         if leg.finished:
@@ -191,6 +171,13 @@ class WebSocketRelay:
         if not data:
             self._eof(leg, other)
             return self._collect()
+        if leg.pending:
+            data, leg.pending = leg.pending + data, b""
+        if leg.stream is not None:
+            pos = self._stream(leg, other, data, 0)
+            if pos == len(data):
+                return self._collect()
+            data = data[pos:]
         if self._fast and leg.scanner.clean and leg.writable and other.writable:
             pos = self._relay_simple(leg, other, data)
             if pos == len(data):
@@ -208,14 +195,14 @@ class WebSocketRelay:
             self._fail(leg, other, INTERNAL_ERROR, f"relay error: {exc}")
         return self._collect()
 
-    def _relay_simple(self, leg: _Leg, other: _Leg, data: bytes) -> int:
+    def _relay_simple(self, leg: Leg, other: Leg, data: bytes) -> int:
         """Relay the whole small data frames at the start of ``data`` without wsproto (see
         core/wsframing.py); returns where the rest, for wsproto, starts."""
         from_client = leg is self._client
         if from_client and self._entropy is None:
             return 0
-        pos, limit = 0, self._limits.max_message_size
-        while pos < len(data):
+        pos, limit, end = 0, self._limits.max_message_size, len(data)
+        while pos < end:
             frame = simple_frame(data, pos, from_client)
             if frame is None or len(frame[2]) > limit:
                 break  # the size cap's answer (1009) is wsproto path's to give
@@ -225,7 +212,50 @@ class WebSocketRelay:
             leg.bytes += size
             leg.messages += 1
             self._facts.append(MessageRelayed(leg.side, size))
-        return pos
+        return pos if pos == end else self._open_stream(leg, other, data, pos)
+
+    def _open_stream(self, leg: Leg, other: Leg, data: bytes, pos: int) -> int:
+        """Start streaming the frame at ``pos`` if the read ends inside it (core/wsstream.py);
+        returns where wsproto's part of ``data`` starts (``len(data)`` if none)."""
+        from_client = leg is self._client
+        head = stream_head(data, pos, from_client)
+        if head is None:
+            if partial_head(data, pos, from_client):
+                leg.pending = data[pos:]
+                return len(data)
+            return pos
+        first, start, length, theirs = head
+        if length > self._limits.max_message_size or start + length <= len(data):
+            return pos  # over the cap: wsproto's path closes with 1009
+        ours = self._key() if from_client else None
+        other.out += encode_head(first, length, ours)
+        other.mid_frame = True
+        leg.stream = FrameStream(length, theirs, ours)
+        return self._stream(leg, other, data, start)
+
+    def _stream(self, leg: Leg, other: Leg, data: bytes, pos: int) -> int:
+        """Relay the streamed frame's bytes in ``data`` from ``pos``; returns where they end.
+
+        The frame goes on even once either leg is closing (it cannot be cut short without
+        breaking the other leg's framing): wsproto's bytes for the other leg wait in ``held``
+        until it ends. If the other leg's transport is gone the rest is read and dropped."""
+        stream = leg.stream
+        assert stream is not None
+        end, piece = stream.take(data, pos)
+        if not other.close_due:
+            other.out += piece
+            leg.bytes += end - pos
+        if stream.left:
+            return end
+        leg.stream = None
+        other.mid_frame = False
+        if other.held:
+            other.out += other.held
+            other.held.clear()
+        if not other.close_due:
+            leg.messages += 1
+            self._facts.append(MessageRelayed(leg.side, stream.size))
+        return end
 
     def _key(self) -> bytes:
         """A fresh masking key (RFC 6455 section 5.3), from entropy drawn 64 keys at a time."""
@@ -236,20 +266,20 @@ class WebSocketRelay:
         self._keys = keys[4:]
         return keys[:4]
 
-    def _handle(self, leg: _Leg, other: _Leg, event: Event) -> None:
+    def _handle(self, leg: Leg, other: Leg, event: Event) -> None:
         if isinstance(event, (TextMessage, BytesMessage)):
             self._relay_piece(leg, other, event)
         elif isinstance(event, Ping):
             # wsproto never answers pings itself (RFC 6455 5.5.2 makes it ours to do).
             if leg.writable:
-                leg.out += leg.conn.send(event.response())
+                leg.send(event.response())
         elif isinstance(event, Pong):
             if event.payload == leg.ping_payload:
                 leg.ping_payload = None
         elif isinstance(event, CloseConnection):
             self._on_close(leg, other, event)
 
-    def _relay_piece(self, leg: _Leg, other: _Leg, event: TextMessage | BytesMessage) -> None:
+    def _relay_piece(self, leg: Leg, other: Leg, event: TextMessage | BytesMessage) -> None:
         # Once either side is closing, data can no longer be delivered (wsproto refuses to send
         # data after a Close, as RFC 6455 5.5.1 asks): drop it.
         if not (leg.writable and other.writable):
@@ -267,14 +297,14 @@ class WebSocketRelay:
         # An empty non-final piece (e.g. text cut inside a UTF-8 sequence) would cost an empty
         # frame on the other leg and say nothing.
         if data or event.message_finished:
-            other.out += other.conn.send(event)
+            other.send(event)
         leg.bytes += size
         if event.message_finished:
             leg.messages += 1
             self._facts.append(MessageRelayed(leg.side, leg.message_size))
             leg.message_size = 0
 
-    def _on_close(self, leg: _Leg, other: _Leg, event: CloseConnection) -> None:
+    def _on_close(self, leg: Leg, other: Leg, event: CloseConnection) -> None:
         state = leg.conn.state
         code, reason = event.code, event.reason or ""
         if state is _OPEN or state is _LOCAL_CLOSING:
@@ -284,14 +314,14 @@ class WebSocketRelay:
             return
         if state is ConnectionState.REMOTE_CLOSING:
             # The peer started: echo its code (RFC 6455 5.5.1) and pass it on to the other leg.
-            leg.out += leg.conn.send(_wire_close(code, reason))
+            leg.send(_wire_close(code, reason))
             self._record(leg.side, code, reason)
             if other.writable:
-                other.out += other.conn.send(_wire_close(code, reason))
+                other.send(_wire_close(code, reason))
         # Otherwise (CLOSED) this was the answer to a Close we sent.
         self._finish(leg, clean=True)
 
-    def _eof(self, leg: _Leg, other: _Leg) -> None:
+    def _eof(self, leg: Leg, other: Leg) -> None:
         if leg.conn.state is _OPEN:
             self._record(leg.side, ABNORMAL_CLOSURE, f"{leg.side.value} EOF")
         self._finish(leg, clean=False)
@@ -299,16 +329,16 @@ class WebSocketRelay:
 
     # ------------------------------------------------------------------ ending
 
-    def _fail(self, leg: _Leg, other: _Leg, code: int, reason: str) -> None:
+    def _fail(self, leg: Leg, other: Leg, code: int, reason: str) -> None:
         """Fail this leg (RFC 6455 7.1.7): our Close, then its transport; 1001 to the other."""
         if leg.writable:
-            leg.out += leg.conn.send(_wire_close(code, reason))
+            leg.send(_wire_close(code, reason))
         self._record(None, code, reason)
         self._finish(leg, clean=False)
         if other.writable:
-            other.out += other.conn.send(CloseConnection(code=GOING_AWAY, reason="peer failed"))
+            other.send(CloseConnection(code=GOING_AWAY, reason="peer failed"))
 
-    def _close_other(self, gone: _Leg) -> None:
+    def _close_other(self, gone: Leg) -> None:
         """``gone`` vanished: tell the other side, 1001 toward the upstream, 1014 toward the client."""
         other = self._upstream if gone is self._client else self._client
         if other.writable:
@@ -316,20 +346,28 @@ class WebSocketRelay:
                 event = CloseConnection(code=GOING_AWAY, reason="client gone")
             else:
                 event = CloseConnection(code=BAD_GATEWAY, reason="upstream gone")
-            other.out += other.conn.send(event)
+            other.send(event)
 
     def _record(self, closed_by: Side | None, code: int, reason: str) -> None:
         if self._ending is None:
             # int(): wsproto hands out CloseReason members; logs and metrics want plain numbers.
             self._ending = (closed_by, int(code), reason)
 
-    def _finish(self, leg: _Leg, *, clean: bool) -> None:
+    def _finish(self, leg: Leg, *, clean: bool) -> None:
         if leg.finished:
             return
         leg.finished = True
         # A dead or failed leg's transport goes now; after a clean closing handshake it waits
         # for the session end, so the shell sees one end of the session, not two.
         leg.close_due = not clean
+        if not clean and leg.mid_frame:
+            leg.mid_frame = False  # the frame toward it is cut with its transport
+            leg.held.clear()
+        if leg.stream is not None:
+            # Its frame can never end, so the other leg, mid-frame, cannot be sent a Close
+            # either (as with a TCP EOF mid-frame on the wsproto path, no message completes).
+            leg.stream = None
+            self._finish(self._upstream if leg is self._client else self._client, clean=False)
         if self._client.finished and self._upstream.finished and not self._closed:
             self._closed = True
             self._client.close_due = self._upstream.close_due = True

@@ -5,9 +5,10 @@ the frame into an event and serializing it again, most of the relay's cost. Near
 message on a busy session is one complete frame per read, so ``simple_frame`` recognizes
 exactly that case (FIN set, RSV clear, binary or text, length in its shortest form,
 masked exactly when the peer is the client, text valid UTF-8) and ``encode_frame``
-writes it for the other leg. Anything else (control frames, fragments, a frame
-split across reads, anything malformed) goes to wsproto as before, which answers it with the
-right close code: the fast path never judges, it only recognizes what wsproto would accept.
+writes it for the other leg; a binary frame cut by a read is streamed by core/wsstream.py.
+Anything else (control frames, fragments, a text frame split across reads, anything
+malformed) goes to wsproto as before, which answers it with the right close code: the fast
+path never judges, it only recognizes what wsproto would accept.
 
 ``FrameScanner`` follows the frame boundaries of what went to wsproto, so the relay knows when
 wsproto has no partial frame or message buffered and the fast path may resume.
@@ -70,11 +71,29 @@ def simple_frame(data: bytes, pos: int, masked: bool) -> tuple[int, int, bytes] 
     return stop, first, payload
 
 
+_TRANSLATE_FROM = 16 * 1024
+"""From this size on ``mask`` XORs with four byte tables instead of one big int: measured here,
+1.6 µs per KiB at any size, where the big int's conversions grow faster than the size
+(30 µs at 16 KiB, 210 µs at 64 KiB) and win only below it (0.8 vs 1.6 µs at 256 bytes)."""
+_XOR_TABLES: list[bytes | None] = [None] * 256
+
+
 def mask(payload: bytes, key: bytes) -> bytes:
     """XOR ``payload`` with the 4-byte ``key`` repeated (RFC 6455 section 5.3); its own inverse."""
     n = len(payload)
+    if n >= _TRANSLATE_FROM:
+        out = bytearray(payload)
+        for i in range(4):
+            out[i::4] = payload[i::4].translate(_XOR_TABLES[key[i]] or _xor_table(key[i]))
+        return bytes(out)
     keys = key * (n // 4 + 1)
     return (int.from_bytes(payload, "little") ^ int.from_bytes(keys[:n], "little")).to_bytes(n, "little")
+
+
+def _xor_table(byte: int) -> bytes:
+    """The translation table XORing every byte with ``byte``, built on first use."""
+    table = _XOR_TABLES[byte] = bytes(i ^ byte for i in range(256))
+    return table
 
 
 def encode_frame(first: int, payload: bytes, key: bytes | None) -> bytes:

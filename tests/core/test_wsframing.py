@@ -3,8 +3,10 @@
 The fast path relays whole small data frames itself; everything else goes to wsproto. These
 tests hold it to the wsproto-only relay (``fast=False``): over seeded random streams of frames
 (fragments, control frames, 16- and 64-bit lengths, non-minimal lengths, bad UTF-8, RSV bits,
-wrong masking) cut at random points, both relays must send the client the same bytes, the
-upstream the same frames (masking keys aside), and report the same facts and closes.
+wrong masking) cut at random points, after every read a wsproto peer on each leg must have
+decoded the same messages (pieces joined: the fast path streams a binary frame cut by a read
+as one frame, where wsproto re-fragments it) and the same control frames, and both relays must
+report the same facts and closes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import struct
 
 import pytest
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage
+from wsproto.events import BytesMessage, Event, TextMessage
 
 from nextproxy.core.actions import Action, SendToClient, SendToUpstream
 from nextproxy.core.websocket import RelayLimits, WebSocketRelay
@@ -54,16 +56,39 @@ def frames_of(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-def normalized(actions: list[Action]) -> list[object]:
-    result: list[object] = []
-    for action in actions:
-        if isinstance(action, SendToUpstream):
-            result.append(("upstream", frames_of(action.data)))
-        elif isinstance(action, SendToClient):
-            result.append(("client", action.data))
+class Peers:
+    """A wsproto peer on each leg of a relay: what each would decode, with each message's
+    pieces joined (the fast path streams a frame whole where wsproto re-fragments it)."""
+
+    def __init__(self) -> None:
+        self.client = Connection(ConnectionType.CLIENT)
+        self.upstream = Connection(ConnectionType.SERVER)
+        self.logs: dict[str, list[list[object]]] = {"client": [], "upstream": []}
+
+    def feed(self, actions: list[Action]) -> list[Action]:
+        """Deliver the sends; returns the other actions (facts, closes) for exact comparison."""
+        rest = []
+        for action in actions:
+            if isinstance(action, (SendToClient, SendToUpstream)):
+                side = "client" if isinstance(action, SendToClient) else "upstream"
+                conn = self.client if side == "client" else self.upstream
+                conn.receive_data(action.data)
+                for event in conn.events():
+                    self._log(self.logs[side], event)
+            else:
+                rest.append(action)
+        return rest
+
+    @staticmethod
+    def _log(log: list[list[object]], event: Event) -> None:
+        if isinstance(event, (TextMessage, BytesMessage)):
+            if log and log[-1][0] is type(event) and not log[-1][2]:
+                log[-1][1] += event.data  # type: ignore[operator]
+                log[-1][2] = event.message_finished
+            elif event.data or event.message_finished:
+                log.append([type(event), event.data, event.message_finished])
         else:
-            result.append(action)
-    return result
+            log.append([event])
 
 
 def random_stream(rng: random.Random, client: bool) -> bytes:
@@ -116,13 +141,15 @@ def test_the_fast_path_relays_what_wsproto_relays(seed: int) -> None:
     rng = random.Random(seed)
     fast = WebSocketRelay(RelayLimits(max_message_size=rng.choice((150, 16 * 1024 * 1024))), os.urandom)
     slow = WebSocketRelay(RelayLimits(max_message_size=fast._limits.max_message_size), fast=False)
+    fast_peers, slow_peers = Peers(), Peers()
     for _ in range(rng.randint(1, 6)):
         from_client = rng.random() < 0.5
         for piece in cuts(rng, random_stream(rng, from_client)):
             if from_client:
-                assert normalized(fast.client_data(piece)) == normalized(slow.client_data(piece))
+                assert fast_peers.feed(fast.client_data(piece)) == slow_peers.feed(slow.client_data(piece))
             else:
-                assert normalized(fast.upstream_data(piece)) == normalized(slow.upstream_data(piece))
+                assert fast_peers.feed(fast.upstream_data(piece)) == slow_peers.feed(slow.upstream_data(piece))
+            assert fast_peers.logs == slow_peers.logs
         if fast.closed:
             break
     assert fast.closed == slow.closed
