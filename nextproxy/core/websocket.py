@@ -33,9 +33,9 @@ from nextproxy.core.actions import (
     SessionClosed,
     Side,
 )
-from nextproxy.core.wsframing import encode_frame, simple_frame
+from nextproxy.core.wsframing import encode_frame, encode_head, simple_frame
 from nextproxy.core.wsleg import Leg
-from nextproxy.core.wsstream import FrameStream, encode_head, partial_head, stream_head
+from nextproxy.core.wsstream import FrameStream, partial_head, stream_head
 
 __all__ = ["MessageRelayed", "RelayLimits", "SessionClosed", "Side", "WebSocketRelay"]
 

@@ -25,9 +25,12 @@ _LEN16 = 126
 _LEN64 = 127
 
 
-def simple_frame(data: bytes, pos: int, masked: bool) -> tuple[int, int, bytes] | None:
-    """The complete data frame at ``pos``: (end, first byte, unmasked payload); None if there
-    is none there that the fast path may relay (the caller then hands the rest to wsproto)."""
+def frame_head(data: bytes, pos: int, masked: bool) -> tuple[int, int, int, bytes | None] | None:
+    """(first byte, payload start, payload length, masking key) of the final binary or text
+    frame whose header is whole at ``pos``; None unless the fast path may take it: FIN set, RSV
+    clear, masked exactly when ``masked``, the length in its shortest form (wsproto refuses any
+    other, so it must see it). The one reading of these rules: ``simple_frame`` and the
+    streaming relay (core/wsstream.py) both go through it."""
     end = len(data)
     if end - pos < 2:
         return None
@@ -54,14 +57,28 @@ def simple_frame(data: bytes, pos: int, masked: bool) -> tuple[int, int, bytes] 
         if length < 65536 or length >> 63:
             return None
         start += 8
+    key = None
     if masked:
+        if end - start < 4:
+            return None
         key = data[start : start + 4]
         start += 4
+    return first, start, length, key
+
+
+def simple_frame(data: bytes, pos: int, masked: bool) -> tuple[int, int, bytes] | None:
+    """The complete data frame at ``pos``: (end, first byte, unmasked payload); None if there
+    is none there that the fast path may relay (the caller then hands the rest to wsproto)."""
+    head = frame_head(data, pos, masked)
+    if head is None:
+        return None
+    first, start, length, key = head
+    end = len(data)
     stop = start + length
     if stop > end:
         return None
     payload = data[start:stop]
-    if masked and length:
+    if key is not None and length:
         payload = mask(payload, key)
     if first == _FIN_TEXT and not payload.isascii():
         try:
@@ -96,19 +113,22 @@ def _xor_table(byte: int) -> bytes:
     return table
 
 
+def encode_head(first: int, length: int, key: bytes | None) -> bytes:
+    """The header of a final frame of ``length`` payload bytes; ``key`` (4 bytes) for the client role."""
+    bit = _MASK_BIT if key is not None else 0
+    if length < _LEN16:
+        head = bytes((first, bit | length))
+    elif length < 65536:
+        head = bytes((first, bit | _LEN16, length >> 8, length & 0xFF))
+    else:
+        head = bytes((first, bit | _LEN64)) + length.to_bytes(8, "big")
+    return head if key is None else head + key
+
+
 def encode_frame(first: int, payload: bytes, key: bytes | None) -> bytes:
     """One final data frame; ``key`` (4 bytes) masks it, as the client role must."""
-    n = len(payload)
-    bit = _MASK_BIT if key is not None else 0
-    if n < _LEN16:
-        head = bytes((first, bit | n))
-    elif n < 65536:
-        head = bytes((first, bit | _LEN16, n >> 8, n & 0xFF))
-    else:
-        head = bytes((first, bit | _LEN64)) + n.to_bytes(8, "big")
-    if key is None:
-        return head + payload
-    return head + key + mask(payload, key)
+    head = encode_head(first, len(payload), key)
+    return head + payload if key is None else head + mask(payload, key)
 
 
 class FrameScanner:

@@ -16,7 +16,7 @@ Sans-IO; masking keys come from the caller.
 
 from __future__ import annotations
 
-from nextproxy.core.wsframing import mask
+from nextproxy.core.wsframing import encode_head, frame_head, mask
 
 _FIN_BINARY = 0x82
 _MASK_BIT = 0x80
@@ -26,36 +26,10 @@ _LEN64 = 127
 
 def stream_head(data: bytes, pos: int, masked: bool) -> tuple[int, int, int, bytes | None] | None:
     """(first byte, payload start, payload length, masking key) of the final binary frame whose
-    header is whole at ``pos``; None unless ``simple_frame``'s rules would accept that header."""
-    end = len(data)
-    if end - pos < 2 or data[pos] != _FIN_BINARY:
-        return None
-    second = data[pos + 1]
-    if bool(second & _MASK_BIT) is not masked:
-        return None
-    length = second & 0x7F
-    start = pos + 2
-    if length == _LEN16:
-        if end - start < 2:
-            return None
-        length = data[start] << 8 | data[start + 1]
-        if length < _LEN16:  # not the shortest form: wsproto's to refuse
-            return None
-        start += 2
-    elif length == _LEN64:
-        if end - start < 8:
-            return None
-        length = int.from_bytes(data[start : start + 8], "big")
-        if length < 65536 or length >> 63:
-            return None
-        start += 8
-    key = None
-    if masked:
-        if end - start < 4:
-            return None
-        key = data[start : start + 4]
-        start += 4
-    return _FIN_BINARY, start, length, key
+    header is whole at ``pos``; None unless ``simple_frame``'s rules (``frame_head``) accept it.
+    Text frames are not streamed: invalid UTF-8 found midway could only be cut without a Close."""
+    head = frame_head(data, pos, masked)
+    return head if head is not None and head[0] == _FIN_BINARY else None
 
 
 def partial_head(data: bytes, pos: int, masked: bool) -> bool:
@@ -75,18 +49,6 @@ def partial_head(data: bytes, pos: int, masked: bool) -> bool:
         return True
     # The length is all there: wsproto judges it now, so hold only what it would accept.
     return rest < 2 + extra + (4 if masked else 0) and stream_head(data[pos:] + bytes(4), 0, masked) is not None
-
-
-def encode_head(first: int, length: int, key: bytes | None) -> bytes:
-    """The header of a final frame of ``length`` payload bytes; ``key`` (4 bytes) for the client role."""
-    bit = _MASK_BIT if key is not None else 0
-    if length < _LEN16:
-        head = bytes((first, bit | length))
-    elif length < 65536:
-        head = bytes((first, bit | _LEN16, length >> 8, length & 0xFF))
-    else:
-        head = bytes((first, bit | _LEN64)) + length.to_bytes(8, "big")
-    return head if key is None else head + key
 
 
 class FrameStream:
