@@ -37,8 +37,9 @@ def frame(first: int, payload: bytes, key: bytes | None, *, length_form: str = "
     return head + (key + mask(payload, key) if key is not None else payload)
 
 
-def frames_of(data: bytes) -> list[tuple[int, bytes]]:
-    """(first byte, unmasked payload) of every frame in ``data`` (masking keys dropped)."""
+def frames_with_mask(data: bytes) -> list[tuple[int, bool, bytes]]:
+    """(first byte, masked, unmasked payload) of every frame in ``data``; asserts that nothing
+    is left over (a cut frame would be)."""
     out, pos = [], 0
     while pos < len(data):
         first, second = data[pos], data[pos + 1]
@@ -50,10 +51,16 @@ def frames_of(data: bytes) -> list[tuple[int, bytes]]:
         key = None
         if second & 0x80:
             key, pos = data[pos : pos + 4], pos + 4
+        assert pos + n <= len(data), "a frame was cut"
         payload = data[pos : pos + n]
         pos += n
-        out.append((first, mask(payload, key) if key else payload))
+        out.append((first, key is not None, mask(payload, key) if key else payload))
     return out
+
+
+def frames_of(data: bytes) -> list[tuple[int, bytes]]:
+    """(first byte, unmasked payload) of every frame in ``data`` (masking keys dropped)."""
+    return [(first, payload) for first, _, payload in frames_with_mask(data)]
 
 
 class Peers:

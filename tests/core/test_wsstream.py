@@ -31,30 +31,10 @@ from nextproxy.core.websocket import RelayLimits, WebSocketRelay
 from nextproxy.core.wsframing import mask
 from nextproxy.core.wsstream import FrameStream, partial_head, stream_head
 from tests.core.test_wsframing import Peers, frame
+from tests.core.test_wsframing import frames_with_mask as parse
 
 KiB = 1024
 KEY = b"\x9a\x01\xfe\x37"
-
-
-def parse(data: bytes) -> list[tuple[int, bool, bytes]]:
-    """(first byte, masked, unmasked payload) of each whole frame in ``data``; asserts nothing
-    is left over (a cut frame would be)."""
-    out, pos = [], 0
-    while pos < len(data):
-        first, second = data[pos], data[pos + 1]
-        n, pos = second & 0x7F, pos + 2
-        if n == 126:
-            n, pos = struct.unpack("!H", data[pos : pos + 2])[0], pos + 2
-        elif n == 127:
-            n, pos = struct.unpack("!Q", data[pos : pos + 8])[0], pos + 8
-        key = None
-        if second & 0x80:
-            key, pos = data[pos : pos + 4], pos + 4
-        assert pos + n <= len(data), "a frame was cut"
-        payload = data[pos : pos + n]
-        out.append((first, key is not None, mask(payload, key) if key else payload))
-        pos += n
-    return out
 
 
 def sent(actions: list[Action], kind: type) -> bytes:
