@@ -133,8 +133,7 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     from nextproxy import __version__
     from nextproxy.process import metrics
     from nextproxy.process.admin import AdminState, start_admin
-    from nextproxy.process.status import merge_facts, read_facts, route_kinds
-    from nextproxy.edge.listener import describe_routes
+    from nextproxy.process.status import merge_facts, read_facts
     from nextproxy.edge.tlscontexts import admin_ssl_context
 
     loop = asyncio.get_running_loop()
@@ -142,11 +141,9 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     state = AdminState()
     state.version = __version__
     state.config_source = config.source
-    state.routes = describe_routes(config)
-    state.route_kinds = route_kinds(config)
+    _show_config(state, config)
     # Workers write their facts next to their metric files; only live workers' files count.
     state.facts = lambda: merge_facts(read_facts(metrics.multiprocess_dir() or "", list(supervisor.workers)))
-    state.upstreams = {u.name: True for u in config.upstreams}
     admin_tls = admin_ssl_context(config.admin_tls) if config.admin_tls else None
     admin = await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)
     stop = asyncio.Event()
@@ -194,15 +191,22 @@ def _reload_view(state: AdminState, config_path: str | None) -> None:
     Loaded and checked the way a worker does (configuration, then certificates); on an error the
     workers keep their configuration (and log why), so the page keeps the table it had."""
     from nextproxy.config import load
-    from nextproxy.edge.listener import describe_routes
     from nextproxy.edge.tlscontexts import ServerContexts
-    from nextproxy.process.status import route_kinds
 
     try:
         config = load(path=config_path)
         ServerContexts.build(config)
     except ConfigError:
         return
+    _show_config(state, config)
+
+
+def _show_config(state: AdminState, config: Config) -> None:
+    """What the status page shows of a configuration: its route table and upstreams (health
+    already known is kept; a new upstream starts as up, as at start-up)."""
+    from nextproxy.edge.listener import describe_routes
+    from nextproxy.process.status import route_kinds
+
     state.routes = describe_routes(config)
     state.route_kinds = route_kinds(config)
     state.upstreams = {u.name: state.upstreams.get(u.name, True) for u in config.upstreams}
