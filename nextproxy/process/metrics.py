@@ -275,9 +275,6 @@ class Tally:
             pending = self._pending
             pending[child] = pending.get(child, 0.0) + amount
 
-    def __bool__(self) -> bool:
-        return bool(self._pending)
-
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}

@@ -55,22 +55,23 @@ class Observer:
 
     # connections and TLS
     def flush(self) -> None:
-        """Hand the tallied increments to prometheus-client (also at exit: none is lost)."""
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
+        """Hand the tallied increments to prometheus-client (before a collection, at exit).
+        Safe from any thread: the timer is left alone, it only finds less to hand over."""
+        self._tally.flush()
+
+    def _tick(self) -> None:
+        self._flush_timer = None
         self._tally.flush()
 
     def _count(self, child: Counter | Gauge, amount: float = 1.0) -> None:
-        tally = self._tally
-        if not tally and self._flush_timer is None:
+        if self._flush_timer is None:  # the first increment since the last tick: arm one
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop (a script, a test): count at once
                 child.inc(amount)
                 return
-            self._flush_timer = loop.call_later(metrics.FLUSH_INTERVAL, self.flush)
-        tally.add(child, amount)
+            self._flush_timer = loop.call_later(metrics.FLUSH_INTERVAL, self._tick)
+        self._tally.add(child, amount)
 
     def connection_opened(self) -> None:
         self._count(self._active)
