@@ -65,6 +65,9 @@ def install(skip: bool) -> tuple[str | None, list[str]]:
             sys.exit("nextproxy is not installed and --no-install given")
         log("pip install -e .")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(ROOT)], check=True)
+        # This interpreter read site-packages before the install; the child processes will see it,
+        # this one needs the checkout on its path to import nextproxy below.
+        sys.path.insert(0, str(ROOT))
     mitmdump = MITM_VENV / "bin" / "mitmdump"
     if not mitmdump.exists() and not skip:
         log(f"mitmproxy into {MITM_VENV}")
