@@ -83,9 +83,10 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(read_buffer()[:nbytes]))
+        # No copy of our own: the engine copies the bytes into OpenSSL's BIO before the next read.
+        self.data_received(read_buffer(nbytes))
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.closed:
             return  # lingering after an alert: the bytes are only read so the kernel does not reset
         try:
@@ -161,7 +162,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
 
     # TLS
 
-    def _tls_data(self, data: bytes) -> None:
+    def _tls_data(self, data: bytes | memoryview) -> None:
         engine = self._engine
         if engine is None:
             return

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from nextproxy.config.model import CertificateConfig, ClientAuth, PemSource
+from nextproxy.core import tls as tls_module
 from nextproxy.core.handshake import openssl_failure_reason as error_reason
 from nextproxy.core.tls import TlsEngine, TlsServerContext, describe_certificate
 from nextproxy.errors import TlsError
@@ -196,6 +197,49 @@ def test_application_data_both_ways_including_one_mebibyte(tpki: TestPki, server
     peer.received.clear()
     peer.feed(out)
     assert bytes(peer.received) == big
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-openssl-calls", "pyopenssl-methods"])
+def test_both_data_paths_agree_on_data_close_and_failure(
+    tpki: TestPki, server_cert: LoadedCertificate, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """Application data goes through OpenSSL's calls directly when pyOpenSSL exposes them, else
+    through pyOpenSSL's methods: both must give the same bytes, close and failure."""
+    if not direct:
+        monkeypatch.setattr(tls_module, "_DIRECT_OK", False)
+    peer = TlsPeer(client_context(tpki.ca))
+    engine = connect(context(server_cert), peer)
+    assert (engine._direct is not None) is direct  # the path under test is the one taken
+    big = random.Random(11).randbytes(300_000)
+    peer.send(big)
+    records = peer.data_to_send()
+    # Fed as the shell feeds it: memoryviews of a reused read buffer, cut anywhere.
+    plaintext, scratch = [], bytearray(70_000)
+    for start in range(0, len(records), 65_000):
+        piece = records[start : start + 65_000]
+        scratch[: len(piece)] = piece
+        plaintext.append(engine.receive(memoryview(scratch)[: len(piece)]))
+    assert b"".join(plaintext) == big
+    engine.send(memoryview(big)[1:])
+    engine.send(b"")  # nothing to seal: no record, no error
+    peer.feed(engine.data_to_send())
+    assert bytes(peer.received) == big[1:]
+    # A forged application-data record after the handshake: bad_record_mac, raised once, alerted.
+    with pytest.raises(TlsError) as failure:
+        engine.receive(b"\x17\x03\x03\x00\x20" + bytes(32))
+    assert failure.value.alert_sent and "bad record mac" in failure.value.detail.lower()
+    assert engine.receive(b"\x17\x03\x03\x00\x01\x00") == b""  # inert afterwards
+    assert engine.data_to_send()  # the alert
+
+
+def test_client_close_notify_both_paths_after_data(tpki: TestPki, server_cert: LoadedCertificate, monkeypatch: pytest.MonkeyPatch) -> None:
+    for direct in (True, False):
+        monkeypatch.setattr(tls_module, "_DIRECT_OK", direct)
+        peer = TlsPeer(client_context(tpki.ca))
+        engine = connect(context(server_cert), peer)
+        peer.send(b"last words")
+        peer.close()
+        assert pump(peer, engine).server_plaintext == b"last words" and engine.peer_closed, direct
 
 
 def test_ciphertext_fed_one_byte_at_a_time(tpki: TestPki, server_cert: LoadedCertificate) -> None:
