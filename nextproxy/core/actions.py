@@ -1,7 +1,10 @@
 """What the core asks the shell to do (imperative names) and what it reports (past tense).
 
 The HTTP session and the WebSocket relay return lists of these; the shell executes them in
-order. Keeping them plain frozen dataclasses keeps the core testable by comparing lists.
+order. Keeping them plain dataclasses keeps the core testable by comparing lists. They are never
+changed once made, but not ``frozen``: a frozen dataclass pays an ``object.__setattr__`` per field
+(0.2 µs for one field, 0.9 µs for RequestCompleted's seven), and a proxied request makes about
+nine of these.
 """
 
 from __future__ import annotations
@@ -12,17 +15,17 @@ from dataclasses import dataclass
 from nextproxy.config.model import PathRoute
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendToClient:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendToUpstream:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectUpstream:
     """Get a connection to ``route.upstream`` (pooled unless ``fresh``) and call ``upstream_connected``."""
 
@@ -30,52 +33,52 @@ class ConnectUpstream:
     fresh: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReleaseUpstream:
     """The exchange is over: pool the upstream connection if ``reusable``, else close it."""
 
     reusable: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CloseClient:
     """Flush what was sent, then close the client connection (TLS close_notify first)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CloseUpstream:
     """Flush, then close the upstream connection."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestStarted:
     """The first bytes of a new request arrived: the request's duration is counted from here."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeadStarted:
     """Part of a request head is buffered: the rest must come within the head timeout, which
     more bytes do not push back (a slow-head client cannot hold the connection forever)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeadReceived:
     """The buffered head is complete: the head timeout no longer applies."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AwaitResponse:
     """The request is fully sent: start the upstream response timer (504 when it fires)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseStarted:
     """The upstream's response head arrived: stop the response timer."""
 
     status: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartTunnel:
     """After a 101: splice raw bytes both ways; the leftovers go first."""
 
@@ -84,7 +87,7 @@ class StartTunnel:
     to_client: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartWebSocket:
     """After a 101 on a ``frames`` route: relay frames; the leftovers are fed to the relay first."""
 
@@ -94,7 +97,7 @@ class StartWebSocket:
     subprotocol: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestCompleted:
     """One exchange finished (or was refused): for the access log and the request metrics."""
 
@@ -107,14 +110,14 @@ class RequestCompleted:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthorizationDenied:
     route: str
     reason: str
     fingerprint: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RateLimited:
     """A request or WebSocket upgrade was answered 429: its client's bucket on ``route`` is empty.
 
@@ -134,7 +137,7 @@ class Side(enum.Enum):
     UPSTREAM = "upstream"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageRelayed:
     """One complete WebSocket message went through; ``direction`` is who sent it."""
 
@@ -142,7 +145,7 @@ class MessageRelayed:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionClosed:
     """Both WebSocket legs are finished. Emitted exactly once, before the last Close actions.
 
