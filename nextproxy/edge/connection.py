@@ -59,6 +59,9 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         self.deadline = Deadline(loop, self._on_deadline)
         self.request_started = 0.0
         self._plaintext: list[bytes] = []
+        self._tickets_wait = False
+        """The session tickets OpenSSL wrote after the handshake wait for the first bytes to the
+        client (``_flush``); closing, a failure or an alert sends them at once."""
         transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
         self._handshaking = True
         """Counted in ``host.admission.handshakes`` (taken over from ``accept``) until it ends."""
@@ -182,10 +185,13 @@ class TerminatedConnection(asyncio.BufferedProtocol):
                     self._close()
                 return
             self._handshake_done(engine)
-            # The session tickets go out at once, in a write of their own. Holding them for the
-            # first response (one write fewer per new connection) measured 30% more CPU per
-            # WebSocket echo afterwards (W5, 32 B: 33.5 -> 46.2 µs), for a cause not found.
-            self._flush()
+            if plaintext:
+                # The first request came with the Finished (browsers, curl, wrk, most libraries):
+                # an answer is on its way, and the session tickets ride in its write instead of a
+                # write (and a client wakeup) of their own.
+                self._tickets_wait = True
+            else:
+                self._flush()  # the session tickets: nothing else is about to be written
         elif not plaintext:
             self._flush()  # whatever OpenSSL answered by itself (run() flushes after a phase)
         phase = self._phase
@@ -228,6 +234,10 @@ class TerminatedConnection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         engine, transport = self._engine, self.transport
+        if self._tickets_wait:
+            if not self._plaintext and engine is not None and engine.error is None:
+                return  # only the tickets are pending: they go with the response
+            self._tickets_wait = False
         if not self._plaintext and (engine is None or not engine.may_have_output):
             return  # most flushes of a request: its head went upstream, nothing for the client
         if engine is not None and transport is not None and not transport.is_closing():
