@@ -48,9 +48,10 @@ _bio_unread: Callable[..., int] | None = getattr(_lib, "BIO_get_mem_data", None)
 
 # Application data (after the handshake) goes through OpenSSL's calls directly instead of through
 # pyOpenSSL's methods: each of those converts its argument, re-checks its callback helpers and is
-# a Python frame more, about 1 µs per call on a path that makes four per proxied request. Failures still go through pyOpenSSL (``_raise_ssl_error``, what
-# its own recv and send call), so they raise exactly the exceptions they always did. Without
-# these private names (another pyOpenSSL) the public methods are used.
+# a Python frame more, about 1 µs per call on a path that makes four per proxied request.
+# Failures still go through pyOpenSSL (``_raise_ssl_error``, what its own recv and send call), so
+# they raise exactly the exceptions they always did. Without these private names (another
+# pyOpenSSL) the public methods are used.
 _DIRECT_OK = _bio_unread is not None and hasattr(SSL.Connection, "_raise_ssl_error")
 _SSL_read, _SSL_write, _SSL_pending, _SSL_get_error = _lib.SSL_read, _lib.SSL_write, _lib.SSL_pending, _lib.SSL_get_error
 _BIO_read, _BIO_write = _lib.BIO_read, _lib.BIO_write
@@ -58,7 +59,6 @@ _WANT_READ, _ZERO_RETURN = _lib.SSL_ERROR_WANT_READ, _lib.SSL_ERROR_ZERO_RETURN
 # A fresh buffer per read, as pyOpenSSL's (not zeroed: OpenSSL fills what it reports). One shared
 # buffer would be cheaper, but cffi releases the GIL during the call, so two threads could fill it.
 _new_buffer = _ffi.new_allocator(should_clear_after_alloc=False)
-
 
 
 class NoApplicationProtocol(Exception):
@@ -284,12 +284,13 @@ class TlsEngine:
         if bio is not None and _bio_unread is not None:
             pending = _bio_unread(bio, _ffi.NULL)
             if pending:
-                direct = self._direct
+                direct, count = self._direct, 0
                 if direct is not None:
                     buffer = _new_buffer("char[]", pending)
-                    count = _BIO_read(direct[2], buffer, pending)  # a memory BIO hands out what it holds
+                    count = _BIO_read(direct[2], buffer, pending)  # a memory BIO hands out all it holds
+                if count > 0:
                     parts.append(_ffi.buffer(buffer, count)[:])
-                else:
+                else:  # no direct calls (or a failed read, never seen: pyOpenSSL's says why)
                     try:
                         parts.append(conn.bio_read(pending))
                     except Exception as exc:
