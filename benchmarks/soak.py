@@ -17,7 +17,8 @@ of the samples against the floor of the second third (the first third is warm-up
 tolerance per series (``TOLERANCE``). Floors, not medians: a leak lifts the floor, while the
 traffic's own buffers (a 4 MiB response, a reload) make RSS swing by 10 MiB and more between
 samples, enough to move a median of a dozen samples (a 3-minute run read medians 48.9 and 54.6
-MiB in its last two thirds and 48.5 MiB at the end, idle). Everything talks to 127.0.0.1 only, and every step has a timeout.
+MiB in its last two thirds and 48.5 MiB at the end, idle). Everything talks to 127.0.0.1 only,
+and every step has a timeout.
 """
 
 from __future__ import annotations
