@@ -280,17 +280,17 @@ class TlsEngine:
             return parts[0]
         self._bio_touched = False
         conn = self._conn
-        bio = getattr(conn, "_from_ssl", None) if _bio_unread is not None else None
-        if bio is not None and _bio_unread is not None:
-            pending = _bio_unread(bio, _ffi.NULL)
+        direct = self._direct
+        if direct is not None:
+            # One read sized to what the BIO holds (pyOpenSSL's chunked reads below allocate the
+            # whole chunk each time).
+            pending = _bio_unread(direct[2], _ffi.NULL)  # type: ignore[misc]
             if pending:
-                direct, count = self._direct, 0
-                if direct is not None:
-                    buffer = _new_buffer("char[]", pending)
-                    count = _BIO_read(direct[2], buffer, pending)  # a memory BIO hands out all it holds
+                buffer = _new_buffer("char[]", pending)
+                count = _BIO_read(direct[2], buffer, pending)  # a memory BIO hands out all it holds
                 if count > 0:
                     parts.append(_ffi.buffer(buffer, count)[:])
-                else:  # no direct calls (or a failed read, never seen: pyOpenSSL's says why)
+                else:  # never seen: pyOpenSSL's read says why
                     try:
                         parts.append(conn.bio_read(pending))
                     except Exception as exc:
