@@ -101,7 +101,7 @@ class ClientHelloReader:
                 raise self._end_of_stream()
             body = self._whole_hello(chunk) if self._records == 0 and len(self._chunks) == 1 else None
             if body is not None:
-                return self._parsed(parse_body(body))
+                return self._parsed(parse_body(body, chunk))  # the one chunk is all of raw
             done = self._consume(chunk)
             if not done:
                 if self._consumed > self._max_size:
@@ -109,7 +109,7 @@ class ClientHelloReader:
                 return None
             if self._consumed > self._max_size:
                 raise _over_cap(f"ClientHello records exceed {self._max_size} bytes")
-            hello = parse_body(bytes(self._message[_HANDSHAKE_HEADER:]))
+            hello = parse_body(bytes(self._message[_HANDSHAKE_HEADER:]), self.received())
         except ClientHelloError as exc:
             self._error = _detached(exc)
             raise
@@ -122,8 +122,8 @@ class ClientHelloReader:
 
     def _parsed(self, hello: ClientHello) -> ClientHello:
         self._message = bytearray()
-        self._hello = self._with_raw(hello)
-        return self._hello
+        self._hello = hello
+        return hello
 
     def _whole_hello(self, data: bytes) -> bytes | None:
         """The ClientHello body when ``data`` starts with one whole handshake record holding

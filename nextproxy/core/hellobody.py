@@ -63,8 +63,9 @@ def _expect_end(pos: int, end: int, field: str) -> None:
         raise fail(TlsAlert.DECODE_ERROR, f"{field}: {end - pos} trailing bytes")
 
 
-def parse_body(body: bytes) -> ClientHello:
-    """Parse a complete ClientHello body (RFC 8446 4.1.2) as far as routing needs.
+def parse_body(body: bytes, raw: bytes = b"") -> ClientHello:
+    """Parse a complete ClientHello body (RFC 8446 4.1.2) as far as routing needs; ``raw`` is
+    every byte that carried it (kept in the result for replay).
 
     The fixed fields are only walked, not judged: legacy_version, the session id, cipher
     suites and compression methods are OpenSSL's (or the passthrough upstream's) to refuse.
@@ -91,7 +92,7 @@ def parse_body(body: bytes) -> ClientHello:
     offers_tls13 = False
     if _EXT_SUPPORTED_VERSIONS in extensions:
         offers_tls13 = _TLS13 in _parse_versions(extensions[_EXT_SUPPORTED_VERSIONS])
-    return ClientHello(server_name, alpn, offers_tls13, b"")
+    return ClientHello(server_name, alpn, offers_tls13, raw)
 
 
 def _split_extensions(buf: bytes, pos: int, end: int) -> dict[int, bytes]:

@@ -54,7 +54,7 @@ _bio_unread: Callable[..., int] | None = getattr(_lib, "BIO_get_mem_data", None)
 # pyOpenSSL) the public methods are used.
 _DIRECT_OK = _bio_unread is not None and hasattr(SSL.Connection, "_raise_ssl_error")
 _SSL_read, _SSL_write, _SSL_pending, _SSL_get_error = _lib.SSL_read, _lib.SSL_write, _lib.SSL_pending, _lib.SSL_get_error
-_BIO_read, _BIO_write = _lib.BIO_read, _lib.BIO_write
+_BIO_read, _BIO_write, _SSL_do_handshake = _lib.BIO_read, _lib.BIO_write, _lib.SSL_do_handshake
 _WANT_READ, _ZERO_RETURN = _lib.SSL_ERROR_WANT_READ, _lib.SSL_ERROR_ZERO_RETURN
 # A fresh buffer per read, as pyOpenSSL's (not zeroed: OpenSSL fills what it reports). One shared
 # buffer would be cheaper, but cffi releases the GIL during the call, so two threads could fill it.
@@ -163,8 +163,17 @@ class TlsEngine:
                 except Exception as exc:  # per chunk: no lambda/_call indirection on the hot path
                     raise self._fail(exc) from None
         if not self.handshake_complete:
+            direct = self._direct
             try:
-                conn.do_handshake()
+                if direct is None:
+                    conn.do_handshake()
+                else:
+                    # pyOpenSSL's do_handshake, without the WantReadError it raises for every
+                    # flight that needs the client's answer (one exception per connection).
+                    result = _SSL_do_handshake(direct[0])
+                    if result <= 0 and _SSL_get_error(direct[0], result) == _WANT_READ:
+                        return b""
+                    conn._raise_ssl_error(direct[0], result)  # callbacks' failures, then OpenSSL's
             except SSL.WantReadError:
                 return b""
             except Exception as exc:  # every pyOpenSSL failure; see _fail

@@ -24,7 +24,8 @@ from nextproxy.core.clienthello import ClientHello, ClientHelloReader
 from nextproxy.core.handshake import hello_failure_reason
 from nextproxy.core.proxyprotocol import Endpoint, ProxyHeader, ProxyHeaderReader, build_v2, looks_like_proxy_protocol
 from nextproxy.edge.connection import TerminatedConnection
-from nextproxy.edge.gate import ListenerGate, endpoint
+from nextproxy.edge.deadline import Deadline, Timer
+from nextproxy.edge.gate import ListenerGate, socket_endpoints
 from nextproxy.edge.host import Group, Host
 from nextproxy.edge.passthrough import start_passthrough
 from nextproxy.edge.records import linger_close
@@ -55,7 +56,8 @@ class Accepted(asyncio.Protocol):
         self.peer = peer
         self.made = False
         self._reader = ClientHelloReader(host.config.limits.max_client_hello)
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: Deadline | None = None
+        """The ClientHello's time limit; a terminated connection takes it over (one timer each)."""
         self._gate = gate
         self._proxy: ProxyHeaderReader | None = None
         """Set while a trusted balancer's PROXY header is being read."""
@@ -75,7 +77,8 @@ class Accepted(asyncio.Protocol):
         elif not self._admitted():
             return
         # A total bound, not an idle one: bytes that trickle in do not extend it.
-        self._timer = self._loop.call_later(rt.config.timeouts.client_hello, self._timed_out)
+        self._deadline = Deadline(self._loop, self._timed_out)
+        self._deadline.set(rt.config.timeouts.client_hello, Timer.HANDSHAKE)
 
     def port(self) -> int | None:
         """The client's port, for failure lines only: the PROXY header's, else the socket's
@@ -197,8 +200,7 @@ class Accepted(asyncio.Protocol):
             self.rt.observer.handshake("eof_during_handshake", f"connection lost: {exc}", self.peer, self.port())
         self.close()
 
-    def _timed_out(self) -> None:
-        self._timer = None
+    def _timed_out(self, kind: Timer) -> None:
         if self._proxy is not None:
             self._proxy_refused(TIMEOUT, "no complete PROXY header within the ClientHello timeout")
             return
@@ -219,8 +221,8 @@ class Accepted(asyncio.Protocol):
                 # Before any upstream connect. Passthrough has no TLS of its own to answer in.
                 self._linger_close(ACCESS_DENIED if route.action is SniAction.TERMINATE else b"")
                 return
-        self._forget()
         if route is not None and route.action is SniAction.PASSTHROUGH:
+            self._forget()
             self.rt.admission.handshake_over()  # the upstream does the TLS handshake
             start_passthrough(self.rt, transport, route, hello, self.peer, self._passthrough_preamble(route, hello, transport))
             return
@@ -239,18 +241,17 @@ class Accepted(asyncio.Protocol):
 
     def _endpoints(self, transport: asyncio.Transport) -> tuple[Endpoint, Endpoint] | None:
         """Client and local address for a PROXY header we send: the incoming header's, else the
-        socket's. Worked out only when needed (parsing both costs ~5 µs a connection)."""
+        socket's."""
         if self._source is not None and self._destination is not None:
             return self._source, self._destination
-        source, destination = endpoint(transport.get_extra_info("peername")), endpoint(transport.get_extra_info("sockname"))
-        return (source, destination) if source is not None and destination is not None else None
+        return socket_endpoints(transport)
 
     def _terminate(self, transport: asyncio.Transport, route: SniRoute | None, hello: ClientHello) -> TerminatedConnection:
+        deadline, self._deadline = self._deadline, None
         self._forget()
-        source = self._source
-        connection = TerminatedConnection(self.rt, transport, self.peer, route, hello, self._loop, source.port if source else None)
-        if any(upstream.proxy_protocol is not None for upstream in self.rt.config.upstreams):
-            connection.client_endpoints = self._endpoints(transport)
+        source, destination = self._source, self._destination
+        proxied = (source, destination) if source is not None and destination is not None else None
+        connection = TerminatedConnection(self.rt, transport, self.peer, route, hello, self._loop, proxied=proxied, deadline=deadline)
         transport.set_protocol(connection)
         connection.start()
         return connection
@@ -258,9 +259,9 @@ class Accepted(asyncio.Protocol):
     def _forget(self) -> None:
         """This protocol is done with the connection (closed, or handed over)."""
         self.transport = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._deadline is not None:
+            self._deadline.close()
+            self._deadline = None
         self.rt.leave(self, Group.PENDING)
 
     def close(self, *, abort: bool = False) -> None:

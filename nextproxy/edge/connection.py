@@ -21,6 +21,7 @@ from nextproxy.core.proxyprotocol import Endpoint
 from nextproxy.core.tls import TlsEngine
 from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.dispatch import HANDLERS
+from nextproxy.edge.gate import socket_endpoints
 from nextproxy.edge.host import Group, Host
 from nextproxy.edge.phases import HttpPhase, Phase, upgrade
 from nextproxy.edge.reads import READ_CHUNK_LIMIT, read_buffer, read_room
@@ -37,17 +38,20 @@ class TerminatedConnection(asyncio.BufferedProtocol):
 
     def __init__(
         self, host: Host, transport: asyncio.Transport, peer: str, sni_route: SniRoute | None,
-        hello: ClientHello, loop: asyncio.AbstractEventLoop, port: int | None = None,
+        hello: ClientHello, loop: asyncio.AbstractEventLoop, port: int | None = None, *,
+        proxied: tuple[Endpoint, Endpoint] | None = None, deadline: Deadline | None = None,
     ) -> None:  # fmt: skip
+        """``proxied``: the client and the address it connected to, from the PROXY header the
+        connection started with (its source port is then ``port``). ``deadline``: accept's,
+        taken over (its timer is re-armed only if the handshake's limit comes sooner)."""
         self.rt = host
         self.loop = loop  # kept: on Python 3.11 every get_running_loop() costs a getpid() syscall
         self.transport: asyncio.Transport | None = transport
         self.peer = peer
-        self.port = port
+        self.port = proxied[0].port if proxied is not None else port
         self._hello: ClientHello | None = hello
         self.server_name = hello.server_name
-        self.client_endpoints: tuple[Endpoint, Endpoint] | None = None
-        """Set by accept: for PROXY headers to upstreams that ask for one."""
+        self._proxied = proxied
         self._sni_route = sni_route
         self._engine: TlsEngine | None = None
         self._phase: Phase | None = None  # None during the handshake, and once closed
@@ -56,7 +60,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         self.route_name = "-"
         self.upstream = UpstreamSlot()
         self._reading = True
-        self.deadline = Deadline(loop, self._on_deadline)
+        self.deadline = Deadline(loop, self._on_deadline) if deadline is None else deadline.take_over(self._on_deadline)
         self.request_started = 0.0
         self._plaintext: list[bytes] = []
         self._tickets_wait = False
@@ -81,6 +85,14 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             self._tls_failed(exc)
             return
         self._tls_data(hello.raw)  # fed like any input, so a refusal's alert gets flushed
+
+    @property
+    def client_endpoints(self) -> tuple[Endpoint, Endpoint] | None:
+        """For PROXY headers to upstreams that ask for one: the incoming header's addresses,
+        else the socket's (looked up only then)."""
+        if self._proxied is None and self.transport is not None:
+            self._proxied = socket_endpoints(self.transport)
+        return self._proxied
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return read_buffer()

@@ -79,6 +79,12 @@ class Deadline:
         self.cancel()
         self._on_expiry = _ignore
 
+    def take_over(self, on_expiry: Callable[[Timer], None]) -> Deadline:
+        """The same deadline for a new owner: accept hands the ClientHello's to the terminated
+        connection, which sets the handshake's on it (one timer per connection, not two)."""
+        self._on_expiry = on_expiry
+        return self
+
     def _fire(self) -> None:
         self._handle = None
         kind = self.kind

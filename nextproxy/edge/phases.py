@@ -56,10 +56,12 @@ class Shell(Member, Protocol):
     http: HttpPhase | None
     route_name: str
     request_started: float
-    client_endpoints: tuple[Endpoint, Endpoint] | None
-    """The client and the address it connected to (from a PROXY header if one was read), for
-    the PROXY v2 header sent to upstreams with ``proxy_protocol = "v2"``."""
     server_name: str | None
+
+    @property
+    def client_endpoints(self) -> tuple[Endpoint, Endpoint] | None:
+        """The client and the address it connected to (from a PROXY header if one was read), for
+        the PROXY v2 header sent to upstreams with ``proxy_protocol = "v2"``."""
 
     def send_client(self, data: bytes) -> None: ...
     def close_client(self) -> bool: ...
