@@ -208,24 +208,27 @@ class HttpSession(ResponseSide):
             return self._refuse(method, target, exc.status, exc.reason)
         method, target = head.method, head.target
         self._set_request_body(head.length)  # known now, so a refusal can skip the body
+        keep = head.keep_alive  # a refusal keeps the connection only if the request would
         if head.misdirected:
-            return self._refuse(method, target, 421, "misdirected request")
+            return self._refuse(method, target, 421, "misdirected request", keep_alive=keep)
         try:
             route = self._routes.match_path(self._sni_route, target)
         except HttpError as exc:
-            return self._refuse(method, target, exc.status, exc.reason)
+            return self._refuse(method, target, exc.status, exc.reason, keep_alive=keep)
         if route is None:
-            return self._refuse(method, target, 404, "no route for this path")
+            return self._refuse(method, target, 404, "no route for this path", keep_alive=keep)
         allow = route.allow if route.allow is not None else (self._sni_route.allow if self._sni_route else None)
         if allow is not None:
             denied = authorize(self._client_info.certificate, route.name, allow)
             if denied is not None:
-                return [denied] + self._refuse(method, target, 403, denied.reason, route.name)
+                return [denied] + self._refuse(method, target, 403, denied.reason, route.name, keep_alive=keep)
         if head.upgrade and self.draining:
-            return self._refuse(method, target, 503, "shutting down", route.name, retry_after=True)
+            return self._refuse(method, target, 503, "shutting down", route.name, retry_after=True, keep_alive=keep)
         refused = self._routes.admission.check(route, self._client_info, self.now)
         if refused is not None:  # allow_sources (403) and rate_limit (429), upgrades included
-            return [refused.fact] + self._refuse(method, target, refused.status, refused.reason, route.name, retry_after=refused.retry_after)
+            return [refused.fact] + self._refuse(
+                method, target, refused.status, refused.reason, route.name, retry_after=refused.retry_after, keep_alive=keep
+            )
         self._exchange = Exchange(route=route, head=head)
         self._connecting = True
         return [ConnectUpstream(route)]
@@ -291,11 +294,16 @@ class HttpSession(ResponseSide):
         route: str = NO_ROUTE,
         *,
         retry_after: int = 0,
+        keep_alive: bool = False,
     ) -> list[Action]:
-        """The proxy's own short answer, in one write; keeps the connection when it safely can."""
+        """The proxy's own short answer, in one write; keeps the connection when it safely can
+        and the request asked for it (``keep_alive``: HTTP/1.1 without Connection: close)."""
         self._exchange = None
         self._connecting = False
-        keep = status in (403, 404, 421, 429, 503) and not self.draining and not self._client_eof and self._skip_request_body()
+        keep = (
+            keep_alive and status in (403, 404, 421, 429, 503) and not self.draining and not self._client_eof
+            and self._skip_request_body()
+        )  # fmt: skip
         completed = RequestCompleted(route, method.decode("ascii", "replace"), target.decode("ascii", "replace"), status, 0, 0, reason)
         actions: list[Action] = [SendToClient(refusal(status, reason, keep=keep, retry_after=retry_after)), completed]
         if not keep:  # when kept, the caller (_pump_client's loop) reads the next request

@@ -170,6 +170,24 @@ def test_404_keeps_the_connection_but_400_closes_it() -> None:
     assert CloseClient in kinds(s2.client_data(b"GET /ns/../x HTTP/1.1\r\nHost: edge.test\r\n\r\n"))
 
 
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /nope HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n",
+        b"GET /nope HTTP/1.0\r\n\r\n",
+        b"GET /nope HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",  # we keep only 1.1 connections
+    ],
+    ids=["connection-close", "http-1.0", "http-1.0-keep-alive"],
+)
+def test_a_refusal_closes_when_the_request_did_not_ask_to_keep_the_connection(request_head: bytes) -> None:
+    """RFC 9112 section 9.6: after a request with Connection: close (or an HTTP/1.0 one) the
+    server closes once it has answered, its own 404 included, and says so."""
+    actions = session().client_data(request_head)
+    assert status_of(to_client(actions)) == 404
+    assert b"connection: close" in to_client(actions).lower()
+    assert kinds(actions)[-1] is CloseClient
+
+
 def test_upstream_unreachable_is_502_and_timeout_504() -> None:
     s = session()
     s.client_data(GET)
