@@ -66,6 +66,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         self._tickets_wait = False
         """The session tickets OpenSSL wrote after the handshake wait for the first bytes to the
         client (``_flush``); closing, a failure or an alert sends them at once."""
+        self._writes = host.writes
         transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
         self._handshaking = True
         """Counted in ``host.admission.handshakes`` (taken over from ``accept``) until it ends."""
@@ -253,7 +254,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         if not self._plaintext and (engine is None or not engine.may_have_output):
             return  # most flushes of a request: its head went upstream, nothing for the client
         if engine is not None and transport is not None and not transport.is_closing():
-            write_records(engine, transport, self._plaintext)
+            write_records(engine, transport, self._plaintext, self._writes)
 
     # actions (``dispatch.HANDLERS`` calls back into the methods below)
 
@@ -277,7 +278,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             self._flush()
             transport = self.transport
             if transport is not None and not transport.is_closing():
-                transport.close()  # the session ends when the phase says it is finished
+                self._writes.close(transport)  # the session ends when the phase says it is finished
             return False
         self._close()  # the last records and our close_notify leave in one write
         return True
@@ -342,13 +343,15 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         transport, self.transport = self.transport, None
         if transport is not None:
             if abort:
+                self._writes.flush()  # what this turn wrote still goes first, as before an abort
                 transport.abort()
             elif linger:
+                self._writes.flush()  # the alert before the half-close
                 linger_close(transport, self.loop)
+            elif self._engine is not None:
+                write_goodbye(self._engine, transport, self._plaintext, self._writes, established=phase is not None)
             else:
-                if self._engine is not None:
-                    write_goodbye(self._engine, transport, self._plaintext, established=phase is not None)
-                transport.close()
+                self._writes.close(transport)
         self._handshake_over()
         self.rt.leave(self, Group.WEBSOCKET)
         if self.rt.leave(self, Group.TERMINATED):

@@ -17,6 +17,7 @@ from nextproxy.edge.admission import Admission
 from nextproxy.edge.observer import EdgeObserver
 from nextproxy.edge.tlscontexts import ServerContexts
 from nextproxy.edge.upstream import UpstreamPool
+from nextproxy.edge.writes import TurnWrites
 
 
 class Group(enum.Enum):
@@ -59,6 +60,10 @@ class Host(Protocol):
     def observer(self) -> EdgeObserver: ...
     @property
     def draining(self) -> bool: ...
+
+    @property
+    def writes(self) -> TurnWrites:
+        """This turn's writes (``edge.writes``): a terminated connection's go through it."""
 
     @property
     def admission(self) -> Admission:

@@ -23,6 +23,7 @@ from nextproxy.edge.host import Group, Member
 from nextproxy.edge.observer import EdgeObserver
 from nextproxy.edge.tlscontexts import ServerContexts, upstream_ssl_context
 from nextproxy.edge.upstream import UpstreamPool
+from nextproxy.edge.writes import TurnWrites
 from nextproxy.errors import ConfigError
 
 BACKLOG = 1024
@@ -43,6 +44,9 @@ class Runtime:
     """Each listen address's accept-time policy (PROXY protocol trust, connection rate)."""
     draining: bool = False
     groups: dict[Group, set[Member]] = field(default_factory=lambda: {group: set() for group in Group})
+    writes: TurnWrites = field(default_factory=TurnWrites)
+    """This process's writes of the current loop turn (``edge.writes``), shared by every runtime
+    a reload made; bound to the loop when the listener starts."""
 
     @property
     def pending(self) -> set[Member]:
@@ -105,18 +109,20 @@ def describe_routes(config: Config) -> list[tuple[str, str, str]]:
 
 
 def build_runtime(
-    config: Config, observer: EdgeObserver, contexts: ServerContexts | None = None, admission: Admission | None = None
+    config: Config, observer: EdgeObserver, contexts: ServerContexts | None = None, admission: Admission | None = None,
+    writes: TurnWrites | None = None,
 ) -> Runtime:
     """Everything derived from one Config; raises ConfigError before anything is bound.
-    ``admission``: the process's counts, carried over on reload (else new ones)."""
+    ``admission`` and ``writes``: the process's, carried over on reload (else new ones)."""
     contexts = contexts or ServerContexts.build(config)
     tls = {u.name: upstream_ssl_context(u.tls) for u in config.upstreams if u.tls is not None}
-    pool = UpstreamPool(config, tls, on_health=observer.upstream_health)
+    writes = writes or TurnWrites()
+    pool = UpstreamPool(config, tls, on_health=observer.upstream_health, writes=writes)
     admission = admission or Admission(config.limits)
     gates = {address: ListenerGate.build(config.listener_policy(address)) for address in (config.listen, *config.listen_also)}
     return Runtime(
         config=config, routes=RouteTable(config), contexts=contexts, pool=pool, observer=observer,
-        admission=admission, gates=gates,
+        admission=admission, gates=gates, writes=writes,
     )  # fmt: skip
 
 
@@ -148,6 +154,7 @@ class ProxyServer:
                 bound.close()
             raise
         self.runtime.pool.start()
+        self.runtime.writes.bind(loop)
         for address, listening in zip((config.listen, *config.listen_also), [sock, *more]):
             listening.setblocking(False)
             acceptor = Acceptor(
@@ -176,7 +183,7 @@ class ProxyServer:
     def reload(self, config: Config, observer: EdgeObserver, contexts: ServerContexts | None = None) -> None:
         """Swap in a new runtime; established connections keep the one they started with."""
         admission = self.runtime.admission
-        new = build_runtime(config, observer, contexts, admission)
+        new = build_runtime(config, observer, contexts, admission, self.runtime.writes)
         admission.limits = config.limits  # the counts carry over: the caps cover every runtime
         new.pool.start()
         old, self.runtime = self.runtime, new
@@ -219,4 +226,5 @@ class ProxyServer:
             for member in [*rt.connections, *rt.passthroughs]:
                 member.abort()
             rt.pool.stop()
+        self.runtime.writes.flush()  # the last goodbyes and closes, should the loop end right here
         return clean

@@ -249,9 +249,8 @@ class TunnelPhase:
             if up is not None:
                 up.write(data)  # a no-op once that connection is gone, as the slot's write
             return []
-        transport = up.transport if up is not None else None
-        if transport is not None and transport.can_write_eof():
-            transport.write_eof()  # the upstream may still answer
+        if up is not None:
+            up.half_close()  # the upstream may still answer
         return []
 
     def upstream_data(self, data: bytes) -> list[Action]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 
 from nextproxy.core.tls import TlsEngine
+from nextproxy.edge.writes import TurnWrites
 
 LINGER = 0.5
 """After a refusal or a failed handshake, keep reading (and dropping) this long before closing:
@@ -35,21 +36,21 @@ def seal(engine: TlsEngine, pending: list[bytes]) -> None:
         engine.send(joined(pending))
 
 
-def write_records(engine: TlsEngine, transport: asyncio.Transport, pending: list[bytes]) -> None:
+def write_records(engine: TlsEngine, transport: asyncio.Transport, pending: list[bytes], writes: TurnWrites) -> None:
     """Seal the batch and write every record the engine holds (handshake flights, tickets, alerts
-    and OpenSSL's own answers included)."""
+    and OpenSSL's own answers included) at the end of the loop's turn."""
     if pending:
         data = joined(pending)
         if len(data) > SEAL_PIECE:
-            _write_in_pieces(engine, transport, data)
+            _write_in_pieces(engine, transport, data, writes)
             return
         engine.send(data)
     out = engine.data_to_send()
     if out:
-        transport.write(out)
+        writes.write(transport, out)
 
 
-def _write_in_pieces(engine: TlsEngine, transport: asyncio.Transport, data: bytes) -> None:
+def _write_in_pieces(engine: TlsEngine, transport: asyncio.Transport, data: bytes, writes: TurnWrites) -> None:
     """Seal ``SEAL_PIECE`` at a time (OpenSSL's BIO stays small) and hand every piece's records
     to the transport in one ``writelines``: uvloop sends them with one writev, where a write per
     piece cost a syscall each (two or three for a 64 KiB response)."""
@@ -58,17 +59,19 @@ def _write_in_pieces(engine: TlsEngine, transport: asyncio.Transport, data: byte
     for start in range(0, len(view), SEAL_PIECE):
         engine.send(view[start : start + SEAL_PIECE])
         out.append(engine.data_to_send())
-    transport.writelines([records for records in out if records])
+    writes.write(transport, [records for records in out if records])
 
 
-def write_goodbye(engine: TlsEngine, transport: asyncio.Transport, pending: list[bytes], *, established: bool) -> None:
-    """The last records and, after a finished handshake, our close_notify: one write."""
+def write_goodbye(engine: TlsEngine, transport: asyncio.Transport, pending: list[bytes], writes: TurnWrites, *, established: bool) -> None:
+    """The last records and, after a finished handshake, our close_notify: one write, then the
+    close, both at the end of the turn."""
     if established:
         seal(engine, pending)
         engine.close()
     out = engine.data_to_send()
     if out and not transport.is_closing():
-        transport.write(out)
+        writes.write(transport, out)
+    writes.close(transport)
 
 
 def peer_port(transport: asyncio.Transport | None) -> int | None:

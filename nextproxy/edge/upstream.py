@@ -21,6 +21,7 @@ from nextproxy.config.model import Address, Config, Upstream
 from nextproxy.core.upstream_leg import UpstreamLeg, new_upstream_leg
 from nextproxy.core.proxyprotocol import V2_SIGNATURE
 from nextproxy.edge.acceptor import out_of_descriptors
+from nextproxy.edge.writes import TurnWrites
 from nextproxy.edge.reads import READ_SIZE, read_buffer
 
 LOCAL_V2 = V2_SIGNATURE + bytes((0x20, 0x00, 0x00, 0x00))
@@ -101,8 +102,11 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     A BufferedProtocol so that the read size is ours, not uvloop's: what the owner's client can
     take below its write mark (``UpstreamOwner.read_room``, ``edge.reads``)."""
 
-    def __init__(self, upstream: Upstream, server: Address, max_header_size: int) -> None:
+    def __init__(self, upstream: Upstream, server: Address, max_header_size: int, writes: TurnWrites | None = None) -> None:
+        """``writes``: the runtime's, so that requests leave at the end of the loop's turn
+        (``edge.writes``); without, every write is sent at once."""
         self.upstream = upstream
+        self._writes = writes or TurnWrites()
         self.server = server
         self.leg: UpstreamLeg = new_upstream_leg(str(server), max_header_size)
         """The core's upstream state, kept with the TCP connection; the shell only hands it back."""
@@ -156,12 +160,20 @@ class UpstreamConnection(asyncio.BufferedProtocol):
 
     def write(self, data: bytes) -> None:
         if data and self.transport is not None and self.alive:
-            self.transport.write(data)
+            self._writes.write(self.transport, data)
+
+    def half_close(self) -> None:
+        """Our side is done (a tunnel's client sent EOF); the upstream may still answer."""
+        transport = self.transport
+        if transport is not None and transport.can_write_eof():
+            self._writes.flush()  # what this turn wrote goes before the EOF
+            transport.write_eof()
 
     def close(self) -> None:
         self.alive = False
         self.owner = None
         if self.transport is not None:
+            self._writes.flush()  # rare (errors, the idle sweep): no need to queue the close too
             self.transport.close()
 
     @property
@@ -217,8 +229,10 @@ class UpstreamPool:
         config: Config,
         tls_contexts: dict[str, ssl.SSLContext],
         on_health: Callable[[str, bool], None] = lambda name, up: None,
+        writes: TurnWrites | None = None,
     ) -> None:
         self._config = config
+        self._writes = writes or TurnWrites()
         self._tls = tls_contexts
         self._idle: dict[Address, list[UpstreamConnection]] = {}
         self._next_server = {u.name: itertools.count() for u in config.upstreams}
@@ -305,7 +319,7 @@ class UpstreamPool:
                 if preamble:
                     where = {"sock": await _sent_first(loop, server, preamble)}
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(upstream, server, self._config.limits.max_upstream_header_size),
+                    lambda: UpstreamConnection(upstream, server, self._config.limits.max_upstream_header_size, self._writes),
                     **where,
                     ssl=tls,
                     server_hostname=server_hostname,

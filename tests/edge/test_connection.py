@@ -297,7 +297,7 @@ def test_a_large_batch_is_sealed_in_pieces_and_written_in_one_call() -> None:
         assert engine is not None
         before = client.transport.writes
         size = 3 * SEAL_PIECE + 1234
-        write_records(engine, client.transport, [b"a" * (size - 1), b"b"])
+        write_records(engine, client.transport, [b"a" * (size - 1), b"b"], rt.writes)
         writes = client.transport.writes - before
         client.peer.feed(client.transport.take())
         return writes, client, size
