@@ -154,7 +154,7 @@ class ProxyServer:
                 bound.close()
             raise
         self.runtime.pool.start()
-        self.runtime.writes.bind(loop)
+        self.runtime.writes.bind(loop, lambda exc: self.runtime.observer.bug(exc, "-"))
         for address, listening in zip((config.listen, *config.listen_also), [sock, *more]):
             listening.setblocking(False)
             acceptor = Acceptor(

@@ -23,6 +23,7 @@ runtime that no listener started, as in unit tests) every write and close happen
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 BULK = 16 * 1024
 """Writes this size or larger are sent at once (after what waits): one full TLS record."""
@@ -31,16 +32,20 @@ BULK = 16 * 1024
 class TurnWrites:
     """The pending writes and closes of this turn, in order; one loop callback sends them."""
 
-    __slots__ = ("_loop", "_queue", "_armed")
+    __slots__ = ("_loop", "_queue", "_armed", "_on_error")
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: list[tuple[asyncio.Transport, bytes | list[bytes] | None]] = []
         self._armed = False
+        self._on_error: Callable[[Exception], None] | None = None
 
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Batch from now on, flushing at the end of each turn of ``loop``."""
+    def bind(self, loop: asyncio.AbstractEventLoop, on_error: Callable[[Exception], None] | None = None) -> None:
+        """Batch from now on, flushing at the end of each turn of ``loop``. ``on_error`` gets
+        what a transport raised (a bug: the others' writes still go); without it the first is
+        raised once all were sent."""
         self._loop = loop
+        self._on_error = on_error
 
     def write(self, transport: asyncio.Transport, data: bytes | list[bytes]) -> None:
         """``transport.write(data)`` (``writelines`` for a list: pieces of a bulk write) at the
@@ -86,9 +91,12 @@ class TurnWrites:
                 elif not transport.is_closing():  # closed meanwhile (reset, abort): nowhere to go
                     _send(transport, data)
             except Exception as exc:  # one transport's bug must not cost the others their writes
-                failure = failure or exc
+                if self._on_error is not None:
+                    self._on_error(exc)
+                else:
+                    failure = failure or exc
         if failure is not None:
-            raise failure  # the loop's exception handler reports it
+            raise failure
 
 
 def _send(transport: asyncio.Transport, data: bytes | list[bytes]) -> None:

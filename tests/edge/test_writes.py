@@ -82,6 +82,23 @@ def test_a_closed_transport_is_skipped_and_a_failing_one_costs_the_others_nothin
     assert [str(exc) for exc in errors] == ["this transport's bug"]  # reported by the loop, once
 
 
+def test_a_bound_reporter_gets_each_failure_and_nothing_is_raised() -> None:
+    reported: list[Exception] = []
+
+    async def scenario() -> FakeTransport:
+        writes, fine = TurnWrites(), FakeTransport()
+        writes.bind(asyncio.get_running_loop(), reported.append)  # the listener binds observer.bug
+        writes.write(Failing(), b"one")
+        writes.write(Failing(), b"two")
+        writes.write(fine, b"kept")
+        writes.flush()
+        return fine
+
+    fine = run(scenario())
+    assert fine.take() == b"kept"
+    assert [str(exc) for exc in reported] == ["this transport's bug", "this transport's bug"]
+
+
 def test_a_connection_answers_and_closes_at_the_end_of_the_turn() -> None:
     """Connection: close: the 404, our close_notify and the close all wait for the turn's end,
     and the close follows the records (the recording transport refuses a write after close)."""
