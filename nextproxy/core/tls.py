@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography import x509
 from cryptography.x509.verification import Store
@@ -37,7 +37,6 @@ READ_CHUNK = 16384
 # The outgoing BIO is drained in chunks this size; a handshake flight fits in one.
 DRAIN_CHUNK = 65536
 
-_T = TypeVar("_T")
 
 # How many bytes a memory BIO holds (BIO_CTRL_INFO on a memory BIO; NULL asks only for the
 # length). pyOpenSSL exposes no public call for it. On the incoming BIO it ends a read loop without
@@ -55,6 +54,7 @@ _bio_unread: Callable[..., int] | None = getattr(_lib, "BIO_get_mem_data", None)
 _DIRECT_OK = _bio_unread is not None and hasattr(SSL.Connection, "_raise_ssl_error")
 _SSL_read, _SSL_write, _SSL_pending, _SSL_get_error = _lib.SSL_read, _lib.SSL_write, _lib.SSL_pending, _lib.SSL_get_error
 _BIO_read, _BIO_write, _SSL_do_handshake = _lib.BIO_read, _lib.BIO_write, _lib.SSL_do_handshake
+_SSL_set_accept_state = _lib.SSL_set_accept_state
 _WANT_READ, _ZERO_RETURN = _lib.SSL_ERROR_WANT_READ, _lib.SSL_ERROR_ZERO_RETURN
 # A fresh buffer per read, as pyOpenSSL's (not zeroed: OpenSSL fills what it reports). One shared
 # buffer would be cheaper, but cffi releases the GIL during the call, so two threads could fill it.
@@ -112,13 +112,18 @@ class TlsEngine:
         """The failure that ended this engine; set before any alert is flushed."""
         self._error_raised = False
         self._verify_note = VerifyNote()
-        self._conn = self._call(lambda: SSL.Connection(context.context, None))
-        self._conn.set_app_data(self._verify_note)
-        self._conn.set_accept_state()
-        conn = self._conn
+        try:
+            self._conn = conn = SSL.Connection(context.context, None)
+        except Exception as exc:  # a context OpenSSL refuses to make connections from
+            raise self._fail(exc) from None
+        conn.set_app_data(self._verify_note)
         pointers = (getattr(conn, "_ssl", None), getattr(conn, "_into_ssl", None), getattr(conn, "_from_ssl", None))
         self._direct: tuple[Any, Any, Any] | None = pointers if _DIRECT_OK and None not in pointers else None
         """(SSL, incoming BIO, outgoing BIO) for the direct calls, or None: use pyOpenSSL's."""
+        if self._direct is not None:
+            _SSL_set_accept_state(self._direct[0])  # pyOpenSSL's set_accept_state, one frame less
+        else:
+            conn.set_accept_state()
         if initial:
             # Raising from a constructor would lose the object, and with it the alert queued in
             # it (the protocol_version alert for TLS 1.2 clients is decided right here). So the
@@ -334,12 +339,6 @@ class TlsEngine:
             pass
 
     # ------------------------------------------------------------------ internals
-
-    def _call(self, operation: Callable[[], _T]) -> _T:
-        try:
-            return operation()
-        except Exception as exc:
-            raise self._fail(exc) from None
 
     def _fail(self, exc: Exception) -> TlsError:
         """Turn a pyOpenSSL exception into a TlsError, noting whether an alert is queued."""
