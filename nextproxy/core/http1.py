@@ -81,10 +81,19 @@ class HttpSession(ResponseSide):
 
     @property
     def reading_client(self) -> bool:
-        """False while more client bytes would only pile up (pipelining, connecting)."""
-        if self._closed or self._connecting:
+        """False once client bytes pile up that cannot be used yet (a pipelined request, a body
+        while the upstream connects), and after the session closed.
+
+        Not already when a request is in flight: most clients send nothing until the answer,
+        and pausing then resuming the socket for every request cost two transport calls and two
+        epoll changes (W1: 3-14% of the proxy's CPU per request). What comes meanwhile (at most
+        one read) waits in the buffer; EOF and resets are seen at once.
+        """
+        if self._closed:
             return False
-        return self._exchange is None or self._request_open
+        if self._connecting or (self._exchange is not None and not self._body.open):
+            return not self._buffer
+        return True
 
     @property
     def idle(self) -> bool:

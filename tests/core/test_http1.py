@@ -101,7 +101,7 @@ def test_get_round_trip_and_headers_as_upstream_sees_them() -> None:
     assert headers[b"x-forwarded-for"] == b"192.0.2.7"
     assert headers[b"x-forwarded-proto"] == b"https"
     assert AwaitResponse in kinds(actions)
-    assert not s.reading_client
+    assert s.reading_client  # nothing piled up: the socket stays read while the answer comes
     out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
     assert kinds(out) == [ResponseStarted, ReleaseUpstream, RequestCompleted]
     assert to_client(out).startswith(b"HTTP/1.1 200 OK\r\n") and to_client(out).endswith(b"\r\n\r\nok")
@@ -110,6 +110,29 @@ def test_get_round_trip_and_headers_as_upstream_sees_them() -> None:
     assert (done.route, done.status, done.bytes_to_client) == ("ns-sigmai", 200, 2)
     assert s.reading_client and s.idle
     assert leg.exchanges == 1
+
+
+def test_bytes_that_come_while_a_request_is_in_flight_wait_and_stop_the_reading() -> None:
+    """A pipelined request sent after the first one's head was forwarded waits in the buffer (the
+    shell then pauses the socket) and is forwarded once the first answer is complete."""
+    s = session()
+    leg, _ = connect(s, GET)
+    assert s.reading_client
+    assert s.client_data(b"GET /ns/sigmai/second HTTP/1.1\r\nHost: edge.test\r\n\r\n") == []
+    assert not s.reading_client
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert [a.status for a in out if isinstance(a, RequestCompleted)] == [200]
+    assert isinstance(out[-1], ConnectUpstream)  # the second request, taken from the buffer
+    assert to_upstream(s.upstream_connected(leg)).startswith(b"GET /ns/sigmai/second HTTP/1.1\r\n")
+    assert s.reading_client
+
+
+def test_eof_while_a_request_is_in_flight_closes_after_its_answer() -> None:
+    s = session()
+    connect(s, GET)
+    assert s.client_data(b"") == []  # the client half-closed: the answer still goes out
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert to_client(out).endswith(b"ok") and kinds(out)[-1] is CloseClient
 
 
 def test_keep_alive_second_request_on_the_same_connection() -> None:
