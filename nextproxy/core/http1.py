@@ -47,6 +47,8 @@ __all__ = ["HttpSession", "UpstreamLeg", "IDEMPOTENT_METHODS", "NO_ROUTE"]
 _NO_BODY = NO_BODY
 
 NO_ROUTE = "-"
+CLIENT_CLOSED = 499
+"""Status logged for a request whose client went away before any response started (nginx's)."""
 """Route label for requests that matched no route (bounded, unlike the raw path)."""
 
 
@@ -176,6 +178,19 @@ class HttpSession(ResponseSide):
             return self._response_body(leg, exchange, data)
         leg.buffer.add(data)
         return self._response_heads(leg, exchange)
+
+    def client_gone(self) -> list[Action]:
+        """The client's connection is gone (a reset, or closed under us): nothing more goes to
+        it. The exchange in flight ends here and is reported, as nginx's 499 when no response
+        had started (else with the status that went out, its bytes cut short); its upstream
+        connection is not reused, since the answer was not read to its end."""
+        self._closed = True
+        exchange, self._exchange = self._exchange, None
+        if exchange is None:
+            return []
+        self._connecting = False
+        status = exchange.response_status or CLIENT_CLOSED
+        return self._drop_upstream() + [self._completed(exchange, status, "client closed the connection")]
 
     def drain(self) -> list[Action]:
         """Shutdown: close now if idle, else after the exchange in flight."""

@@ -126,6 +126,10 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             self.transport = None  # let the phase finish the upstream's side (its closing handshake)
             self._guarded(lambda: self.run(phase.client_data(b"")))
             return
+        http = self.http
+        if http is not None and not self.closed:
+            self.transport = None  # gone: the request in flight is reported, nothing is written
+            self._guarded(lambda: self.run(http.session.client_gone()))
         self._close()
 
     def _guarded(self, step: Callable[[], None]) -> None:

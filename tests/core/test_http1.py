@@ -135,6 +135,21 @@ def test_eof_while_a_request_is_in_flight_closes_after_its_answer() -> None:
     assert to_client(out).endswith(b"ok") and kinds(out)[-1] is CloseClient
 
 
+def test_a_client_gone_mid_exchange_is_reported_and_its_upstream_not_reused() -> None:
+    s = session()
+    connect(s, GET)
+    out = s.client_gone()
+    assert out[0] == ReleaseUpstream(reusable=False)
+    [done] = [a for a in out if isinstance(a, RequestCompleted)]
+    assert (done.status, done.reason) == (499, "client closed the connection")
+    assert not s.reading_client and s.client_gone() == []  # once
+    s = session()
+    connect(s, GET)
+    s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+    [done] = [a for a in s.client_gone() if isinstance(a, RequestCompleted)]
+    assert (done.status, done.bytes_to_client) == (200, 4)  # what went out, cut short
+
+
 def test_keep_alive_second_request_on_the_same_connection() -> None:
     s = session()
     leg, _ = connect(s, GET)

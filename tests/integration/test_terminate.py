@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import time
 
@@ -342,3 +343,20 @@ def test_several_listen_addresses_serve_the_same_routes(pki: DemoPki) -> None:
         assert data.startswith(b"HTTP/1.1 200 ") and b'"service": "mc-sigmai"' in data
     finally:
         edge.close()
+
+
+def test_a_client_that_resets_while_its_request_waits_is_logged_as_499(edge: Edge) -> None:
+    """The client's socket is read while its request is in flight, so a reset is seen at once:
+    the request is logged as nginx logs it (499, nothing sent) and the proxy keeps serving."""
+    sock = edge.tls_socket()
+    sock.sendall(b"GET /mc/sigmai/gone?delay=1.5 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    time.sleep(0.3)  # the request reached the upstream
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # SO_LINGER 0: a reset
+    deadline = time.monotonic() + 3
+    lines: list[dict[str, object]] = []
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.05)
+        lines = [json.loads(x) for x in edge.logs().splitlines() if '"request"' in x and "/mc/sigmai/gone" in x]
+    assert [(line["status"], line.get("reason")) for line in lines] == [(499, "client closed the connection")]
+    assert echo(edge, "/mc/sigmai/after")["service"] == "mc-sigmai"
