@@ -47,9 +47,9 @@ __all__ = ["HttpSession", "UpstreamLeg", "IDEMPOTENT_METHODS", "NO_ROUTE"]
 _NO_BODY = NO_BODY
 
 NO_ROUTE = "-"
+"""Route label for requests that matched no route (bounded, unlike the raw path)."""
 CLIENT_CLOSED = 499
 """Status logged for a request whose client went away before any response started (nginx's)."""
-"""Route label for requests that matched no route (bounded, unlike the raw path)."""
 
 
 class HttpSession(ResponseSide):

@@ -54,7 +54,6 @@ def endpoint(sockaddr: object) -> Endpoint | None:
         return None
 
 
-
 def socket_endpoints(transport: asyncio.BaseTransport) -> tuple[Endpoint, Endpoint] | None:
     """A connection's client and local address from its socket, for a PROXY header we send.
     Worked out only when one is sent (parsing both costs ~5 µs a connection)."""

@@ -21,8 +21,8 @@ from nextproxy.config.model import Address, Config, Upstream
 from nextproxy.core.upstream_leg import UpstreamLeg, new_upstream_leg
 from nextproxy.core.proxyprotocol import V2_SIGNATURE
 from nextproxy.edge.acceptor import out_of_descriptors
-from nextproxy.edge.writes import TurnWrites
 from nextproxy.edge.reads import READ_SIZE, read_buffer
+from nextproxy.edge.writes import TurnWrites
 
 LOCAL_V2 = V2_SIGNATURE + bytes((0x20, 0x00, 0x00, 0x00))
 """A PROXY v2 LOCAL header without addresses: what the health probe sends to such upstreams."""

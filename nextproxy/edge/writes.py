@@ -57,10 +57,7 @@ class TurnWrites:
             self.flush()
             _send(transport, data)
             return
-        self._queue.append((transport, data))
-        if not self._armed:
-            self._armed = True
-            self._loop.call_soon(self._turn_ended)
+        self._queue_up(self._loop, transport, data)
 
     def close(self, transport: asyncio.Transport) -> None:
         """``transport.close()`` after the writes queued before it (the transport then still
@@ -68,10 +65,13 @@ class TurnWrites:
         if self._loop is None:
             transport.close()
             return
-        self._queue.append((transport, None))
+        self._queue_up(self._loop, transport, None)
+
+    def _queue_up(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, data: bytes | None) -> None:
+        self._queue.append((transport, data))
         if not self._armed:
             self._armed = True
-            self._loop.call_soon(self._turn_ended)
+            loop.call_soon(self._turn_ended)
 
     def _turn_ended(self) -> None:
         self._armed = False
