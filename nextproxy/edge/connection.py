@@ -129,7 +129,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         http = self.http
         if http is not None and not self.closed:
             self.transport = None  # gone: the request in flight is reported, nothing is written
-            self._guarded(lambda: self.run(http.session.client_gone()))
+            self._guarded(lambda: self.run(http.client_gone()))
         self._close()
 
     def _guarded(self, step: Callable[[], None]) -> None:

@@ -154,6 +154,10 @@ class HttpPhase:
     def drain(self) -> list[Action]:
         return self.session.drain()
 
+    def client_gone(self) -> list[Action]:
+        """The client's connection reset or closed under us: report the request in flight."""
+        return self.session.client_gone()
+
     def deadline(self, kind: Timer) -> list[Action]:
         if kind is Timer.RESPONSE:
             # 504, and back to the keep-alive clock; actions that follow may set another timer.
