@@ -185,6 +185,15 @@ def test_tls12_only_client_does_not_offer_tls13(client: object) -> None:
     assert result.server_name == "example.com"
 
 
+@pytest.mark.parametrize("versions,offers", [
+    (b"\x04\x03\x04\x03\x03", True), (b"\x04\x03\x03\x03\x04", True),
+    # 0x7f03 then 0x0403: the bytes 03 04 straddle the two versions, neither is TLS 1.3.
+    (b"\x04\x7f\x03\x04\x03", False), (b"\x02\x03\x03", False),
+])
+def test_tls13_is_found_only_as_a_whole_version(versions: bytes, offers: bool) -> None:
+    assert feed_all([edited(STDLIB, {43: versions})]).offers_tls13 is offers
+
+
 def test_alpn_order_is_kept() -> None:
     hello = feed_all([stdlib_hello(alpn=("http/1.1", "h2", "acme-tls/1"))])
     assert hello.alpn == (b"http/1.1", b"h2", b"acme-tls/1")
