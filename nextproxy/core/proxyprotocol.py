@@ -353,6 +353,8 @@ def looks_like_proxy_protocol(first_bytes: bytes) -> bool:
     refused either way, and this only names why. Pass the first read from the socket: senders
     write the header at once, so that read holds the signature.
     """
+    if first_bytes[:1] == b"\x16":
+        return False  # a TLS handshake record: every connection of a plain edge listener
     for signature in (V1_SIGNATURE, V2_SIGNATURE):
         head = first_bytes[:len(signature)]
         if len(head) >= 5 and signature.startswith(head):

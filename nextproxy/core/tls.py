@@ -178,7 +178,11 @@ class TlsEngine:
                     result = _SSL_do_handshake(direct[0])
                     if result <= 0 and _SSL_get_error(direct[0], result) == _WANT_READ:
                         return b""
-                    conn._raise_ssl_error(direct[0], result)  # callbacks' failures, then OpenSSL's
+                    if result != 1:
+                        # The callbacks' failures, then OpenSSL's. A success has none to raise: a
+                        # failing ALPN or verify callback fails the handshake (pyOpenSSL answers
+                        # OpenSSL with a fatal alert or a refused chain).
+                        conn._raise_ssl_error(direct[0], result)
             except SSL.WantReadError:
                 return b""
             except Exception as exc:  # every pyOpenSSL failure; see _fail
@@ -288,10 +292,11 @@ class TlsEngine:
 
     def data_to_send(self) -> bytes:
         """Every pending outgoing byte: handshake flights, records, alerts, session tickets."""
-        parts: list[bytes] = [self._stash]
-        self._stash = b""
+        stash = self._stash
+        if stash:
+            self._stash = b""
         if not self._bio_touched:
-            return parts[0]
+            return stash
         self._bio_touched = False
         conn = self._conn
         direct = self._direct
@@ -299,17 +304,19 @@ class TlsEngine:
             # One read sized to what the BIO holds (pyOpenSSL's chunked reads below allocate the
             # whole chunk each time).
             pending = _bio_unread(direct[2], _ffi.NULL)  # type: ignore[misc]
-            if pending:
-                buffer = _new_buffer("char[]", pending)
-                count = _BIO_read(direct[2], buffer, pending)  # a memory BIO hands out all it holds
-                if count > 0:
-                    parts.append(_ffi.buffer(buffer, count)[:])
-                else:  # never seen: pyOpenSSL's read says why
-                    try:
-                        parts.append(conn.bio_read(pending))
-                    except Exception as exc:
-                        raise self._fail(exc) from None
-            return b"".join(parts) if parts[0] else parts[-1]
+            if not pending:
+                return stash
+            buffer = _new_buffer("char[]", pending)
+            count = _BIO_read(direct[2], buffer, pending)  # a memory BIO hands out all it holds
+            if count > 0:
+                out = _ffi.buffer(buffer, count)[:]
+            else:  # never seen: pyOpenSSL's read says why
+                try:
+                    out = conn.bio_read(pending)
+                except Exception as exc:
+                    raise self._fail(exc) from None
+            return stash + out if stash else out
+        parts = [stash]
         while True:
             try:
                 chunk = conn.bio_read(DRAIN_CHUNK)
