@@ -1,6 +1,7 @@
 """nextproxy's whole terminated path, in-process: µs per keep-alive request and per new connection.
 
-    python benchmarks/inprocess.py      # ~15 s, nothing to install, no sockets
+    python benchmarks/inprocess.py             # ~15 s, nothing to install, no sockets
+    python benchmarks/inprocess.py --opcodes   # bytecode counts instead of time (exact, ~5 s)
 
 run.py measures under real load, where this 2-core VM's noise is ±15% between runs; this runs
 the real shell (Accepted, TerminatedConnection, UpstreamConnection, the pool, metrics, deadlines)
@@ -9,14 +10,22 @@ upstream responses, and reports the minimum of several batches: small changes sh
 they drown in run.py (the VM's speed still drifts over minutes: compare two commits by running
 them alternately). Only the proxy's own calls are timed (the client's TLS work is not).
 Not a test: the transports are stand-ins that only collect bytes.
+
+``--opcodes`` counts the bytecode instructions the proxy executes per operation instead (and
+the functions that execute most): the same number on every run, so two commits compare exactly
+whatever the VM does. Under load each instruction costs several times its in-process time (the
+handshake evicts the caches: ~40 ns per instruction per new connection under W2 against ~8 here),
+so fewer instructions is what a change on the per-connection path has to show.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ssl
 import sys
 import time
+from types import FrameType
 from pathlib import Path
 from typing import Any, Callable
 
@@ -124,6 +133,7 @@ class Bench:
         step()
         self.proxy_seconds += time.perf_counter() - start
 
+
     def connect(self) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, MemoryTransport]:
         """Accept, read the hello, complete the handshake; returns the client side."""
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -153,6 +163,41 @@ class Bench:
         incoming.write(transport.take())
         response = client.read(65536)
         assert response.startswith(b"HTTP/1.1 200 "), response[:80]
+
+
+class OpcodeCount:
+    """Counts the bytecode instructions executed inside ``Bench.timed`` (the proxy's calls),
+    by function, with a trace function (``--opcodes``)."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.by_function: collections.Counter[str] = collections.Counter()
+        self._on = False
+        timed = bench.timed
+
+        def counted(step: Callable[[], object]) -> None:
+            self._on = True
+            try:
+                timed(step)
+            finally:
+                self._on = False
+
+        bench.timed = counted  # type: ignore[method-assign]
+        sys.settrace(self._trace)
+
+    def _trace(self, frame: FrameType, event: str, arg: object) -> Any:
+        if event == "call":
+            frame.f_trace_opcodes = True
+        elif event == "opcode" and self._on and frame.f_code.co_filename != __file__:
+            code = frame.f_code
+            self.by_function[f"{Path(code.co_filename).name}:{code.co_qualname}"] += 1
+        return self._trace
+
+    def per(self, n: int, run: Callable[[], object]) -> tuple[float, list[tuple[str, float]]]:
+        """Instructions per operation over ``run`` (``n`` operations), and the top functions."""
+        self.by_function.clear()
+        run()
+        top = [(name, count / n) for name, count in self.by_function.most_common(12)]
+        return sum(self.by_function.values()) / n, top
 
 
 def websocket_echo(bench: Bench) -> Callable[[int], float]:
@@ -232,8 +277,34 @@ def best_of(run: Callable[[], float]) -> float:
     return min(run() for _ in range(BATCHES))
 
 
+def count_opcodes(bench: Bench) -> None:
+    """``--opcodes``: bytecode per keep-alive request, per new connection, per 32 B echo."""
+    client, incoming, outgoing, transport = bench.connect()
+    for _ in range(50):  # warm: first calls import, compile regular expressions, fill caches
+        bench.exchange(client, incoming, outgoing, transport, REQUEST)
+        bench.exchange(*bench.connect(), CLOSING_REQUEST)
+    counter = OpcodeCount(bench)
+    n = 100
+    rows = [
+        ("keep-alive request", counter.per(n, lambda: [bench.exchange(client, incoming, outgoing, transport, REQUEST) for _ in range(n)])),
+        ("new connection + one request + close", counter.per(n, lambda: [bench.exchange(*bench.connect(), CLOSING_REQUEST) for _ in range(n)])),
+    ]
+    echoes = websocket_echo(bench)
+    echoes(20)
+    rows.append(("WebSocket echo, frames mode, 32 B", counter.per(n, lambda: echoes(n))))
+    sys.settrace(None)
+    print(f"Python {sys.version.split()[0]}; bytecode instructions the proxy executes per operation, in-process\n")
+    for title, (total, top) in rows:
+        print(f"  {title:<40} {total:7.0f}")
+        for name, count in top:
+            print(f"      {count:6.0f}  {name}")
+
+
 async def main() -> None:
     bench = Bench(asyncio.get_running_loop())
+    if "--opcodes" in sys.argv[1:]:
+        count_opcodes(bench)
+        return
     client, incoming, outgoing, transport = bench.connect()
 
     def keep_alive(n: int = 2000) -> float:
