@@ -58,6 +58,7 @@ from nextproxy.edge.upstream import UpstreamConnection  # noqa: E402
 
 CLOSING_REQUEST = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
 BATCHES = 9
+TOP = 12
 
 
 class MemoryTransport:
@@ -196,7 +197,7 @@ class OpcodeCount:
         """Instructions per operation over ``run`` (``n`` operations), and the top functions."""
         self.by_function.clear()
         run()
-        top = [(name, count / n) for name, count in self.by_function.most_common(12)]
+        top = [(name, count / n) for name, count in self.by_function.most_common(TOP)]
         return sum(self.by_function.values()) / n, top
 
 

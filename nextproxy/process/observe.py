@@ -169,11 +169,13 @@ class Observer:
         self.route(route).websocket_sessions_active.inc()
 
     def ws_message(self, route: str, message: MessageRelayed) -> None:
+        # Tallied like the requests (one per relayed message: prometheus-client's own inc was
+        # ~7% of a 32-byte echo's bytecode).
         children = self.route(route)
         if message.direction is Side.CLIENT:
-            children.websocket_messages_client_to_upstream.inc()
+            self._count(children.websocket_messages_client_to_upstream)
         else:
-            children.websocket_messages_upstream_to_client.inc()
+            self._count(children.websocket_messages_upstream_to_client)
 
     def ws_gone(self, route: str) -> None:
         self.route(route).websocket_sessions_active.dec()
