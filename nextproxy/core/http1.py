@@ -93,9 +93,9 @@ class HttpSession(ResponseSide):
         """
         if self._closed:
             return False
-        if self._connecting or (self._exchange is not None and not self._body.open):
-            return not self._buffer
-        return True
+        if not self._buffer:
+            return True  # nothing piled up (asked after every batch: the cheap answer first)
+        return not (self._connecting or (self._exchange is not None and not self._body.open))
 
     @property
     def idle(self) -> bool:
