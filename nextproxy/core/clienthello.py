@@ -17,6 +17,7 @@ let anything but ``ClientHelloError`` escape.
 
 from __future__ import annotations
 
+import struct
 from typing import NoReturn
 
 from nextproxy.core.hellobody import ClientHello, fail, parse_body
@@ -40,6 +41,9 @@ _MAX_RECORD = 16384  # RFC 8446 section 5.1: TLSPlaintext.length MUST NOT exceed
 _CONTENT_HANDSHAKE = 22
 _HANDSHAKE_CLIENT_HELLO = 1
 _SSL2_CLIENT_HELLO = 1
+_FIRST_HEADERS = struct.Struct(">BBxHI").unpack_from
+"""A record's content type, major version and length, then the handshake message's type and
+length in one 32-bit word: the first nine bytes of nearly every connection, in one C call."""
 
 # Sniffed only before the first record, and only to pick a friendlier answer (400 "use https");
 # the longest token is 8 bytes, so sniffing waits for at most 8 bytes.
@@ -129,14 +133,14 @@ class ClientHelloReader:
         """The ClientHello body when ``data`` starts with one whole handshake record holding
         the whole message (nearly every client): parsed at once, without the reassembly
         walk. None for anything else, which takes the general path and its checks."""
-        if len(data) < _RECORD_HEADER + _HANDSHAKE_HEADER or data[0] != _CONTENT_HANDSHAKE or data[1] != 3:
+        if len(data) < _RECORD_HEADER + _HANDSHAKE_HEADER:
             return None
-        record = data[3] << 8 | data[4]
-        size = _HANDSHAKE_HEADER + (data[6] << 16 | data[7] << 8 | data[8])
+        content_type, major, record, message = _FIRST_HEADERS(data)
+        size = _HANDSHAKE_HEADER + (message & 0xFFFFFF)
         end = _RECORD_HEADER + size
-        if data[5] != _HANDSHAKE_CLIENT_HELLO or size > record or record > _MAX_RECORD or end > len(data):
+        if content_type != _CONTENT_HANDSHAKE or major != 3 or message >> 24 != _HANDSHAKE_CLIENT_HELLO:
             return None
-        if end > self._max_size:
+        if size > record or record > _MAX_RECORD or end > len(data) or end > self._max_size:
             return None
         self._records, self._consumed = 1, end
         return data[_RECORD_HEADER + _HANDSHAKE_HEADER : end]

@@ -75,11 +75,17 @@ def parse_body(body: bytes, raw: bytes = b"") -> ClientHello:
     Judging them here would only send a hello OpenSSL accepts to the default route.
     """
     end = len(body)
-    if end < 34:
-        raise fail(TlsAlert.DECODE_ERROR, "ClientHello: legacy_version or random truncated")
-    _, pos = _vector(body, 34, end, 1, "legacy_session_id")
-    _, pos = _vector(body, pos, end, 2, "cipher_suites")
-    _, pos = _vector(body, pos, end, 1, "legacy_compression_methods")
+    # legacy_version and random (34 bytes), then three vectors: legacy_session_id<0..32>,
+    # cipher_suites<2..2^16-2>, legacy_compression_methods<1..2^8-1>. Walked by offsets in
+    # one go (an index past the body is the truncation), checked once after.
+    try:
+        pos = 35 + body[34]
+        pos += 2 + (body[pos] << 8 | body[pos + 1])
+        pos += 1 + body[pos]
+    except IndexError:
+        pos = end + 1
+    if pos > end:
+        raise fail(TlsAlert.DECODE_ERROR, "ClientHello: truncated before its extensions")
     extensions: dict[int, bytes] = {}
     # A pre-TLS-1.2 style hello may end here; TLS 1.3 clients always send extensions.
     if pos < end:
