@@ -308,6 +308,7 @@ class TlsEngine:
                 return stash
             buffer = _new_buffer("char[]", pending)
             count = _BIO_read(direct[2], buffer, pending)  # a memory BIO hands out all it holds
+            out: bytes
             if count > 0:
                 out = _ffi.buffer(buffer, count)[:]
             else:  # never seen: pyOpenSSL's read says why
