@@ -18,6 +18,7 @@ import gzip
 import os
 import threading
 import weakref
+from bisect import bisect_left
 from typing import Callable
 from dataclasses import dataclass, field
 
@@ -259,13 +260,17 @@ class Tally:
     is one dict update, and ``flush`` gives each child its sum in one ``inc``. Flushed before
     every collection in this process (``registry_for_exposition``: scrapes, the status page's
     samples) and by the owner's timer (a worker's counts reach the supervisor's merge within
-    ``FLUSH_INTERVAL``). Counters and gauges only: a histogram's observations are not sums.
+    ``FLUSH_INTERVAL``). Histogram observations are kept as their sum and a count per bucket
+    (``observe``): a request's duration cost a Python loop over the buckets and two locked
+    increments, ~110 of a keep-alive request's ~3,600 bytecode instructions.
     """
 
-    __slots__ = ("_pending", "_lock")
+    __slots__ = ("_pending", "_observed", "_lock")
 
     def __init__(self) -> None:
         self._pending: dict[Counter | Gauge, float] = {}
+        self._observed: dict[Histogram, tuple[list[float], list[int]]] = {}
+        """Per histogram child: [sum of the observations], observations per bucket."""
         self._lock = threading.Lock()
         """A collection may run on another thread than the loop (an embedding application, the
         tests' in-thread proxy); uncontended, it costs a fraction of prometheus-client's own."""
@@ -275,12 +280,31 @@ class Tally:
             pending = self._pending
             pending[child] = pending.get(child, 0.0) + amount
 
+    def observe(self, child: Histogram, amount: float) -> None:
+        """``child.observe(amount)``, later. The bucket is the first whose upper bound is at
+        least ``amount``, as prometheus-client picks it (the last bound is +Inf)."""
+        bounds = child._upper_bounds  # noqa: SLF001 (prometheus-client's own, read-only here)
+        index = bisect_left(bounds, amount)
+        with self._lock:
+            entry = self._observed.get(child)
+            if entry is None:
+                entry = self._observed[child] = ([0.0], [0] * len(bounds))
+            entry[0][0] += amount
+            entry[1][index] += 1
+
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
+            observed, self._observed = self._observed, {}
         for child, amount in pending.items():
             if amount:
                 child.inc(amount)
+        for histogram, (total, counts) in observed.items():
+            histogram._sum.inc(total[0])  # noqa: SLF001
+            buckets = histogram._buckets  # noqa: SLF001
+            for index, count in enumerate(counts):
+                if count:
+                    buckets[index].inc(count)
 
 
 FLUSH_INTERVAL = 1.0

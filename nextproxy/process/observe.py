@@ -120,7 +120,10 @@ class Observer:
     def request(self, done: RequestCompleted, duration: float, peer: str) -> None:
         children = self.route(done.route)
         self._count(children.requests(done.status))
-        children.duration.observe(duration)
+        if self._flush_timer is not None:  # armed by the count just made (there is a loop)
+            self._tally.observe(children.duration, duration)
+        else:
+            children.duration.observe(duration)
         if done.bytes_from_client:
             self._count(children.bytes_client_to_upstream, done.bytes_from_client)
         if done.bytes_to_client:

@@ -7,6 +7,8 @@ import inspect
 import io
 import json
 
+import pytest
+
 from nextproxy.core.actions import RequestCompleted
 from nextproxy.edge.observer import EdgeObserver
 from nextproxy.process.logs import Logger
@@ -73,3 +75,40 @@ def test_hot_counters_are_tallied_and_reach_prometheus_before_any_collection_or_
     assert untouched == 0  # still in the tally
     assert scraped == 3 and scraped_bytes == 3 * 1234  # a collection flushed it
     assert timed == 4  # the timer flushed the fourth
+
+
+def test_tallied_histogram_observations_equal_prometheus_clients_own() -> None:
+    """``Tally.observe`` keeps a sum and a count per bucket and hands them over at the flush:
+    the samples must be exactly what ``Histogram.observe`` makes, bucket bounds included (an
+    observation equal to a bound counts in that bound's bucket, as ``le`` says)."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from nextproxy.process.metrics import Tally
+
+    registry = CollectorRegistry()
+    buckets = (0.005, 0.01, 0.1, 1.0, 10.0)
+    direct = Histogram("direct_seconds", "direct", ["route"], buckets=buckets, registry=registry)
+    tallied = Histogram("tallied_seconds", "tallied", ["route"], buckets=buckets, registry=registry)
+    values = [0.0, 0.004, 0.005, 0.0050001, 0.01, 0.09, 0.1, 1.0, 2.5, 10.0, 10.5, 1e9, 0.003]
+    tally = Tally()
+    for route in ("a", "b"):
+        for value in values if route == "a" else values[:4]:
+            direct.labels(route=route).observe(value)
+            tally.observe(tallied.labels(route=route), value)
+    still_tallied = [s.value for f in registry.collect() if f.name == "tallied_seconds" for s in f.samples if s.name.endswith("_count")]
+    assert still_tallied == [0.0, 0.0]
+    tally.flush()
+    tally.flush()  # a second flush finds nothing more
+
+    def samples(prefix: str) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return sorted(
+            (s.name.removeprefix(prefix), tuple(sorted(s.labels.items())), s.value)
+            for family in registry.collect() if family.name == prefix
+            for s in family.samples if not s.name.endswith("_created")
+        )  # fmt: skip
+
+    direct_samples, tallied_samples = samples("direct_seconds"), samples("tallied_seconds")
+    assert len(direct_samples) == 2 * (len(buckets) + 1 + 2)  # buckets and +Inf, count, sum
+    assert [s[:2] for s in direct_samples] == [s[:2] for s in tallied_samples]
+    # The sum is added up in another order (once per flush): equal up to rounding.
+    assert [s[2] for s in tallied_samples] == pytest.approx([s[2] for s in direct_samples], rel=1e-12)
