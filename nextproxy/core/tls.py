@@ -51,7 +51,9 @@ _bio_unread: Callable[..., int] | None = getattr(_lib, "BIO_get_mem_data", None)
 # Failures still go through pyOpenSSL (``_raise_ssl_error``, what its own recv and send call), so
 # they raise exactly the exceptions they always did. Without these private names (another
 # pyOpenSSL) the public methods are used.
-_DIRECT_OK = _bio_unread is not None and hasattr(SSL.Connection, "_raise_ssl_error")
+_DIRECT_OK = _bio_unread is not None and hasattr(SSL.Connection, "_raise_ssl_error") and all(
+    name in SSL.Connection.__init__.__code__.co_names for name in ("_ssl", "_into_ssl", "_from_ssl")
+)
 _SSL_read, _SSL_write, _SSL_pending, _SSL_get_error = _lib.SSL_read, _lib.SSL_write, _lib.SSL_pending, _lib.SSL_get_error
 _BIO_read, _BIO_write, _SSL_do_handshake = _lib.BIO_read, _lib.BIO_write, _lib.SSL_do_handshake
 _SSL_set_accept_state = _lib.SSL_set_accept_state
@@ -59,6 +61,10 @@ _WANT_READ, _ZERO_RETURN = _lib.SSL_ERROR_WANT_READ, _lib.SSL_ERROR_ZERO_RETURN
 # A fresh buffer per read, as pyOpenSSL's (not zeroed: OpenSSL fills what it reports). One shared
 # buffer would be cheaper, but cffi releases the GIL during the call, so two threads could fill it.
 _new_buffer = _ffi.new_allocator(should_clear_after_alloc=False)
+
+
+_NO_VERIFY_CALLBACK = VerifyNote()
+"""The note of every connection whose context verifies no client certificate: never written."""
 
 
 class NoApplicationProtocol(Exception):
@@ -111,15 +117,21 @@ class TlsEngine:
         self.error: TlsError | None = None
         """The failure that ended this engine; set before any alert is flushed."""
         self._error_raised = False
-        self._verify_note = VerifyNote()
+        # Only a client-auth context has a verify callback to write a code into the note; the
+        # others share one that nothing writes (their connections carry no app data at all).
+        self._verify_note = _NO_VERIFY_CALLBACK if context.client_auth is ClientAuth.NONE else VerifyNote()
         try:
             self._conn = conn = SSL.Connection(context.context, None)
         except Exception as exc:  # a context OpenSSL refuses to make connections from
             raise self._fail(exc) from None
-        conn.set_app_data(self._verify_note)
-        pointers = (getattr(conn, "_ssl", None), getattr(conn, "_into_ssl", None), getattr(conn, "_from_ssl", None))
-        self._direct: tuple[Any, Any, Any] | None = pointers if _DIRECT_OK and None not in pointers else None
+        if self._verify_note is not _NO_VERIFY_CALLBACK:
+            conn.set_app_data(self._verify_note)
+        self._direct: tuple[Any, Any, Any] | None = None
         """(SSL, incoming BIO, outgoing BIO) for the direct calls, or None: use pyOpenSSL's."""
+        if _DIRECT_OK:
+            pointers = (conn._ssl, conn._into_ssl, conn._from_ssl)
+            if pointers[1] is not None and pointers[2] is not None:  # memory BIOs, as asked
+                self._direct = pointers
         if self._direct is not None:
             _SSL_set_accept_state(self._direct[0])  # pyOpenSSL's set_accept_state, one frame less
         else:

@@ -342,7 +342,8 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         phase, self._phase, self.http = self._phase, None, None
         self.deadline.close()
         self.release(False)
-        if phase is not None and phase.websocket:
+        websocket = phase is not None and phase.websocket
+        if websocket:
             self.rt.observer.ws_gone(self.route_name)
         transport, self.transport = self.transport, None
         if transport is not None:
@@ -357,6 +358,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             else:
                 self._writes.close(transport)
         self._handshake_over()
-        self.rt.leave(self, Group.WEBSOCKET)
+        if websocket:  # only a WebSocket phase joins that group (``phases.upgrade``)
+            self.rt.leave(self, Group.WEBSOCKET)
         if self.rt.leave(self, Group.TERMINATED):
             self.rt.closed(self.peer)
