@@ -269,8 +269,8 @@ class Tally:
 
     def __init__(self) -> None:
         self._pending: dict[Counter | Gauge, float] = {}
-        self._observed: dict[Histogram, tuple[list[float], list[int]]] = {}
-        """Per histogram child: [sum of the observations], observations per bucket."""
+        self._observed: dict[Histogram, list[float]] = {}
+        """Per histogram child: the observations' sum, then how many fell in each bucket."""
         self._lock = threading.Lock()
         """A collection may run on another thread than the loop (an embedding application, the
         tests' in-thread proxy); uncontended, it costs a fraction of prometheus-client's own."""
@@ -288,9 +288,9 @@ class Tally:
         with self._lock:
             entry = self._observed.get(child)
             if entry is None:
-                entry = self._observed[child] = ([0.0], [0] * len(bounds))
-            entry[0][0] += amount
-            entry[1][index] += 1
+                entry = self._observed[child] = [0.0] * (1 + len(bounds))
+            entry[0] += amount
+            entry[1 + index] += 1
 
     def flush(self) -> None:
         with self._lock:
@@ -299,12 +299,11 @@ class Tally:
         for child, amount in pending.items():
             if amount:
                 child.inc(amount)
-        for histogram, (total, counts) in observed.items():
-            histogram._sum.inc(total[0])  # noqa: SLF001
-            buckets = histogram._buckets  # noqa: SLF001
-            for index, count in enumerate(counts):
+        for histogram, entry in observed.items():
+            histogram._sum.inc(entry[0])  # noqa: SLF001
+            for bucket, count in zip(histogram._buckets, entry[1:]):  # noqa: SLF001
                 if count:
-                    buckets[index].inc(count)
+                    bucket.inc(count)
 
 
 FLUSH_INTERVAL = 1.0
