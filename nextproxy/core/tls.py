@@ -201,11 +201,11 @@ class TlsEngine:
                 raise self._fail(exc) from None
             self._handshake_done()
         # The client may send its Finished and its first request in one segment: read on.
-        return self._read_all()
+        direct = self._direct
+        return self._read_all() if direct is None else self._read_all_direct(direct)
 
     def _read_all(self) -> bytes:
-        if self._direct is not None:
-            return self._read_all_direct(self._direct)
+        """Everything decrypted so far, through pyOpenSSL's methods (without the direct calls)."""
         conn = self._conn
         parts: list[bytes] = []
         # Without read-ahead OpenSSL takes from the BIO only the record it decrypts: once the
