@@ -36,7 +36,8 @@ class TurnWrites:
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: list[tuple[asyncio.Transport, bytes | list[bytes] | None]] = []
+        self._queue: list[tuple[asyncio.Transport, bytes | None]] = []
+        """Small writes (bytes) and closes (None), in order; bulk writes never wait here."""
         self._armed = False
         self._on_error: Callable[[Exception], None] | None = None
 
@@ -50,28 +51,32 @@ class TurnWrites:
     def write(self, transport: asyncio.Transport, data: bytes | list[bytes]) -> None:
         """``transport.write(data)`` (``writelines`` for a list: pieces of a bulk write) at the
         end of this turn, or now for ``BULK`` bytes and more."""
-        if self._loop is None:
+        loop = self._loop
+        if loop is None:
             _send(transport, data)
-            return
-        if isinstance(data, list) or len(data) >= BULK:
+        elif type(data) is bytes and len(data) < BULK:  # the hot path: queued in this frame
+            self._queue.append((transport, data))
+            if not self._armed:
+                self._arm(loop)
+        else:
             self.flush()
             _send(transport, data)
-            return
-        self._queue_up(self._loop, transport, data)
 
     def close(self, transport: asyncio.Transport) -> None:
         """``transport.close()`` after the writes queued before it (the transport then still
         sends what it buffered, as close always does)."""
-        if self._loop is None:
+        loop = self._loop
+        if loop is None:
             transport.close()
             return
-        self._queue_up(self._loop, transport, None)
-
-    def _queue_up(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, data: bytes | None) -> None:
-        self._queue.append((transport, data))
+        self._queue.append((transport, None))
         if not self._armed:
-            self._armed = True
-            loop.call_soon(self._turn_ended)
+            self._arm(loop)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The first write or close of a turn: flush once the turn's callbacks have run."""
+        self._armed = True
+        loop.call_soon(self._turn_ended)
 
     def _turn_ended(self) -> None:
         self._armed = False
@@ -89,7 +94,7 @@ class TurnWrites:
                 if data is None:
                     transport.close()
                 elif not transport.is_closing():  # closed meanwhile (reset, abort): nowhere to go
-                    _send(transport, data)
+                    transport.write(data)
             except Exception as exc:  # one transport's bug must not cost the others their writes
                 if self._on_error is not None:
                     self._on_error(exc)
