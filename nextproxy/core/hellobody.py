@@ -9,6 +9,7 @@ bounds-checked: it is OpenSSL's (or the passthrough upstream's) to judge. Sans-I
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -19,7 +20,9 @@ _EXT_ALPN = 16
 _EXT_SUPPORTED_VERSIONS = 43
 _TLS13_BYTES = b"\x03\x04"
 _WANTED_EXTENSIONS = frozenset((_EXT_SERVER_NAME, _EXT_ALPN, _EXT_SUPPORTED_VERSIONS))
-_HOST_LABEL_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
+_HOST_NAME = re.compile(rb"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)")
+"""Lower-case DNS labels of 1-63 letters, digits and inner hyphens, joined by dots; the last
+label is the group (RFC 1123 section 2.1)."""
 _EXTENSION_HEADER = struct.Struct(">HH").unpack_from
 """An extension's type and length in one C call: the walk below runs once per extension."""
 
@@ -164,14 +167,11 @@ def normalize_host(name: bytes) -> str | None:
     if not 0 < len(name) <= 253:
         return None
     name = name.lower()
-    labels = name.split(b".")
-    for label in labels:
-        if not 0 < len(label) <= 63 or label[0] == 0x2D or label[-1] == 0x2D:
-            return None
-        if not _HOST_LABEL_CHARS.issuperset(label):
-            return None
+    # One regular expression instead of a loop over the labels (every connection's SNI, and the
+    # Host of every request on a connection that sent one: ~45 bytecodes a label before).
+    match = _HOST_NAME.fullmatch(name)
     # An all-numeric last label is an IPv4 literal (or a shorthand like "127.1"); no TLD is.
-    if labels[-1].isdigit():
+    if match is None or match.group(1).isdigit():
         return None
     return name.decode("ascii")
 

@@ -453,3 +453,45 @@ def test_fuzzed_real_hellos_only_raise_client_hello_error() -> None:
             outcomes["hello"] += 1
     # Each outcome must occur, or the fuzz is not exercising the reader.
     assert all(outcomes.values()), outcomes
+
+
+def _labelwise_host(name: bytes) -> str | None:
+    """normalize_host's definition, label by label (RFC 1123 2.1 names, no IP literals): the
+    reference its single regular expression must agree with."""
+    if name.endswith(b"."):
+        name = name[:-1]
+    if not 0 < len(name) <= 253:
+        return None
+    labels = name.lower().split(b".")
+    for label in labels:
+        if not 0 < len(label) <= 63 or label.startswith(b"-") or label.endswith(b"-"):
+            return None
+        if any(c not in b"abcdefghijklmnopqrstuvwxyz0123456789-" for c in label):
+            return None
+    return None if labels[-1].isdigit() else name.lower().decode("ascii")
+
+
+def test_normalize_host_agrees_with_the_labelwise_definition() -> None:
+    from nextproxy.core.hellobody import normalize_host
+
+    fixed = [
+        b"example.com", b"Example.COM.", b"a", b"a.", b"a..", b".a", b"a..b", b"-a.b", b"a-.b", b"a-b.c",
+        b"127.0.0.1", b"127.1", b"1.2.3.4a", b"4a.1", b"xn--bcher-kva.example", b"a_b.example", b"a b",
+        b"\xc3\xa9.example", b"a" * 63 + b".b", b"a" * 64 + b".b", b".".join([b"a" * 63] * 4)[:253],
+        b".".join([b"a" * 63] * 4)[:254], b"", b".", b"::1", b"[::1]", b"host:443", b"0", b"0.a",
+    ]  # fmt: skip
+    rng = random.Random(20261204)
+
+    def near_name() -> bytes:
+        """Labels of edge lengths from a mostly valid alphabet, sometimes one foreign byte."""
+        labels = [bytes(rng.choice(b"ab9Z-") for _ in range(rng.choice((0, 1, 2, 5, 62, 63, 64))))
+                  for _ in range(rng.randint(1, 5))]  # fmt: skip
+        name = bytearray(b".".join(labels) + (b"." if rng.random() < 0.2 else b""))
+        if name and rng.random() < 0.3:
+            name[rng.randrange(len(name))] = rng.choice(b"_:\xc3 .-7")
+        return bytes(name)
+
+    fuzzed = [near_name() for _ in range(3000)]
+    assert sum(_labelwise_host(name) is not None for name in fuzzed) > 300  # both answers occur
+    for name in fixed + fuzzed:
+        assert normalize_host(name) == _labelwise_host(name), name
