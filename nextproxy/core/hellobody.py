@@ -138,8 +138,11 @@ def _split_extensions(buf: bytes, pos: int, end: int) -> dict[int, bytes]:
 
 def _parse_server_name(data: bytes) -> str | None:
     """RFC 6066 section 3: a list of (name_type, opaque name); we use host_name (0)."""
-    pos, end = _vector(data, 0, len(data), 2, "server_name_list")
-    _expect_end(end, len(data), "server_name")
+    size = len(data)
+    if size > 5 and data[2] == 0 and (data[0] << 8 | data[1]) == size - 2 and (data[3] << 8 | data[4]) == size - 5:
+        return normalize_host(data[5:])  # what every client sends: one non-empty host_name
+    pos, end = _vector(data, 0, size, 2, "server_name_list")
+    _expect_end(end, size, "server_name")
     if pos == end:
         raise fail(TlsAlert.DECODE_ERROR, "empty server_name_list")
     host: bytes | None = None
