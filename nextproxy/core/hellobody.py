@@ -27,9 +27,12 @@ _EXTENSION_HEADER = struct.Struct(">HH").unpack_from
 """An extension's type and length in one C call: the walk below runs once per extension."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientHello:
-    """What routing needs from a ClientHello, plus the bytes to replay."""
+    """What routing needs from a ClientHello, plus the bytes to replay.
+
+    Not frozen (nothing changes it; a later feed makes a new one): one is built per connection,
+    and a frozen dataclass pays an ``object.__setattr__`` per field."""
 
     server_name: str | None
     """Validated DNS host name, lower-case, no trailing dot; None if absent, an IP literal,

@@ -13,6 +13,9 @@ import enum
 from typing import Callable
 
 
+_NEVER = float("inf")
+
+
 class Timer(enum.Enum):
     """What a connection is waiting for when its deadline passes."""
 
@@ -33,7 +36,7 @@ class Timer(enum.Enum):
 class Deadline:
     """When the connection's current phase times out, and what that phase is called."""
 
-    __slots__ = ("_loop", "_on_expiry", "when", "kind", "_handle")
+    __slots__ = ("_loop", "_on_expiry", "when", "kind", "_handle", "_armed")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_expiry: Callable[[Timer], None]) -> None:
         self._loop = loop
@@ -41,15 +44,19 @@ class Deadline:
         self.when = 0.0
         self.kind: Timer | None = None
         self._handle: asyncio.TimerHandle | None = None
+        self._armed = _NEVER
+        """When the armed timer fires (``_NEVER`` without one): ``set`` compares with it instead
+        of asking the handle (a method call; a new connection sets its deadline six times)."""
 
     def set(self, seconds: float, kind: Timer) -> None:
         """A new deadline ``seconds`` from now for phase ``kind``."""
-        self.when = self._loop.time() + seconds
+        self.when = when = self._loop.time() + seconds
         self.kind = kind
-        if self._handle is None or self._handle.when() > self.when:
+        if when < self._armed:
             if self._handle is not None:
                 self._handle.cancel()
-            self._handle = self._loop.call_at(self.when, self._fire)
+            self._armed = when
+            self._handle = self._loop.call_at(when, self._fire)
 
     def push(self, seconds: float) -> None:
         """Activity: the same phase now ends ``seconds`` from now (no timer work)."""
@@ -70,6 +77,7 @@ class Deadline:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+            self._armed = _NEVER
         self.kind = None
 
     def close(self) -> None:
@@ -86,11 +94,12 @@ class Deadline:
         return self
 
     def _fire(self) -> None:
-        self._handle = None
+        self._handle, self._armed = None, _NEVER
         kind = self.kind
         if kind is None:
             return
         if self._loop.time() < self.when - 0.001:
+            self._armed = self.when
             self._handle = self._loop.call_at(self.when, self._fire)
             return
         self.kind = None
