@@ -94,10 +94,12 @@ def parse_body(body: bytes, raw: bytes = b"") -> ClientHello:
         raise fail(TlsAlert.DECODE_ERROR, "ClientHello: truncated before its extensions")
     extensions: dict[int, bytes] = {}
     # A pre-TLS-1.2 style hello may end here; TLS 1.3 clients always send extensions.
-    if pos < end:
+    if pos + 2 <= end and pos + 2 + (body[pos] << 8 | body[pos + 1]) == end:
+        extensions = _split_extensions(body, pos + 2, end)  # the vector ends the body, as it must
+    elif pos < end:
         start, pos = _vector(body, pos, end, 2, "extensions")
         extensions = _split_extensions(body, start, pos)
-    _expect_end(pos, end, "ClientHello")
+        _expect_end(pos, end, "ClientHello")
     server_name = None
     if _EXT_SERVER_NAME in extensions:
         server_name = _parse_server_name(extensions[_EXT_SERVER_NAME])
@@ -115,12 +117,11 @@ def _split_extensions(buf: bytes, pos: int, end: int) -> dict[int, bytes]:
 
     The hottest loop of a parse (a dozen or more extensions, some 40% of its bytecode before),
     so each step is one struct call and an addition: a header or length running past ``end``
-    stops the walk, and the check after it says which."""
+    stops the walk, and the check after it says which (the header's offset is worked out
+    there, not kept on every step)."""
     wanted: dict[int, bytes] = {}
-    header = pos
     try:
         while pos < end:
-            header = pos
             ext_type, length = _EXTENSION_HEADER(buf, pos)
             pos += 4 + length
             if ext_type in _WANTED_EXTENSIONS and pos <= end:
@@ -128,13 +129,12 @@ def _split_extensions(buf: bytes, pos: int, end: int) -> dict[int, bytes]:
                     # RFC 8446 4.2: no more than one of a type; two SNIs leave no route. OpenSSL
                     # only catches duplicates of types it knows, so others are its business.
                     raise fail(TlsAlert.DECODE_ERROR, f"duplicate extension {ext_type}")
-                wanted[ext_type] = buf[header + 4 : pos]
-    except struct.error:  # the header runs past the body itself
-        pos = end + 1
+                wanted[ext_type] = buf[pos - length : pos]
+    except struct.error:  # the header runs past the body itself (``pos`` is still its offset)
+        raise fail(TlsAlert.DECODE_ERROR, "extensions: truncated extension header") from None
     if pos > end:
-        if header + 4 > end:
+        if pos - length > end:  # the header itself ran past the extensions
             raise fail(TlsAlert.DECODE_ERROR, "extensions: truncated extension header")
-        ext_type = buf[header] << 8 | buf[header + 1]
         raise fail(TlsAlert.DECODE_ERROR, f"extension {ext_type}: {pos - end} bytes missing")
     return wanted
 
@@ -200,10 +200,12 @@ def _parse_alpn(data: bytes) -> tuple[bytes, ...]:
 def _offers_tls13(data: bytes) -> bool:
     """RFC 8446 4.2.1: ClientHello supported_versions is ProtocolVersion versions<2..254>; True
     if TLS 1.3 is one of them (a search, not a list of every version: clients name it first)."""
-    pos, end = _vector(data, 0, len(data), 1, "supported_versions")
-    _expect_end(end, len(data), "supported_versions")
-    if end - pos < 2 or (end - pos) % 2:
+    size = len(data)
+    if not (size > 2 and data[0] == size - 1 and size % 2):  # else: which check fails, and how
+        pos, end = _vector(data, 0, size, 1, "supported_versions")
+        _expect_end(end, size, "supported_versions")
         raise fail(TlsAlert.DECODE_ERROR, f"supported_versions length {end - pos}")
+    pos = 1
     found = data.find(_TLS13_BYTES, pos)
     while found != -1 and (found - pos) % 2:  # the bytes straddle two versions: search on
         found = data.find(_TLS13_BYTES, found + 1)
