@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import sys
 
 import pytest
 
@@ -112,3 +113,44 @@ def test_tallied_histogram_observations_equal_prometheus_clients_own() -> None:
     assert [s[:2] for s in direct_samples] == [s[:2] for s in tallied_samples]
     # The sum is added up in another order (once per flush): equal up to rounding.
     assert [s[2] for s in tallied_samples] == pytest.approx([s[2] for s in direct_samples], rel=1e-12)
+
+
+def test_tally_loses_no_increment_to_flushes_on_another_thread() -> None:
+    """The loop's thread adds without a lock while another thread flushes (a collection in an
+    embedding application): every increment reaches the counter exactly once, and the gauge
+    ends where its ups and downs leave it."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+
+    from nextproxy.process.metrics import Tally
+
+    registry = CollectorRegistry()
+    counter = Counter("tally_race", "race", registry=registry)
+    gauge = Gauge("tally_race_active", "race", registry=registry)
+    tally = Tally()
+    stop = threading.Event()
+    flushes = 0
+
+    def flusher() -> None:
+        nonlocal flushes
+        while not stop.is_set():
+            tally.flush()
+            flushes += 1
+
+    thread = threading.Thread(target=flusher)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        thread.start()
+        for i in range(200_000):
+            tally.add(counter)
+            tally.add(gauge, 1.0 if i % 3 else -1.0)
+    finally:
+        stop.set()
+        thread.join(10)
+        sys.setswitchinterval(previous)
+    tally.flush()
+    assert flushes > 10  # the flushes did run in between
+    assert registry.get_sample_value("tally_race_total") == 200_000
+    assert registry.get_sample_value("tally_race_active") == 200_000 - 2 * 66_667
