@@ -27,8 +27,8 @@ from nextproxy.core.peercert import PeerCertificate, describe_certificate
 from nextproxy.errors import TlsError
 
 __all__ = [
-    "NoApplicationProtocol", "PeerCertificate", "TlsEngine", "TlsServerContext", "describe_certificate",
-    "note_verify_error",
+    "ALPN_HTTP1", "NoApplicationProtocol", "PeerCertificate", "TlsEngine", "TlsServerContext", "describe_certificate",
+    "note_verify_error", "serve_http1_only",
 ]  # fmt: skip
 
 # One TLS record carries at most 16 KiB of plaintext (RFC 8446 section 5.1) and SSL_read
@@ -66,6 +66,96 @@ _new_buffer = _ffi.new_allocator(should_clear_after_alloc=False)
 _NO_VERIFY_CALLBACK = VerifyNote()
 """The note of every connection whose context verifies no client certificate: never written."""
 
+# A connection of a context with no pyOpenSSL callback is made without pyOpenSSL's constructor:
+# that constructor enters every connection in a class-wide WeakValueDictionary (SSL pointer ->
+# Connection) that only its Python callbacks (verify, ALPN, SNI...) look up, and the entry, its
+# KeyedRef and the removal when the connection dies cost ~110 bytecode instructions per
+# connection, as much again as the constructor itself. ``_bare_connection`` makes the same
+# object, but only while pyOpenSSL's constructor is the one it was written from (every name it
+# uses, as in pyOpenSSL 26.4; 25.0 is another); any other version gets pyOpenSSL's own.
+_CONSTRUCTOR_NAMES = (
+    "isinstance", "Context", "TypeError", "_used", "_lib", "SSL_new", "_context", "_ffi", "gc", "SSL_free",
+    "_ssl", "SSL_set_mode", "SSL_MODE_AUTO_RETRY", "_app_data", "_alpn_select_callback_args",
+    "_verify_helper", "_verify_callback", "_cookie_generate_helper", "_cookie_verify_helper",
+    "_reverse_mapping", "_socket", "BIO_new", "BIO_s_mem", "_into_ssl", "_openssl_assert", "NULL",
+    "_from_ssl", "SSL_set_bio", "SSL_set_fd", "_asFileDescriptor",
+)  # fmt: skip
+_BARE_OK = _DIRECT_OK and SSL.Connection.__init__.__code__.co_names == _CONSTRUCTOR_NAMES
+_SSL_new, _SSL_free, _SSL_set_bio, _SSL_set_mode = _lib.SSL_new, _lib.SSL_free, _lib.SSL_set_bio, _lib.SSL_set_mode
+_BIO_new, _BIO_free, _BIO_MEMORY = _lib.BIO_new, _lib.BIO_free, _lib.BIO_s_mem()
+_AUTO_RETRY, _new_object = _lib.SSL_MODE_AUTO_RETRY, object.__new__
+
+
+class _BareConnection(SSL.Connection):
+    """What pyOpenSSL's constructor makes for a memory-BIO connection of a context without
+    callbacks; the attributes it sets to None (or to the context's, all None without
+    callbacks) are class defaults here, so a connection stores only its four pointers."""
+
+    _socket = _app_data = _alpn_select_callback_args = None
+    _verify_helper = _verify_callback = _cookie_generate_helper = _cookie_verify_helper = None
+
+
+_NULL = _ffi.NULL
+
+
+def _bare_connection(context: SSL.Context) -> SSL.Connection | None:
+    """pyOpenSSL's ``Connection(context, None)``, not entered in its callback map; None if
+    OpenSSL could not make one (then pyOpenSSL's constructor fails and says why)."""
+    ssl, incoming, outgoing = _SSL_new(context._context), _BIO_new(_BIO_MEMORY), _BIO_new(_BIO_MEMORY)
+    if ssl == _NULL or incoming == _NULL or outgoing == _NULL:
+        for pointer, free in ((ssl, _SSL_free), (incoming, _BIO_free), (outgoing, _BIO_free)):
+            if pointer != _NULL:
+                free(pointer)
+        return None
+    _SSL_set_bio(ssl, incoming, outgoing)  # the SSL object owns the BIOs from here
+    _SSL_set_mode(ssl, _AUTO_RETRY)  # as pyOpenSSL's constructor
+    context._used = True  # pyOpenSSL's: a context is immutable once it made a connection
+    conn = _new_object(_BareConnection)
+    conn._ssl, conn._context, conn._into_ssl, conn._from_ssl = _ffi.gc(ssl, _SSL_free), context, incoming, outgoing
+    return conn
+
+
+ALPN_HTTP1 = b"http/1.1"
+_ALPN_REFUSALS: dict[int, str] = {}
+"""SSL pointer -> why the ALPN callback refused it, until that connection's failure reads it."""
+
+
+def _select_http1(ssl: Any, out: Any, outlen: Any, offered: Any, size: int, arg: Any) -> int:
+    """OpenSSL's ALPN select callback: http/1.1 when the client offers it, else refuse (OpenSSL
+    then sends no_application_protocol, RFC 7301 3.2). Called without pyOpenSSL, so its
+    connections need no entry in pyOpenSSL's callback map. OpenSSL has checked the list's
+    framing; the answer points into it (OpenSSL copies it before the list goes)."""
+    data = _ffi.buffer(offered, size)[:]
+    names: list[bytes] = []
+    pos = 0
+    while pos < size:
+        length = data[pos]
+        name = data[pos + 1 : pos + 1 + length]
+        if name == ALPN_HTTP1:
+            out[0] = offered + pos + 1
+            outlen[0] = length
+            return _lib.SSL_TLSEXT_ERR_OK  # type: ignore[no-any-return]
+        names.append(name)
+        pos += 1 + length
+    key = int(_ffi.cast("uintptr_t", ssl))
+    _ALPN_REFUSALS[key] = f"ALPN offers {b', '.join(names)!r}, not http/1.1"
+    return _lib.SSL_TLSEXT_ERR_ALERT_FATAL  # type: ignore[no-any-return]
+
+
+# One C callback for every context, alive as long as the module; an exception in it (none is
+# expected: OpenSSL checked the list) refuses the handshake rather than selecting nothing.
+_SELECT_HTTP1 = _ffi.callback(
+    "int (*)(SSL *, unsigned char **, unsigned char *, const unsigned char *, unsigned int, void *)",
+    _select_http1, error=_lib.SSL_TLSEXT_ERR_ALERT_FATAL,
+)
+
+
+def serve_http1_only(context: SSL.Context) -> None:
+    """ALPN on ``context``: http/1.1 when offered, no_application_protocol when the client
+    offers only others, HTTP/1.1 without ALPN when it offers none. In OpenSSL's callback, not
+    pyOpenSSL's (which needs every connection in its callback map)."""
+    _lib.SSL_CTX_set_alpn_select_cb(context._context, _SELECT_HTTP1, _ffi.NULL)
+
 
 class NoApplicationProtocol(Exception):
     """Raised by an ALPN select callback to refuse the handshake (RFC 7301 3.2).
@@ -89,6 +179,10 @@ class TlsServerContext:
     client_cas: tuple[x509.Certificate, ...] = ()
     name: str = "default"
     """Which certificate and SNI route this context serves (logs only)."""
+    pyopenssl_callbacks: bool = True
+    """A connection may meet one of pyOpenSSL's Python callbacks (verify, its ALPN), which find
+    the connection in pyOpenSSL's map. ``build_edge_context`` says False where there is none
+    (ALPN by ``serve_http1_only``, no client certificate): the engine then skips that map."""
     store: Store | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -120,8 +214,9 @@ class TlsEngine:
         # Only a client-auth context has a verify callback to write a code into the note; the
         # others share one that nothing writes (their connections carry no app data at all).
         self._verify_note = _NO_VERIFY_CALLBACK if context.client_auth is ClientAuth.NONE else VerifyNote()
+        bare = _bare_connection(context.context) if _BARE_OK and not context.pyopenssl_callbacks else None
         try:
-            self._conn = conn = SSL.Connection(context.context, None)
+            self._conn = conn = SSL.Connection(context.context, None) if bare is None else bare
         except Exception as exc:  # a context OpenSSL refuses to make connections from
             raise self._fail(exc) from None
         if self._verify_note is not _NO_VERIFY_CALLBACK:
@@ -364,6 +459,9 @@ class TlsEngine:
         """Turn a pyOpenSSL exception into a TlsError, noting whether an alert is queued."""
         text = str(exc).lower()
         code = self._verify_note.code  # set before any OpenSSL call can fail
+        refusal = _ALPN_REFUSALS.pop(int(_ffi.cast("uintptr_t", self._conn._ssl)), None) if hasattr(self, "_conn") and _ALPN_REFUSALS else None
+        if refusal is not None:  # ``_select_http1`` refused: its words, as NoApplicationProtocol's
+            exc = NoApplicationProtocol(refusal)
         reason = "no_application_protocol" if isinstance(exc, NoApplicationProtocol) else openssl_failure_reason(text, code)
         received_alert = "alert" in text and reason != "protocol_version"
         # OpenSSL writes its fatal alert into the BIO before raising; a peer's alert gets no answer.

@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
 from nextproxy.config.model import CertificateConfig, ClientAuth, Config, SniAction, SniRoute, UpstreamTls
-from nextproxy.core.tls import NoApplicationProtocol, TlsServerContext, note_verify_error
+from nextproxy.core.tls import ALPN_HTTP1, TlsServerContext, note_verify_error, serve_http1_only
 from nextproxy.errors import ConfigError
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
 ServerKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey]
 _SERVER_KEY_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
 
-ALPN_HTTP1 = b"http/1.1"
 # OpenSSL refuses to resume a session on a verifying server without a session id context
 # ("session id context uninitialized"); resumption is off there anyway, this keeps it an
 # ordinary full handshake if a client offers an old session.
@@ -162,15 +161,6 @@ def load_ca_file(key: str, path: str) -> tuple[x509.Certificate, ...]:
 # --------------------------------------------------------------------------- edge contexts
 
 
-def _choose_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
-    # HTTP/1.1 is all we speak. A client that offers ALPN without it (an h2-only client) gets
-    # the no_application_protocol alert RFC 7301 3.2 asks for, not a 400 it cannot read; a
-    # client offering no ALPN at all never gets here and is served HTTP/1.1.
-    if ALPN_HTTP1 in offered:
-        return ALPN_HTTP1
-    raise NoApplicationProtocol(f"ALPN offers {b', '.join(offered)!r}, not http/1.1")
-
-
 def _accept_any(connection: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
     # optional / require-any: the certificate is described and judged after the handshake
     # (PeerCertificate.verified); OpenSSL still checks that the client holds the key.
@@ -204,11 +194,15 @@ def build_edge_context(
         context.add_extra_chain_cert(extra)
     context.use_privatekey(certificate.key)
     context.check_privatekey()
-    context.set_alpn_select_callback(_choose_alpn)
+    # HTTP/1.1 is all we speak. A client that offers ALPN without it (an h2-only client) gets
+    # the no_application_protocol alert RFC 7301 3.2 asks for, not a 400 it cannot read; a
+    # client offering no ALPN at all is served HTTP/1.1.
+    serve_http1_only(context)
     # The group list is OpenSSL 4's default, which puts X25519MLKEM768 first.
     if client_auth is not ClientAuth.NONE:
         _configure_client_auth(context, client_auth, client_cas)
-    return TlsServerContext(context, client_auth, client_cas, name)
+    # Only a client-auth context has a pyOpenSSL callback (verify) that needs its callback map.
+    return TlsServerContext(context, client_auth, client_cas, name, pyopenssl_callbacks=client_auth is not ClientAuth.NONE)
 
 
 def _configure_client_auth(context: SSL.Context, mode: ClientAuth, cas: tuple[x509.Certificate, ...]) -> None:

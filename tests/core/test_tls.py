@@ -82,6 +82,8 @@ def test_alpn_without_http11_gets_no_application_protocol(tpki: TestPki, server_
     with pytest.raises(TlsError) as info:
         engine.receive(peer.data_to_send())
     assert info.value.reason == "no_application_protocol" and info.value.alert_sent
+    assert info.value.detail == f"NoApplicationProtocol: ALPN offers {b', '.join(n.encode() for n in offered)!r}, not http/1.1"
+    assert not tls_module._ALPN_REFUSALS  # the refusal's words went with the failure
     out = engine.data_to_send()
     assert out == b"\x15\x03\x03\x00\x02\x02\x78", out.hex()
     peer.feed(out)
@@ -197,6 +199,34 @@ def test_application_data_both_ways_including_one_mebibyte(tpki: TestPki, server
     peer.received.clear()
     peer.feed(out)
     assert bytes(peer.received) == big
+
+
+@pytest.mark.parametrize("mode", [ClientAuth.NONE, ClientAuth.OPTIONAL])
+def test_connections_skip_pyopenssls_callback_map_unless_a_callback_needs_it(
+    tpki: TestPki, server_cert: LoadedCertificate, mode: ClientAuth
+) -> None:
+    """Without client auth no pyOpenSSL callback runs (ALPN is OpenSSL's callback), so the engine
+    makes its connection without pyOpenSSL's constructor, which enters every connection in a
+    class-wide weak map; a verifying context's verify callback needs that map. Either way the
+    connection serves, ALPN included, and is freed with its engine."""
+    from OpenSSL import SSL
+
+    assert tls_module._BARE_OK, "pyOpenSSL's Connection constructor changed: review _bare_connection"
+    server = context(server_cert, mode, (tpki.ca,) if mode is not ClientAuth.NONE else ())
+    before = len(SSL.Connection._reverse_mapping)
+    peer = TlsPeer(client_context(tpki.ca, alpn=("h2", "http/1.1")))
+    engine = connect(server, peer)
+    mapped = len(SSL.Connection._reverse_mapping) - before
+    assert mapped == (0 if mode is ClientAuth.NONE else 1)
+    assert isinstance(engine._conn, SSL.Connection)
+    assert engine.alpn == b"http/1.1" and engine.server_name == "localhost" and engine.tls_version == "TLSv1.3"
+    peer.send(b"ping")
+    assert pump(peer, engine).server_plaintext == b"ping"
+    engine.close()
+    peer.feed(engine.data_to_send())
+    assert peer.peer_closed  # our close_notify
+    del engine
+    assert len(SSL.Connection._reverse_mapping) == before
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-openssl-calls", "pyopenssl-methods"])
