@@ -18,11 +18,13 @@ Sans-IO; the masking keys come from the caller (os.urandom, batched).
 
 from __future__ import annotations
 
-_FIN_BINARY = 0x82
-_FIN_TEXT = 0x81
-_MASK_BIT = 0x80
-_LEN16 = 126
-_LEN64 = 127
+# RFC 6455 section 5.2, the bytes both fast paths (here and ``wsstream``) read: a final binary or
+# text frame's first byte, the mask bit, and the payload lengths that mean "16-bit" / "64-bit".
+FIN_BINARY = 0x82
+FIN_TEXT = 0x81
+MASK_BIT = 0x80
+LEN16 = 126
+LEN64 = 127
 
 
 def frame_head(data: bytes, pos: int, masked: bool) -> tuple[int, int, int, bytes | None] | None:
@@ -35,21 +37,21 @@ def frame_head(data: bytes, pos: int, masked: bool) -> tuple[int, int, int, byte
     if end - pos < 2:
         return None
     first = data[pos]
-    if first != _FIN_BINARY and first != _FIN_TEXT:
+    if first != FIN_BINARY and first != FIN_TEXT:
         return None
     second = data[pos + 1]
-    if bool(second & _MASK_BIT) is not masked:
+    if bool(second & MASK_BIT) is not masked:
         return None
     length = second & 0x7F
     start = pos + 2
-    if length == _LEN16:
+    if length == LEN16:
         if end - start < 2:
             return None
         length = data[start] << 8 | data[start + 1]
-        if length < _LEN16:  # not the shortest form: wsproto refuses it, so it must see it
+        if length < LEN16:  # not the shortest form: wsproto refuses it, so it must see it
             return None
         start += 2
-    elif length == _LEN64:
+    elif length == LEN64:
         if end - start < 8:
             return None
         length = int.from_bytes(data[start : start + 8], "big")
@@ -80,7 +82,7 @@ def simple_frame(data: bytes, pos: int, masked: bool) -> tuple[int, int, bytes] 
     payload = data[start:stop]
     if key is not None and length:
         payload = mask(payload, key)
-    if first == _FIN_TEXT and not payload.isascii():
+    if first == FIN_TEXT and not payload.isascii():
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError:
@@ -115,13 +117,13 @@ def _xor_table(byte: int) -> bytes:
 
 def encode_head(first: int, length: int, key: bytes | None) -> bytes:
     """The header of a final frame of ``length`` payload bytes; ``key`` (4 bytes) for the client role."""
-    bit = _MASK_BIT if key is not None else 0
-    if length < _LEN16:
+    bit = MASK_BIT if key is not None else 0
+    if length < LEN16:
         head = bytes((first, bit | length))
     elif length < 65536:
-        head = bytes((first, bit | _LEN16, length >> 8, length & 0xFF))
+        head = bytes((first, bit | LEN16, length >> 8, length & 0xFF))
     else:
-        head = bytes((first, bit | _LEN64)) + length.to_bytes(8, "big")
+        head = bytes((first, bit | LEN64)) + length.to_bytes(8, "big")
     return head if key is None else head + key
 
 
@@ -178,14 +180,14 @@ def _header_size(data: bytes, pos: int) -> int:
         return -1
     second = data[pos + 1]
     length = second & 0x7F
-    size = 2 + (2 if length == _LEN16 else 8 if length == _LEN64 else 0) + (4 if second & _MASK_BIT else 0)
+    size = 2 + (2 if length == LEN16 else 8 if length == LEN64 else 0) + (4 if second & MASK_BIT else 0)
     return size if len(data) - pos >= size else -1
 
 
 def _payload_length(data: bytes, pos: int) -> int:
     length = data[pos + 1] & 0x7F
-    if length == _LEN16:
+    if length == LEN16:
         return data[pos + 2] << 8 | data[pos + 3]
-    if length == _LEN64:
+    if length == LEN64:
         return int.from_bytes(data[pos + 2 : pos + 10], "big")
     return length

@@ -16,12 +16,7 @@ Sans-IO; masking keys come from the caller.
 
 from __future__ import annotations
 
-from nextproxy.core.wsframing import encode_head, frame_head, mask
-
-_FIN_BINARY = 0x82
-_MASK_BIT = 0x80
-_LEN16 = 126
-_LEN64 = 127
+from nextproxy.core.wsframing import FIN_BINARY, LEN16, LEN64, MASK_BIT, encode_head, frame_head, mask
 
 
 def stream_head(data: bytes, pos: int, masked: bool) -> tuple[int, int, int, bytes | None] | None:
@@ -29,22 +24,22 @@ def stream_head(data: bytes, pos: int, masked: bool) -> tuple[int, int, int, byt
     header is whole at ``pos``; None unless ``simple_frame``'s rules (``frame_head``) accept it.
     Text frames are not streamed: invalid UTF-8 found midway could only be cut without a Close."""
     head = frame_head(data, pos, masked)
-    return head if head is not None and head[0] == _FIN_BINARY else None
+    return head if head is not None and head[0] == FIN_BINARY else None
 
 
 def partial_head(data: bytes, pos: int, masked: bool) -> bool:
     """``data[pos:]`` is shorter than the header it begins, and that header may yet pass
     ``stream_head``: the relay holds these few bytes (at most 13) for the next read."""
     rest = len(data) - pos
-    if rest < 1 or data[pos] != _FIN_BINARY:
+    if rest < 1 or data[pos] != FIN_BINARY:
         return False
     if rest == 1:
         return True
     second = data[pos + 1]
-    if bool(second & _MASK_BIT) is not masked:
+    if bool(second & MASK_BIT) is not masked:
         return False
     length = second & 0x7F
-    extra = 2 if length == _LEN16 else 8 if length == _LEN64 else 0
+    extra = 2 if length == LEN16 else 8 if length == LEN64 else 0
     if rest < 2 + extra:
         return True
     # The length is all there: wsproto judges it now, so hold only what it would accept.
