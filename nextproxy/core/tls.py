@@ -89,7 +89,8 @@ _AUTO_RETRY, _new_object = _lib.SSL_MODE_AUTO_RETRY, object.__new__
 class _BareConnection(SSL.Connection):
     """What pyOpenSSL's constructor makes for a memory-BIO connection of a context without
     callbacks; the attributes it sets to None (or to the context's, all None without
-    callbacks) are class defaults here, so a connection stores only its four pointers."""
+    callbacks) are class defaults here, so a connection stores only the context and its three
+    OpenSSL pointers."""
 
     _socket = _app_data = _alpn_select_callback_args = None
     _verify_helper = _verify_callback = _cookie_generate_helper = _cookie_verify_helper = None
@@ -158,10 +159,11 @@ def serve_http1_only(context: SSL.Context) -> None:
 
 
 class NoApplicationProtocol(Exception):
-    """Raised by an ALPN select callback to refuse the handshake (RFC 7301 3.2).
+    """A handshake refused for its ALPN offer (RFC 7301 3.2), in the words of the refusal.
 
-    pyOpenSSL turns any exception in that callback into SSL_TLSEXT_ERR_ALERT_FATAL, so OpenSSL
-    queues the no_application_protocol alert, and then re-raises it from the handshake call.
+    ``_select_http1`` answers OpenSSL with SSL_TLSEXT_ERR_ALERT_FATAL, OpenSSL queues the
+    no_application_protocol alert and fails the handshake, and the engine's failure carries this
+    (a pyOpenSSL ALPN callback raising it would have the same effect: pyOpenSSL re-raises it).
     """
 
 
@@ -459,9 +461,9 @@ class TlsEngine:
         """Turn a pyOpenSSL exception into a TlsError, noting whether an alert is queued."""
         text = str(exc).lower()
         code = self._verify_note.code  # set before any OpenSSL call can fail
-        refusal = _ALPN_REFUSALS.pop(int(_ffi.cast("uintptr_t", self._conn._ssl)), None) if hasattr(self, "_conn") and _ALPN_REFUSALS else None
-        if refusal is not None:  # ``_select_http1`` refused: its words, as NoApplicationProtocol's
-            exc = NoApplicationProtocol(refusal)
+        if _ALPN_REFUSALS and hasattr(self, "_conn"):  # ``_select_http1`` refused: its words
+            refusal = _ALPN_REFUSALS.pop(int(_ffi.cast("uintptr_t", self._conn._ssl)), None)
+            exc = NoApplicationProtocol(refusal) if refusal is not None else exc
         reason = "no_application_protocol" if isinstance(exc, NoApplicationProtocol) else openssl_failure_reason(text, code)
         received_alert = "alert" in text and reason != "protocol_version"
         # OpenSSL writes its fatal alert into the BIO before raising; a peer's alert gets no answer.
