@@ -268,8 +268,8 @@ class Tally:
     One thread adds (the event loop's); a flush may run on any (a collection in an embedding
     application, the tests' in-thread proxy). So ``add`` takes no lock: only the adding thread
     writes the running totals, and a flush reads a copy of them and hands over the difference
-    to what it handed before. A lock per ``add`` was a fifth of its cost, five times per
-    connection.
+    to what it handed before. Taking the lock was over a third of each ``add``'s bytecode, and
+    a new connection makes five.
     """
 
     __slots__ = ("_totals", "_handed", "_observed", "_lock")
