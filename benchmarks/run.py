@@ -202,8 +202,8 @@ def main() -> int:
             plan = []
             for s in systems:
                 port = s.pass_port if passthrough else s.https_port
-                if port is None or (close and s.kind == "skeleton"):
-                    continue  # the skeleton forwards Connection: close and would not pool upstreams
+                if port is None:
+                    continue
                 host = "localhost" if passthrough else "127.0.0.1"  # SNI localhost = nextproxy's passthrough route
                 url = f"https://{host}:{port}{path}"
                 plan.append((s.name, lambda s=s, url=url: run_wrk(s, url, d, conns, close, stop, direct)))

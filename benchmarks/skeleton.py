@@ -2,13 +2,15 @@
 
     python benchmarks/skeleton.py --cert edge.pem --key edge.key --listen 18445 --upstream 127.0.0.1:18080
 
-It does what nextproxy's shell does per keep-alive request (uvloop Protocols, TLS 1.3 on a
-pyOpenSSL memory BIO, one pooled upstream connection per client connection, one TLS record per
-response) and nothing else: the request head is forwarded as it came, the response is framed by
-finding Content-Length with bytes.find, there are no checks, no routing, no headers, no limits,
-no metrics, no timeouts. GET with Content-Length responses only. Never use it for anything
-but measuring: its CPU per request under wrk is what any Python proxy built on uvloop and
-pyOpenSSL pays before it parses a single header (see README.md, "How low can Python go").
+It does what nextproxy's shell does per request (uvloop Protocols, TLS 1.3 on a pyOpenSSL
+memory BIO, upstream connections kept in a pool, one TLS record per response, session tickets
+sent with the first response) and nothing else: the request head is forwarded as it came (but
+for ``Connection: close``, which ends the client's connection after its response, not the pooled
+upstream's), the response is framed by finding Content-Length with bytes.find, there are no
+checks, no routing, no headers, no limits, no metrics, no timeouts. GET with Content-Length
+responses only. Never use it for anything but measuring: its CPU per request (W1, W3) and per
+new connection (W2) under wrk is what any Python proxy built on uvloop and pyOpenSSL pays before
+it parses a single header (benchmarks/README.md, "What runs").
 """
 
 from __future__ import annotations
@@ -20,8 +22,15 @@ import uvloop
 from OpenSSL import SSL
 
 
+CLOSE = b"\r\nConnection: close"
+"""How wrk asks for a new connection per request (``-H "Connection: close"``, W2)."""
+KEEP_ALIVE = b"\r\nConnection: keep-alive"
+IDLE: list[Upstream] = []
+"""Upstream connections no client holds; a client takes one for its connection's life."""
+
+
 class Upstream(asyncio.Protocol):
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client | None) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
@@ -42,7 +51,13 @@ class Upstream(asyncio.Protocol):
             self.buffer = buffer
             return
         self.buffer = buffer[total:]
-        self.client.respond(buffer[:total])
+        if self.client is not None:
+            self.client.respond(buffer[:total])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self in IDLE:
+            IDLE.remove(self)
 
 
 class Client(asyncio.Protocol):
@@ -54,6 +69,7 @@ class Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.upstream: Upstream | None = None
         self.pending = b""
+        self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -70,11 +86,17 @@ class Client(asyncio.Protocol):
         except SSL.Error:
             self.transport.close()  # type: ignore[union-attr]
             return
-        self.flush()
         if plaintext:
-            self.request(plaintext)
+            self.request(plaintext)  # the session tickets wait for the response, as in nextproxy
+        else:
+            self.flush()
 
     def request(self, data: bytes) -> None:
+        if CLOSE in data:
+            data, self.closing = data.replace(CLOSE, b"", 1), True
+        if self.upstream is None and IDLE:
+            self.upstream = IDLE.pop()
+            self.upstream.client = self
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
             upstream.transport.write(data)
@@ -85,16 +107,35 @@ class Client(asyncio.Protocol):
             self.loop.create_task(self.connect())
 
     async def connect(self) -> None:
-        assert self.upstream is not None
-        await self.loop.create_connection(lambda: self.upstream, *self.upstream_address)  # type: ignore[arg-type,return-value]
-        self.upstream.transport.write(self.pending)  # type: ignore[union-attr]
+        upstream = self.upstream
+        assert upstream is not None
+        await self.loop.create_connection(lambda: upstream, *self.upstream_address)
+        assert upstream.transport is not None
+        upstream.transport.write(self.pending)
         self.pending = b""
 
     def respond(self, response: bytes) -> None:
+        if self.closing:
+            # The upstream's "Connection: keep-alive" would have the client send its next request
+            # into the closing connection: the client is told, as nextproxy tells it.
+            response = response.replace(KEEP_ALIVE, b"\r\nConnection: close", 1)
         view = memoryview(response)
         while view:
             view = view[self.tls.send(view) :]
+        if not self.closing:
+            self.flush()
+            return
+        self.tls.shutdown()  # close_notify leaves with the response
         self.flush()
+        if self.transport is not None:
+            self.transport.close()
+        self.release()
+
+    def release(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None and upstream.transport is not None and not upstream.buffer:
+            upstream.client = None
+            IDLE.append(upstream)
 
     def flush(self) -> None:
         parts = []
@@ -107,8 +148,9 @@ class Client(asyncio.Protocol):
             self.transport.write(b"".join(parts))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
         if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.close()
+            self.upstream.transport.close()  # mid-exchange: its response has nowhere to go
 
 
 async def main() -> None:

@@ -357,7 +357,7 @@ upstream = "tlsup"
         return system
 
     def start_skeleton(self) -> System:
-        """skeleton.py: nextproxy's I/O path with no HTTP in it, the floor for a Python proxy (W1, W3)."""
+        """skeleton.py: nextproxy's I/O path with no HTTP in it, the floor for a Python proxy (W1, W2, W3)."""
         name, port = "python-skeleton", free_port()
         argv = [sys.executable, str(Path(__file__).resolve().parent / "skeleton.py"), "--cert", str(self.pki["edge.pem"]),
                 "--key", str(self.pki["edge.key"]), "--listen", str(port), "--upstream", f"127.0.0.1:{self.up_port}"]
