@@ -135,6 +135,33 @@ def test_eof_while_a_request_is_in_flight_closes_after_its_answer() -> None:
     assert to_client(out).endswith(b"ok") and kinds(out)[-1] is CloseClient
 
 
+@pytest.mark.parametrize("end", ["eof", "drain"])
+def test_eof_or_drain_after_the_response_head_closes_after_the_response(end: str) -> None:
+    """The close decided at the head is not the last chance: a half-close or a drain that comes
+    while the body streams ends the connection with the response, not at the idle timeout."""
+    s = session()
+    leg, _ = connect(s, GET)
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok")
+    assert b"connection: close" not in to_client(out).lower()  # keep-alive, as far as the head goes
+    assert (s.client_data(b"") if end == "eof" else s.drain()) == []
+    out = s.upstream_data(b"ok")
+    assert to_client(out) == b"ok" and kinds(out)[-1] is CloseClient
+    assert out[[type(a) for a in out].index(ReleaseUpstream)] == ReleaseUpstream(reusable=True)
+
+
+def test_a_pipelined_request_waiting_at_a_drain_is_still_answered_then_closed() -> None:
+    s = session()
+    leg, _ = connect(s, GET)
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok")
+    s.client_data(b"GET /ns/sigmai/second HTTP/1.1\r\nHost: edge.test\r\n\r\n")
+    assert s.drain() == []
+    out = s.upstream_data(b"ok")
+    assert CloseClient not in kinds(out) and isinstance(out[-1], ConnectUpstream)
+    s.upstream_connected(leg)
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert b"connection: close" in to_client(out).lower() and kinds(out)[-1] is CloseClient
+
+
 def test_a_client_gone_mid_exchange_is_reported_and_its_upstream_not_reused() -> None:
     s = session()
     connect(s, GET)
