@@ -181,16 +181,28 @@ class HttpSession(ResponseSide):
 
     def client_gone(self) -> list[Action]:
         """The client's connection is gone (a reset, or closed under us): nothing more goes to
-        it. The exchange in flight ends here and is reported, as nginx's 499 when no response
-        had started (else with the status that went out, its bytes cut short); its upstream
+        it. The exchange in flight is reported as nginx's 499 when no response had started."""
+        return self.cut("client closed the connection", CLIENT_CLOSED)
+
+    def cut(self, reason: str, status: int, *, upstream_fault: bool = False) -> list[Action]:
+        """The connection ends under the exchange in flight (the client left, a timeout, the end
+        of a drain): the exchange ends here and is reported, with the status that went out (its
+        bytes cut short), else ``status``; with ``status`` anyway when the upstream is at fault,
+        as a reset mid-body is a 502: the client never got that response whole. Its upstream
         connection is not reused, since the answer was not read to its end."""
         self._closed = True
         exchange, self._exchange = self._exchange, None
         if exchange is None:
             return []
         self._connecting = False
-        status = exchange.response_status or CLIENT_CLOSED
-        return self._drop_upstream() + [self._completed(exchange, status, "client closed the connection")]
+        if exchange.response_status and not upstream_fault:
+            status = exchange.response_status
+        return self._drop_upstream() + [self._completed(exchange, status, reason)]
+
+    def head_timed_out(self) -> list[Action]:
+        """A request head did not arrive whole within its deadline (a slowloris): 408, logged
+        like any refused head, and the connection closes (RFC 9110 section 15.5.9)."""
+        return self._refuse(b"", b"", 408, "request head timed out")
 
     def drain(self) -> list[Action]:
         """Shutdown: close now if idle, else after the exchange in flight."""

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from nextproxy.config.model import ClientAuth, SniRoute
-from nextproxy.core.actions import Action, StartTunnel, StartWebSocket
+from nextproxy.core.actions import Action, RequestCompleted, SessionClosed, StartTunnel, StartWebSocket
 from nextproxy.core.clienthello import ClientHello
 from nextproxy.core.proxyprotocol import Endpoint
 from nextproxy.core.tls import TlsEngine
@@ -333,6 +333,13 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             self.run(self._phase.drain())
 
     def abort(self) -> None:
+        """The drain deadline passed: what was still in flight is reported (logged and counted
+        as every other end), then the connection is reset."""
+        phase = self._phase
+        if phase is not None and not self.closed:
+            for action in phase.cut("the drain deadline ended it"):
+                if type(action) is RequestCompleted or type(action) is SessionClosed:
+                    HANDLERS[type(action)](self, action)  # the facts only: the reset follows
         self._close(abort=True)
 
     def _close(self, *, abort: bool = False, linger: bool = False) -> None:

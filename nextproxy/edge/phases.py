@@ -104,6 +104,10 @@ class Phase(Protocol):
         ...
     def drain(self) -> list[Action]: ...
     def deadline(self, kind: Timer) -> list[Action]: ...
+    def cut(self, reason: str) -> list[Action]:
+        """The proxy ends the connection now (the drain deadline): the facts for what was still
+        in flight, so that it is logged and counted like every other end."""
+        ...
 
 
 class HttpPhase:
@@ -168,7 +172,16 @@ class HttpPhase:
             # the client, and free the upstream connection the trickled body was holding.
             done = self.session.body_timed_out(self._shell.route_name)
             return [SendToClient(REQUEST_TIMEOUT), done, CloseUpstream(), CloseClient()]
-        return [CloseClient()]  # idle keep-alive, or a head that took too long
+        if kind is Timer.HEAD:
+            return self.session.head_timed_out()
+        # Idle: a keep-alive connection between requests closes quietly. A response in flight
+        # made no progress either way for that long: cut, and reported as such.
+        if self._shell.upstream.client_paused:
+            return self.session.cut("timed out: the client stopped reading the response", 504) + [CloseClient()]
+        return self.session.cut("timed out: the upstream stopped sending the response", 504, upstream_fault=True) + [CloseClient()]
+
+    def cut(self, reason: str) -> list[Action]:
+        return self.session.cut(reason, 503)
 
     def connect(self, action: ConnectUpstream) -> None:
         shell, session = self._shell, self.session
@@ -269,6 +282,9 @@ class TunnelPhase:
     def drain(self) -> list[Action]:
         return []  # a tunnel has no message boundary to stop at: the drain timeout ends it
 
+    def cut(self, reason: str) -> list[Action]:
+        return []  # a tunnel's request was reported with its 101
+
     def deadline(self, kind: Timer) -> list[Action]:
         return [CloseClient()]
 
@@ -314,6 +330,9 @@ class WebSocketPhase:
 
     def drain(self) -> list[Action]:
         return self.relay.shutdown()
+
+    def cut(self, reason: str) -> list[Action]:
+        return self.relay.abort()  # the session's end, as "aborted" (1006)
 
     def deadline(self, kind: Timer) -> list[Action]:
         """After ping_interval of silence ping both legs; a leg that misses ping_timeout is dead."""

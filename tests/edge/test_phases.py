@@ -7,11 +7,16 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import get_args
 
+import pytest
+
 from nextproxy.config.model import Address, Upstream
 from nextproxy.core.actions import (
     Action,
     CloseClient,
     ConnectUpstream,
+    HeadStarted,
+    ReleaseUpstream,
+    RequestCompleted,
     SendToClient,
     SendToUpstream,
     SessionClosed,
@@ -144,13 +149,89 @@ def test_the_http_phase_answers_a_response_timeout_with_504_and_the_idle_clock()
     assert kind is Timer.IDLE
 
 
-def test_the_http_phase_closes_on_an_idle_or_head_deadline() -> None:
-    async def scenario() -> tuple[list[Action], list[Action]]:
+def test_the_http_phase_closes_an_idle_connection_quietly() -> None:
+    async def scenario() -> list[Action]:
         shell = _shell()
         phase = HttpPhase.after_handshake(shell, None, None, None)
-        return phase.deadline(Timer.IDLE), phase.deadline(Timer.HEAD)
+        return phase.deadline(Timer.IDLE)
 
-    assert run(scenario()) == ([CloseClient()], [CloseClient()])
+    assert run(scenario()) == [CloseClient()]
+
+
+def test_the_http_phase_answers_a_head_deadline_with_408_and_reports_it() -> None:
+    """A slowloris head gets what a trickled body gets: 408, a log line, the connection closed."""
+
+    async def scenario() -> list[Action]:
+        shell = _shell()
+        phase = HttpPhase.after_handshake(shell, None, None, None)
+        assert HeadStarted() in phase.client_data(b"GET /app/x HTTP/1.1\r\nHost: loc")
+        return phase.deadline(Timer.HEAD)
+
+    actions = run(scenario())
+    sent = b"".join(a.data for a in actions if isinstance(a, SendToClient))
+    assert sent.startswith(b"HTTP/1.1 408 ") and b"connection: close" in sent.lower()
+    [done] = [a for a in actions if isinstance(a, RequestCompleted)]
+    assert (done.status, done.reason) == (408, "request head timed out")
+    assert actions[-1] == CloseClient()
+
+
+def _mid_response(shell: Shell) -> HttpPhase:
+    """A phase whose response has started (200, 5 of its 10 body bytes relayed)."""
+    phase = HttpPhase.after_handshake(shell, None, "localhost", None)
+    shell.http = phase
+    phase.client_data(b"GET /app/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    phase.session.upstream_connected(new_upstream_leg("127.0.0.1:9", 65536))
+    relayed = phase.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+    assert any(isinstance(a, SendToClient) for a in relayed)
+    return phase
+
+
+@pytest.mark.parametrize(
+    ("client_paused", "status", "reason"),
+    [
+        (True, 200, "timed out: the client stopped reading the response"),
+        (False, 504, "timed out: the upstream stopped sending the response"),
+    ],
+)
+def test_an_idle_deadline_under_a_response_in_flight_cuts_it_and_reports_it(client_paused: bool, status: int, reason: str) -> None:
+    """A response that stalls for the idle timeout is cut (closed without its end) and logged:
+    with the status that went out when the client stopped reading, as 504 when the upstream
+    stopped sending (an upstream fault, as a reset mid-body is a 502)."""
+
+    async def scenario() -> list[Action]:
+        shell = _shell()
+        phase = _mid_response(shell)
+        shell.upstream.client_paused = client_paused
+        return phase.deadline(Timer.IDLE)
+
+    actions = run(scenario())
+    [done] = [a for a in actions if isinstance(a, RequestCompleted)]
+    assert (done.status, done.reason, done.method, done.target) == (status, reason, "GET", "/app/x")
+    assert ReleaseUpstream(reusable=False) in actions and actions[-1] == CloseClient()
+    assert not any(isinstance(a, SendToClient) for a in actions)  # no end of body, ever
+
+
+def test_the_drain_deadline_reports_what_each_phase_had_in_flight() -> None:
+    async def scenario() -> tuple[list[Action], list[Action], list[Action]]:
+        shell = _shell()
+        waiting = HttpPhase.after_handshake(shell, None, "localhost", None)
+        waiting.client_data(b"GET /app/slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        idle = HttpPhase.after_handshake(shell, None, "localhost", None)
+        return waiting.cut("the drain deadline ended it"), _mid_response(_shell()).cut("x"), idle.cut("x")
+
+    async def websocket() -> list[Action]:
+        shell = _shell()
+        phase = WebSocketPhase(shell.rt.config.routes[0], shell)
+        assert not any(isinstance(a, SessionClosed) for a in phase.drain())  # Close 1001 sent; no answer
+        return phase.cut("the drain deadline ended it")
+
+    [closed] = [a for a in run(websocket()) if isinstance(a, SessionClosed)]
+    assert (closed.closed_by, closed.code, closed.reason) == (None, 1001, "going away")
+    waiting, started, idle = run(scenario())
+    [done] = [a for a in waiting if isinstance(a, RequestCompleted)]
+    assert (done.status, done.reason, done.target) == (503, "the drain deadline ended it", "/app/slow")
+    assert [a.status for a in started if isinstance(a, RequestCompleted)] == [200]
+    assert idle == []
 
 
 def test_the_http_phase_gets_a_pooled_upstream_without_a_task() -> None:

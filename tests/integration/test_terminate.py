@@ -304,6 +304,63 @@ def test_a_trickled_request_head_is_cut_off(pki: DemoPki) -> None:
         edge.close()
 
 
+def _request_lines(edge: Edge) -> list[dict[str, object]]:
+    return [json.loads(line) for line in edge.logs().splitlines() if '"event":"request"' in line]
+
+
+def test_a_trickled_head_gets_408_and_a_log_line(pki: DemoPki) -> None:
+    edge = Edge.start(pki, timeouts=Timeouts(request_head=0.5, client_idle=10, connect=2, upstream_response=10))
+    try:
+        sock = edge.tls_socket()
+        sock.sendall(b"GET /ns/sigmai HTTP/1.1\r\nHost: loc")
+        answer = b""
+        while chunk := sock.recv(4096):  # the socket's 10 s timeout bounds it
+            answer += chunk
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"request head timed out" in answer
+        assert any(r["status"] == 408 and r["reason"] == "request head timed out" for r in _request_lines(edge))
+    finally:
+        edge.close()
+
+
+def test_a_response_the_client_stops_reading_is_cut_at_the_idle_timeout_and_logged(pki: DemoPki) -> None:
+    """The client asks for 64 MiB and reads nothing: the response is cut after client_idle
+    without progress, and logged with the status that went out and why (it had left no line)."""
+    edge = Edge.start(pki, timeouts=Timeouts(client_idle=1.0, connect=2, upstream_response=10))
+    try:
+        sock = edge.tls_socket()
+        sock.sendall(f"GET /sfs/sigmai/big?bytes={64 * MiB} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        deadline = time.monotonic() + 8
+        cut = []
+        while time.monotonic() < deadline and not cut:
+            time.sleep(0.2)
+            cut = [r for r in _request_lines(edge) if str(r["path"]).startswith("/sfs/sigmai/big")]
+        received = 0
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except (ssl.SSLError, OSError):
+            pass
+        sock.close()
+        assert [(r["status"], r["reason"]) for r in cut] == [(200, "timed out: the client stopped reading the response")]
+        assert 0 < received < 64 * MiB
+    finally:
+        edge.close()
+
+
+def test_a_request_still_in_flight_at_the_drain_deadline_is_logged(pki: DemoPki) -> None:
+    edge = Edge.start(pki)
+    sock = edge.tls_socket()
+    try:
+        sock.sendall(b"GET /ns/sigmai/slow?delay=5 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        time.sleep(0.3)  # the request reaches the stand-in, which answers in 5 s
+    finally:
+        edge.close()  # drains for 0.5 s, then resets what is left
+        sock.close()
+    lines = [r for r in _request_lines(edge) if str(r["path"]).startswith("/ns/sigmai/slow")]
+    assert [(r["status"], r["reason"]) for r in lines] == [(503, "the drain deadline ended it")]
+
+
 def test_a_dead_server_of_an_upstream_is_skipped(pki: DemoPki) -> None:
     """Two servers behind one route, the first refusing: every request still succeeds."""
     edge = Edge.start(pki, mutate=dead_server_first("mc-sigmai"))
