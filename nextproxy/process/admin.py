@@ -40,9 +40,6 @@ MAX_REQUEST_HEAD = 8 * KiB
 MAX_REQUEST_BODY = 16 * KiB
 """Nothing here takes a body; a small one is read and dropped so keep-alive survives."""
 MAX_CONNECTIONS = 128
-"""At the cap a new connection takes the place of the one idle longest (waiting for a request,
-its head unfinished included): a flood of silent connections cannot keep a probe out. Only when
-every connection is mid-request is the new one refused."""
 
 log = logging.getLogger("nextproxy.process.admin")
 
@@ -160,8 +157,6 @@ class _Site:
         self.state = state
         self.stale_after = stale_after
         self.connections = 0
-        self.idle: dict[_AdminProtocol, None] = {}
-        """Connections waiting for a request, the longest-waiting first (evicted first)."""
         self.pages: dict[str, Callable[[h11.Request], Reply]] = {
             "/livez": self.livez,
             "/readyz": self.readyz,
@@ -169,14 +164,6 @@ class _Site:
             "/": self.status_page,
             "/status.json": self.status_json,
         }
-
-    def evict_idle(self) -> bool:
-        """Abort the connection that has waited longest for a request; False if none waits."""
-        oldest = next(iter(self.idle), None)
-        if oldest is None:
-            return False
-        oldest.evict()
-        return True
 
     def handle(self, request: h11.Request) -> Reply:
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
@@ -242,24 +229,15 @@ class _AdminProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it: no isinstance.
         self._transport = transport = cast(asyncio.Transport, transport)
-        site = self._site
-        if site.connections >= MAX_CONNECTIONS and not site.evict_idle():
+        if self._site.connections >= MAX_CONNECTIONS:
             transport.abort()
             return
-        site.connections += 1
+        self._site.connections += 1
         self._counted = True
         metrics.ADMIN_CONNECTIONS.inc()
-        site.idle[self] = None
         self._arm_timer(IDLE_TIMEOUT)
 
-    def evict(self) -> None:
-        """Make room at the cap (``_Site.evict_idle``): this connection was only waiting."""
-        self._site.idle.pop(self, None)
-        if self._transport is not None:
-            self._transport.abort()
-
     def connection_lost(self, exc: Exception | None) -> None:
-        self._site.idle.pop(self, None)
         if self._timer is not None:
             self._timer.cancel()
         if self._counted:
@@ -308,7 +286,6 @@ class _AdminProtocol(asyncio.Protocol):
                 return
             if isinstance(event, h11.Request):
                 self._request, self._body_size = event, 0
-                self._site.idle.pop(self, None)  # busy until its response is written
                 if self._h11.they_are_waiting_for_100_continue:
                     transport.write(self._h11.send(h11.InformationalResponse(status_code=100, headers=[])))
             elif isinstance(event, h11.Data):
@@ -346,7 +323,6 @@ class _AdminProtocol(asyncio.Protocol):
             self._transport.close()
             return
         self._h11.start_next_cycle()
-        self._site.idle[self] = None  # waiting again, the newest of the idle
         self._arm_timer(IDLE_TIMEOUT)
 
     def _fail(self, status: int, reason: str) -> None:
