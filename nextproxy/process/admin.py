@@ -5,7 +5,7 @@ by ``tlsconfig``). It reads ``AdminState``, which the server owns and mutates, a
 it, except ``last_loop_tick``, which its own heartbeat task advances. Every response is built in
 memory and written at once, so no request waits on another task. It must never serve anything
 but these read-only pages, never block the event loop on I/O, and never let a client hold more
-than a bounded amount of memory or a connection longer than the idle timeout.
+than a bounded amount of memory or a connection past its request or idle timeout.
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ from nextproxy.process.statusview import status_document
 SECONDS = 1.0
 KiB = 1024
 
+REQUEST_TIMEOUT = 5 * SECONDS
+"""From accepting a connection, or from the first byte of a later request, to that complete request.
+
+Covers the head and the small body alike: a probe or a scrape sends its request in one go, so a
+silent or half-sent connection is held this long and no longer (nginx's client_header_timeout)."""
 IDLE_TIMEOUT = 30 * SECONDS
-"""From accepting a connection, or from finishing a response, to the next complete request."""
+"""From finishing a response to the first byte of the next request (keep-alive)."""
 TLS_HANDSHAKE_TIMEOUT = 10 * SECONDS
 LINGER = 2 * SECONDS
 """After an error response and a half-close, how long the client gets to close its side."""
@@ -96,9 +101,11 @@ async def start_admin(
     heartbeat_interval: float = HEARTBEAT_INTERVAL,
     stale_after: float = LIVENESS_STALE_AFTER,
     sample_interval: float = SAMPLE_INTERVAL,
+    request_timeout: float = REQUEST_TIMEOUT,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> asyncio.Server:
     """Listen on ``host:port`` and serve ``state``; heartbeat and sampler stop after ``server.close()``."""
-    site = _Site(state, stale_after)
+    site = _Site(state, stale_after, request_timeout, idle_timeout)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: _AdminProtocol(site),
@@ -153,9 +160,11 @@ async def _sampler(server: asyncio.Server, state: AdminState, interval: float) -
 class _Site:
     """The pages, keyed by path; each builds a complete ``Reply`` from the current state."""
 
-    def __init__(self, state: AdminState, stale_after: float) -> None:
+    def __init__(self, state: AdminState, stale_after: float, request_timeout: float, idle_timeout: float) -> None:
         self.state = state
         self.stale_after = stale_after
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
         self.connections = 0
         self.pages: dict[str, Callable[[h11.Request], Reply]] = {
             "/livez": self.livez,
@@ -223,6 +232,8 @@ class _AdminProtocol(asyncio.Protocol):
         self._writing_paused = False
         self._closing = False
         self._counted = False
+        # Idle since a response, no byte of the next request yet: the idle timeout applies.
+        self._between_requests = False
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -235,7 +246,7 @@ class _AdminProtocol(asyncio.Protocol):
         self._site.connections += 1
         self._counted = True
         metrics.ADMIN_CONNECTIONS.inc()
-        self._arm_timer(IDLE_TIMEOUT)
+        self._arm_timer(self._site.request_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -248,6 +259,10 @@ class _AdminProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return  # lingering after an error: drain and drop
+        if self._between_requests:
+            # A slow client may take its time to start, not to finish: IDLE + REQUEST at most.
+            self._between_requests = False
+            self._arm_timer(self._site.request_timeout)
         self._h11.receive_data(data)
         self._process()
 
@@ -323,7 +338,11 @@ class _AdminProtocol(asyncio.Protocol):
             self._transport.close()
             return
         self._h11.start_next_cycle()
-        self._arm_timer(IDLE_TIMEOUT)
+        if self._h11.trailing_data[0]:  # the next (pipelined) request has begun
+            self._arm_timer(self._site.request_timeout)
+        else:
+            self._between_requests = True
+            self._arm_timer(self._site.idle_timeout)
 
     def _fail(self, status: int, reason: str) -> None:
         """Answer a broken request in one write, half-close, and give the client LINGER to leave.

@@ -328,9 +328,7 @@ def test_bad_request_400_and_huge_head_431() -> None:
     assert huge.startswith(b"HTTP/1.1 431 ")
 
 
-def test_idle_connection_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(admin, "IDLE_TIMEOUT", 0.3)
-
+def test_a_slow_request_is_closed_at_the_request_timeout() -> None:
     def client(port: int) -> tuple[bytes, float]:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             started = time.monotonic()
@@ -344,9 +342,51 @@ def test_idle_connection_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
             data = sock.recv(1024)
             return data, time.monotonic() - started
 
-    data, elapsed = serve(AdminState(), client)
+    data, elapsed = serve(AdminState(), client, request_timeout=0.3)
     assert data == b""
     assert 0.25 < elapsed < 3
+
+
+def _closed_after(sock: socket.socket, started: float) -> float:
+    """Seconds from ``started`` until the server closes ``sock`` (EOF or reset)."""
+    try:
+        assert sock.recv(1024) == b""
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started
+
+
+def test_silent_and_half_sent_connections_are_closed_at_the_request_timeout() -> None:
+    # The defaults are short too: a flood of them is not held for the keep-alive idle time.
+    assert admin.REQUEST_TIMEOUT <= 5 < admin.IDLE_TIMEOUT
+
+    def client(port: int) -> tuple[float, float]:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as silent, socket.create_connection(
+            ("127.0.0.1", port), timeout=5
+        ) as partial:
+            partial.sendall(b"GET /livez HTTP/1.1\r\nHo")
+            return _closed_after(silent, started), _closed_after(partial, started)
+
+    silent, partial = serve(AdminState(), client, request_timeout=0.5, idle_timeout=10)
+    assert 0.4 < silent < 3
+    assert 0.4 < partial < 3
+
+
+def test_keep_alive_waits_the_idle_timeout_then_the_request_timeout() -> None:
+    def client(port: int) -> tuple[bytes, bytes, float]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n")
+            first = sock.recv(1024)
+            time.sleep(0.6)  # past the request timeout, within the idle timeout
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n")
+            second = sock.recv(1024)
+            sock.sendall(b"GET /livez HTTP/1.1\r\n")  # the next request begins, then stalls
+            return first, second, _closed_after(sock, time.monotonic())
+
+    first, second, elapsed = serve(AdminState(), client, request_timeout=0.3, idle_timeout=1.5)
+    assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 200 ")
+    assert 0.2 < elapsed < 1.2  # the request timeout from its first byte, not the idle timeout
 
 
 def test_connections_over_the_cap_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
