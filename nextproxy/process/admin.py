@@ -5,7 +5,9 @@ by ``tlsconfig``). It reads ``AdminState``, which the server owns and mutates, a
 it, except ``last_loop_tick``, which its own heartbeat task advances. Every response is built in
 memory and written at once, so no request waits on another task. It must never serve anything
 but these read-only pages, never block the event loop on I/O, and never let a client hold more
-than a bounded amount of memory or a connection past its request or idle timeout.
+than a bounded amount of memory or a connection past its request or idle timeout. Probes must get
+through a flood: at the connection cap, the least recently served connection with nothing left to
+send makes room for the new one (as HAProxy and Envoy shed idle connections under overload).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ MAX_REQUEST_HEAD = 8 * KiB
 MAX_REQUEST_BODY = 16 * KiB
 """Nothing here takes a body; a small one is read and dropped so keep-alive survives."""
 MAX_CONNECTIONS = 128
+"""Past it a new connection evicts an unproductive one (see ``_Site.admit``), or is refused."""
 
 log = logging.getLogger("nextproxy.process.admin")
 
@@ -103,9 +106,10 @@ async def start_admin(
     sample_interval: float = SAMPLE_INTERVAL,
     request_timeout: float = REQUEST_TIMEOUT,
     idle_timeout: float = IDLE_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> asyncio.Server:
     """Listen on ``host:port`` and serve ``state``; heartbeat and sampler stop after ``server.close()``."""
-    site = _Site(state, stale_after, request_timeout, idle_timeout)
+    site = _Site(state, stale_after, request_timeout, idle_timeout, max_connections)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: _AdminProtocol(site),
@@ -160,12 +164,16 @@ async def _sampler(server: asyncio.Server, state: AdminState, interval: float) -
 class _Site:
     """The pages, keyed by path; each builds a complete ``Reply`` from the current state."""
 
-    def __init__(self, state: AdminState, stale_after: float, request_timeout: float, idle_timeout: float) -> None:
+    def __init__(
+        self, state: AdminState, stale_after: float, request_timeout: float, idle_timeout: float, max_connections: int
+    ) -> None:
         self.state = state
         self.stale_after = stale_after
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
-        self.connections = 0
+        self.max_connections = max_connections
+        self.connections: dict[_AdminProtocol, None] = {}
+        """Open connections, least recently served first (a dict keeps insertion order)."""
         self.pages: dict[str, Callable[[h11.Request], Reply]] = {
             "/livez": self.livez,
             "/readyz": self.readyz,
@@ -173,6 +181,45 @@ class _Site:
             "/": self.status_page,
             "/status.json": self.status_json,
         }
+
+    def admit(self, connection: _AdminProtocol) -> bool:
+        """Count ``connection`` in, evicting an unproductive one at the cap; False = refuse it.
+
+        A flood of silent connections must not lock a liveness probe out (a failed probe restarts
+        the pod). So the victim is the least recently served connection with nothing left to
+        send: silent, half-sent or idle between requests; failing that, one whose client stopped
+        reading its responses. Only connections still flushing a response are never evicted. The
+        newcomer goes to the back of the queue, so it outlives the older flood around it. The
+        scan runs only at the cap and over at most ``max_connections`` entries.
+        """
+        if len(self.connections) >= self.max_connections:
+            stalled: _AdminProtocol | None = None
+            victim: _AdminProtocol | None = None
+            for candidate in self.connections:
+                if not candidate.sending():
+                    victim = candidate
+                    break
+                if stalled is None and candidate.stalled():
+                    stalled = candidate
+            if victim is None:
+                victim = stalled
+            if victim is None:
+                return False
+            victim.evict()
+        self.connections[connection] = None
+        metrics.ADMIN_CONNECTIONS.inc()
+        return True
+
+    def release(self, connection: _AdminProtocol) -> None:
+        if connection in self.connections:
+            del self.connections[connection]
+            metrics.ADMIN_CONNECTIONS.dec()
+
+    def served(self, connection: _AdminProtocol) -> None:
+        """Move ``connection`` to the back of the eviction queue: it has just been useful."""
+        if connection in self.connections:
+            del self.connections[connection]
+            self.connections[connection] = None
 
     def handle(self, request: h11.Request) -> Reply:
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
@@ -231,7 +278,6 @@ class _AdminProtocol(asyncio.Protocol):
         self._body_size = 0
         self._writing_paused = False
         self._closing = False
-        self._counted = False
         # Idle since a response, no byte of the next request yet: the idle timeout applies.
         self._between_requests = False
 
@@ -240,21 +286,15 @@ class _AdminProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it: no isinstance.
         self._transport = transport = cast(asyncio.Transport, transport)
-        if self._site.connections >= MAX_CONNECTIONS:
+        if not self._site.admit(self):
             transport.abort()
             return
-        self._site.connections += 1
-        self._counted = True
-        metrics.ADMIN_CONNECTIONS.inc()
         self._arm_timer(self._site.request_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self._counted:
-            self._counted = False
-            self._site.connections -= 1
-            metrics.ADMIN_CONNECTIONS.dec()
+        self._site.release(self)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -338,6 +378,7 @@ class _AdminProtocol(asyncio.Protocol):
             self._transport.close()
             return
         self._h11.start_next_cycle()
+        self._site.served(self)
         if self._h11.trailing_data[0]:  # the next (pipelined) request has begun
             self._arm_timer(self._site.request_timeout)
         else:
@@ -363,6 +404,28 @@ class _AdminProtocol(asyncio.Protocol):
             self._arm_timer(LINGER)
         else:  # TLS: close() sends close_notify after the buffered response
             self._transport.close()
+
+    # ------------------------------------------------------------------ eviction (``_Site.admit``)
+
+    def sending(self) -> bool:
+        """Is a response still queued? Requests are answered at once, so this is the only work."""
+        return self._transport is not None and self._transport.get_write_buffer_size() > 0
+
+    def stalled(self) -> bool:
+        """Is the client not reading what we send (past the high-water mark)?"""
+        return self._writing_paused
+
+    def evict(self) -> None:
+        """Close now to make room; the slot is free at once, before ``connection_lost`` runs."""
+        self._site.release(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._transport is None:
+            return
+        if self.sending():
+            self._transport.abort()  # close() would wait for a client that does not read
+        else:
+            self._transport.close()  # a FIN: a keep-alive client sees a clean close and reconnects
 
     def _arm_timer(self, delay: float) -> None:
         if self._timer is not None:
