@@ -5,7 +5,9 @@ by ``tlsconfig``). It reads ``AdminState``, which the server owns and mutates, a
 it, except ``last_loop_tick``, which its own heartbeat task advances. Every response is built in
 memory and written at once, so no request waits on another task. It must never serve anything
 but these read-only pages, never block the event loop on I/O, and never let a client hold more
-than a bounded amount of memory or a connection longer than the idle timeout.
+than a bounded amount of memory or a connection past its request or idle timeout. Probes must get
+through a flood: at the connection cap, the least recently served connection with nothing left to
+send makes room for the new one (as HAProxy and Envoy shed idle connections under overload).
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ from nextproxy.process.statusview import status_document
 SECONDS = 1.0
 KiB = 1024
 
+REQUEST_TIMEOUT = 5 * SECONDS
+"""From accepting a connection, or from the first byte of a later request, to that complete request.
+
+Covers the head and the small body alike: a probe or a scrape sends its request in one go, so a
+silent or half-sent connection is held this long and no longer (nginx's client_header_timeout)."""
 IDLE_TIMEOUT = 30 * SECONDS
-"""From accepting a connection, or from finishing a response, to the next complete request."""
+"""From finishing a response to the first byte of the next request (keep-alive)."""
 TLS_HANDSHAKE_TIMEOUT = 10 * SECONDS
 LINGER = 2 * SECONDS
 """After an error response and a half-close, how long the client gets to close its side."""
@@ -40,6 +47,7 @@ MAX_REQUEST_HEAD = 8 * KiB
 MAX_REQUEST_BODY = 16 * KiB
 """Nothing here takes a body; a small one is read and dropped so keep-alive survives."""
 MAX_CONNECTIONS = 128
+"""Past it a new connection evicts an unproductive one (see ``_Site.admit``), or is refused."""
 
 log = logging.getLogger("nextproxy.process.admin")
 
@@ -96,9 +104,12 @@ async def start_admin(
     heartbeat_interval: float = HEARTBEAT_INTERVAL,
     stale_after: float = LIVENESS_STALE_AFTER,
     sample_interval: float = SAMPLE_INTERVAL,
+    request_timeout: float = REQUEST_TIMEOUT,
+    idle_timeout: float = IDLE_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> asyncio.Server:
     """Listen on ``host:port`` and serve ``state``; heartbeat and sampler stop after ``server.close()``."""
-    site = _Site(state, stale_after)
+    site = _Site(state, stale_after, request_timeout, idle_timeout, max_connections)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: _AdminProtocol(site),
@@ -153,10 +164,16 @@ async def _sampler(server: asyncio.Server, state: AdminState, interval: float) -
 class _Site:
     """The pages, keyed by path; each builds a complete ``Reply`` from the current state."""
 
-    def __init__(self, state: AdminState, stale_after: float) -> None:
+    def __init__(
+        self, state: AdminState, stale_after: float, request_timeout: float, idle_timeout: float, max_connections: int
+    ) -> None:
         self.state = state
         self.stale_after = stale_after
-        self.connections = 0
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.connections: dict[_AdminProtocol, None] = {}
+        """Open connections, least recently served first (a dict keeps insertion order)."""
         self.pages: dict[str, Callable[[h11.Request], Reply]] = {
             "/livez": self.livez,
             "/readyz": self.readyz,
@@ -164,6 +181,45 @@ class _Site:
             "/": self.status_page,
             "/status.json": self.status_json,
         }
+
+    def admit(self, connection: _AdminProtocol) -> bool:
+        """Count ``connection`` in, evicting an unproductive one at the cap; False = refuse it.
+
+        A flood of silent connections must not lock a liveness probe out (a failed probe restarts
+        the pod). So the victim is the least recently served connection with nothing left to
+        send: silent, half-sent or idle between requests; failing that, one whose client stopped
+        reading its responses. Only connections still flushing a response are never evicted. The
+        newcomer goes to the back of the queue, so it outlives the older flood around it. The
+        scan runs only at the cap and over at most ``max_connections`` entries.
+        """
+        if len(self.connections) >= self.max_connections:
+            stalled: _AdminProtocol | None = None
+            victim: _AdminProtocol | None = None
+            for candidate in self.connections:
+                if not candidate.sending():
+                    victim = candidate
+                    break
+                if stalled is None and candidate.stalled():
+                    stalled = candidate
+            if victim is None:
+                victim = stalled
+            if victim is None:
+                return False
+            victim.evict()
+        self.connections[connection] = None
+        metrics.ADMIN_CONNECTIONS.inc()
+        return True
+
+    def release(self, connection: _AdminProtocol) -> None:
+        if connection in self.connections:
+            del self.connections[connection]
+            metrics.ADMIN_CONNECTIONS.dec()
+
+    def served(self, connection: _AdminProtocol) -> None:
+        """Move ``connection`` to the back of the eviction queue: it has just been useful."""
+        if connection in self.connections:
+            del self.connections[connection]
+            self.connections[connection] = None
 
     def handle(self, request: h11.Request) -> Reply:
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
@@ -222,32 +278,31 @@ class _AdminProtocol(asyncio.Protocol):
         self._body_size = 0
         self._writing_paused = False
         self._closing = False
-        self._counted = False
+        # Idle since a response, no byte of the next request yet: the idle timeout applies.
+        self._between_requests = False
 
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it: no isinstance.
         self._transport = transport = cast(asyncio.Transport, transport)
-        if self._site.connections >= MAX_CONNECTIONS:
+        if not self._site.admit(self):
             transport.abort()
             return
-        self._site.connections += 1
-        self._counted = True
-        metrics.ADMIN_CONNECTIONS.inc()
-        self._arm_timer(IDLE_TIMEOUT)
+        self._arm_timer(self._site.request_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self._counted:
-            self._counted = False
-            self._site.connections -= 1
-            metrics.ADMIN_CONNECTIONS.dec()
+        self._site.release(self)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return  # lingering after an error: drain and drop
+        if self._between_requests:
+            # A slow client may take its time to start, not to finish: IDLE + REQUEST at most.
+            self._between_requests = False
+            self._arm_timer(self._site.request_timeout)
         self._h11.receive_data(data)
         self._process()
 
@@ -323,7 +378,12 @@ class _AdminProtocol(asyncio.Protocol):
             self._transport.close()
             return
         self._h11.start_next_cycle()
-        self._arm_timer(IDLE_TIMEOUT)
+        self._site.served(self)
+        if self._h11.trailing_data[0]:  # the next (pipelined) request has begun
+            self._arm_timer(self._site.request_timeout)
+        else:
+            self._between_requests = True
+            self._arm_timer(self._site.idle_timeout)
 
     def _fail(self, status: int, reason: str) -> None:
         """Answer a broken request in one write, half-close, and give the client LINGER to leave.
@@ -344,6 +404,28 @@ class _AdminProtocol(asyncio.Protocol):
             self._arm_timer(LINGER)
         else:  # TLS: close() sends close_notify after the buffered response
             self._transport.close()
+
+    # ------------------------------------------------------------------ eviction (``_Site.admit``)
+
+    def sending(self) -> bool:
+        """Is a response still queued? Requests are answered at once, so this is the only work."""
+        return self._transport is not None and self._transport.get_write_buffer_size() > 0
+
+    def stalled(self) -> bool:
+        """Is the client not reading what we send (past the high-water mark)?"""
+        return self._writing_paused
+
+    def evict(self) -> None:
+        """Close now to make room; the slot is free at once, before ``connection_lost`` runs."""
+        self._site.release(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._transport is None:
+            return
+        if self.sending():
+            self._transport.abort()  # close() would wait for a client that does not read
+        else:
+            self._transport.close()  # a FIN: a keep-alive client sees a clean close and reconnects
 
     def _arm_timer(self, delay: float) -> None:
         if self._timer is not None:
