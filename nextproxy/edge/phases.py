@@ -332,7 +332,7 @@ class WebSocketPhase:
         return self.relay.shutdown()
 
     def cut(self, reason: str) -> list[Action]:
-        return self.relay.abort()  # the session's end, as "aborted" (1006)
+        return self.relay.abort()  # the session's end, with the code that began it (the drain's 1001)
 
     def deadline(self, kind: Timer) -> list[Action]:
         """After ping_interval of silence ping both legs; a leg that misses ping_timeout is dead."""
