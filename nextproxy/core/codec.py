@@ -221,7 +221,7 @@ class RequestParser:
             raise HttpError(400, "several host headers" if hosts else "missing host header")
         keep_alive, is_upgrade = version == b"1.1", False
         if connection:
-            forward, keep_alive, is_upgrade = _connection(method, version, forward, keep_alive, connection, upgrade, extensions)
+            forward, keep_alive, is_upgrade = _connection(method, forward, keep_alive, connection, upgrade, extensions)
         forward += self._edge + (b"x-forwarded-host: " + host + b"\r\n" if host is not None else b"") + self._cert + b"\r\n"
         return RequestHead(
             method, target, version, head, body, keep_alive, expect and version == b"1.1", is_upgrade, key,
@@ -258,17 +258,13 @@ def _content_length(value: bytes, seen: bytes | None, status: int) -> bytes:
 
 
 def _connection(
-    method: bytes, version: bytes, forward: bytes, keep_alive: bool, connection: list[bytes], upgrade: list[bytes],
-    extensions: bool,
+    method: bytes, forward: bytes, keep_alive: bool, connection: list[bytes], upgrade: list[bytes], extensions: bool
 ) -> tuple[bytes, bool, bool]:
     """A request's Connection options: close, the fields they name (dropped), a WebSocket
-    upgrade (HTTP/1.1 only: RFC 9110 section 7.8 has a server ignore Upgrade on HTTP/1.0).
-    Returns the forwarded lines, keep-alive and whether it upgrades."""
+    upgrade. Returns the forwarded lines, keep-alive and whether it upgrades."""
     options, named = connection_options(b",".join(connection))
     keep_alive = keep_alive and b"close" not in options
-    is_upgrade = (
-        method == b"GET" and version == b"1.1" and b"upgrade" in options and b"websocket" in set(tokens(upgrade))
-    )
+    is_upgrade = method == b"GET" and b"upgrade" in options and b"websocket" in set(tokens(upgrade))
     if named:
         forward = without_fields(forward, named)
     if is_upgrade:
@@ -340,10 +336,6 @@ def parse_response(head: bytes) -> ResponseHead:
         elif role == _EXTENSIONS:
             if status != 101:
                 continue
-            if head[field.end() : end].strip(b" \t"):
-                # The upstream never gets an extension offer (the request's is dropped), and
-                # RFC 6455 section 4.1 fails a handshake whose 101 names one not offered.
-                raise HttpError(502, "upstream 101 names a WebSocket extension that was not offered")
         else:
             value = head[field.end() : end].strip(b" \t")
             if role == _LENGTH:
@@ -362,9 +354,6 @@ def parse_response(head: bytes) -> ResponseHead:
         kept.append(head[pos : field.start() + 2])  # drop this line
         pos = end + 2
     lines = b"".join(kept) + head[pos:-2] if kept else head[pos:-2]
-    if codings and version == b"1.0":
-        # RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
-        raise HttpError(502, "transfer-encoding on HTTP/1.0")
     body = _response_body(length, codings)
     keep_alive = version == b"1.1"
     if connection:

@@ -245,8 +245,6 @@ class HttpSession(ResponseSide):
         method, target = head.method, head.target
         self._set_request_body(head.length)  # known now, so a refusal can skip the body
         keep = head.keep_alive  # a refusal keeps the connection only if the request would
-        if method == b"CONNECT":  # a reverse proxy opens no tunnels on request (nginx: 405 too)
-            return self._refuse(method, target, 405, "CONNECT is not supported")
         if head.misdirected:
             return self._refuse(method, target, 421, "misdirected request", keep_alive=keep)
         try:

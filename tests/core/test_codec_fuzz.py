@@ -184,8 +184,7 @@ def check_request_case(data: bytes) -> bool:
     assert (method, target, version, _canonical(fields), body) == (*theirs[:3], _canonical(theirs[3]), theirs[4]), data
     # The policy: what we forward is what core/headers.py makes of h11's parse, and h11
     # re-parses our head to exactly those fields (the round-trip property).
-    # Upgrade on HTTP/1.0 is ignored (RFC 9110 section 7.8): a plain request to the policy too.
-    upgrade = is_upgrade_request(theirs[0], theirs[3]) and version == b"1.1"
+    upgrade = is_upgrade_request(theirs[0], theirs[3])
     expected = upstream_request_headers(theirs[3], CLIENT, upgrade=upgrade)
     if version == b"1.0" and not any(n == b"host" for n, _ in fields):
         forwarded = forwarded.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nhost: u\r\n", 1)
