@@ -221,7 +221,10 @@ class RequestParser:
             raise HttpError(400, "several host headers" if hosts else "missing host header")
         keep_alive, is_upgrade = version == b"1.1", False
         if connection:
-            forward, keep_alive, is_upgrade = _connection(method, forward, keep_alive, connection, upgrade, extensions)
+            # RFC 9110 section 7.8: a server MUST ignore Upgrade in an HTTP/1.0 request (and RFC
+            # 6455 section 4.1 asks for HTTP/1.1): such a request is plain, its Upgrade dropped.
+            upgradable = method == b"GET" and version == b"1.1"
+            forward, keep_alive, is_upgrade = _connection(upgradable, forward, keep_alive, connection, upgrade, extensions)
         forward += self._edge + (b"x-forwarded-host: " + host + b"\r\n" if host is not None else b"") + self._cert + b"\r\n"
         return RequestHead(
             method, target, version, head, body, keep_alive, expect and version == b"1.1", is_upgrade, key,
@@ -258,13 +261,14 @@ def _content_length(value: bytes, seen: bytes | None, status: int) -> bytes:
 
 
 def _connection(
-    method: bytes, forward: bytes, keep_alive: bool, connection: list[bytes], upgrade: list[bytes], extensions: bool
+    upgradable: bool, forward: bytes, keep_alive: bool, connection: list[bytes], upgrade: list[bytes], extensions: bool
 ) -> tuple[bytes, bool, bool]:
     """A request's Connection options: close, the fields they name (dropped), a WebSocket
-    upgrade. Returns the forwarded lines, keep-alive and whether it upgrades."""
+    upgrade (only for an ``upgradable`` request: an HTTP/1.1 GET). Returns the forwarded
+    lines, keep-alive and whether it upgrades."""
     options, named = connection_options(b",".join(connection))
     keep_alive = keep_alive and b"close" not in options
-    is_upgrade = method == b"GET" and b"upgrade" in options and b"websocket" in set(tokens(upgrade))
+    is_upgrade = upgradable and b"upgrade" in options and b"websocket" in set(tokens(upgrade))
     if named:
         forward = without_fields(forward, named)
     if is_upgrade:
