@@ -171,6 +171,10 @@ class RequestParser:
     def parse(self, head: bytes) -> RequestHead:
         """``head`` runs from the request line through the empty line."""
         method, target, version = _request_line(head)
+        if method == b"CONNECT":
+            # A reverse proxy opens no tunnels: refused whatever the target form (nginx answers
+            # 405 too), before a path target could route it upstream as an ordinary request.
+            raise HttpError(405, "CONNECT is not supported")
         kept: list[bytes] = []
         pos = head.find(b"\r\n") + 2
         host: bytes | None = None

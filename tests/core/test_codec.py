@@ -14,7 +14,9 @@ import pytest
 from nextproxy.config import Limits
 from nextproxy.core.actions import CloseClient, ConnectUpstream, ReleaseUpstream, RequestCompleted, SendToUpstream
 from nextproxy.core.chunked import MAX_CHUNK_LINE
-from tests.core.test_http1 import GET, connect, kinds, session, status_of, to_client, to_upstream
+from nextproxy.core.codec import RequestParser
+from nextproxy.errors import HttpError
+from tests.core.test_http1 import CLIENT, GET, connect, kinds, session, status_of, to_client, to_upstream
 
 HOST = b"Host: edge.test\r\n"
 LINE = b"POST /ns/sigmai HTTP/1.1\r\n"
@@ -72,6 +74,12 @@ REQUESTS: list[tuple[str, bytes, int]] = [
     ("no-host", head(b"X-A: 1\r\n"), 400),
     ("two-hosts", head(HOST, HOST), 400),
     ("two-hosts-1.0", head(HOST, HOST, line=b"GET /ns/sigmai HTTP/1.0\r\n"), 400),
+    # A reverse proxy opens no tunnels: every CONNECT is refused, whatever its target form.
+    ("connect-authority", head(HOST, line=b"CONNECT edge.test:443 HTTP/1.1\r\n"), 405),
+    ("connect-path", head(HOST, line=b"CONNECT /ns/sigmai HTTP/1.1\r\n"), 405),
+    ("connect-path-1.0", head(line=b"CONNECT /ns/sigmai HTTP/1.0\r\n"), 405),
+    ("connect-absolute", head(HOST, line=b"CONNECT https://edge.test/ns/sigmai HTTP/1.1\r\n"), 405),
+    ("connect-with-body", head(HOST, b"Content-Length: 5\r\n", line=b"CONNECT /ns/sigmai HTTP/1.1\r\n") + b"hello", 405),
     ("huge-head", head(HOST, b"X-Big: " + b"a" * 40000 + b"\r\n"), 431),
     ("huge-partial-head", LINE + HOST + b"X-Big: " + b"a" * 40000, 431),
 ]
@@ -300,3 +308,14 @@ def test_refused_heads_log_no_control_bytes() -> None:
     actions = session().client_data(head(HOST, b"X-A: \x01\r\n"))
     done = next(a for a in actions if isinstance(a, RequestCompleted))
     assert (done.method, done.target) == ("POST", "/ns/sigmai")
+
+
+def test_connect_is_refused_by_the_codec_with_405() -> None:
+    """A reverse proxy implements no CONNECT (RFC 9110 section 9.3.6 is for forward proxies):
+    the parser refuses it before routing, so a path target cannot reach an upstream either."""
+    request = head(HOST, line=b"CONNECT /ns/sigmai HTTP/1.1\r\n")
+    with pytest.raises(HttpError) as refused:
+        RequestParser(CLIENT).parse(request)
+    assert refused.value.status == 405
+    data = to_client(session().client_data(request))
+    assert data.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n") and data.endswith(b"\r\n\r\nCONNECT is not supported\n")

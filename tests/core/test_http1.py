@@ -184,9 +184,13 @@ def test_pipelined_requests_are_served_in_order() -> None:
         (b"POST /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n", 431),
-        (b"CONNECT edge.test:443 HTTP/1.1\r\nHost: edge.test\r\n\r\n", 400),
+        (b"CONNECT edge.test:443 HTTP/1.1\r\nHost: edge.test\r\n\r\n", 405),
+        (b"CONNECT /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\n\r\n", 405),
     ],
-    ids=["no-route", "not-a-segment", "dot-segment", "host-sni", "no-host", "cl-te", "garbage", "huge-head", "connect"],
+    ids=[
+        "no-route", "not-a-segment", "dot-segment", "host-sni", "no-host", "cl-te", "garbage", "huge-head", "connect",
+        "connect-path",
+    ],  # fmt: skip
 )
 def test_refusals(request_bytes: bytes, status: int) -> None:
     s = session()
