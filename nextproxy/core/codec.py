@@ -362,7 +362,7 @@ def parse_response(head: bytes) -> ResponseHead:
         kept.append(head[pos : field.start() + 2])  # drop this line
         pos = end + 2
     lines = b"".join(kept) + head[pos:-2] if kept else head[pos:-2]
-    body = _response_body(length, codings)
+    body = _response_body(version, length, codings)
     keep_alive = version == b"1.1"
     if connection:
         options, named = connection_options(b",".join(connection))
@@ -372,9 +372,13 @@ def parse_response(head: bytes) -> ResponseHead:
     return ResponseHead(status, reason or b"", version, head, body, keep_alive, lines, accept, protocol)
 
 
-def _response_body(length: bytes | None, codings: list[bytes]) -> int:
+def _response_body(version: bytes, length: bytes | None, codings: list[bytes]) -> int:
     """A response's framing as sent: chunked, a length, or until close; ambiguity is a 502."""
     if codings:
+        if version == b"1.0":
+            # RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding MUST be treated
+            # as having faulty framing (a 1.0 hop may not have decoded it; a desync vector).
+            raise HttpError(502, "transfer-encoding on HTTP/1.0")
         if length is not None:
             raise HttpError(502, "content-length with transfer-encoding")
         if len(codings) > 1 or b"," in codings[0] or codings[0].lower() != b"chunked":

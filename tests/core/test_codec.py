@@ -14,7 +14,7 @@ import pytest
 from nextproxy.config import Limits
 from nextproxy.core.actions import CloseClient, ConnectUpstream, ReleaseUpstream, RequestCompleted, SendToUpstream
 from nextproxy.core.chunked import MAX_CHUNK_LINE
-from nextproxy.core.codec import RequestParser
+from nextproxy.core.codec import CHUNKED, RequestParser, parse_response
 from nextproxy.errors import HttpError
 from tests.core.test_http1 import CLIENT, GET, connect, kinds, session, status_of, to_client, to_upstream
 
@@ -180,6 +180,9 @@ RESPONSES: list[tuple[str, bytes]] = [
     ("te-gzip", OK_HEAD + b"Transfer-Encoding: gzip\r\n\r\n"),
     ("te-combination", OK_HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n"),
     ("te-chunked-twice", OK_HEAD + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"),
+    # RFC 9112 section 6.1: Transfer-Encoding on HTTP/1.0 is faulty framing, even a valid chunked body.
+    ("te-on-1.0", b"HTTP/1.0 200 OK\r\nX-Leak: " + SECRET + b"\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+    ("te-on-1.0-with-cl", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok"),
     ("huge-head", OK_HEAD + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n"),
     ("huge-partial-head", OK_HEAD + b"X-Big: " + b"a" * 70000),
     ("101-without-upgrade", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"),
@@ -319,3 +322,14 @@ def test_connect_is_refused_by_the_codec_with_405() -> None:
     assert refused.value.status == 405
     data = to_client(session().client_data(request))
     assert data.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n") and data.endswith(b"\r\n\r\nCONNECT is not supported\n")
+
+
+def test_transfer_encoding_on_an_http10_response_is_faulty_framing() -> None:
+    """RFC 9112 section 6.1: received as HTTP/1.0 with Transfer-Encoding, the message MUST be
+    treated as having faulty framing; the same head as HTTP/1.1, or 1.0 with a length, is fine."""
+    chunked = b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with pytest.raises(HttpError) as refused:
+        parse_response(chunked)
+    assert refused.value.status == 502 and "HTTP/1.0" in refused.value.reason
+    assert parse_response(chunked.replace(b"HTTP/1.0", b"HTTP/1.1")).length == CHUNKED
+    assert parse_response(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n").length == 2
