@@ -34,13 +34,14 @@ from nextproxy.core.headers import (
     client_cert_fields,
     normalize_host,
     tokens,
+    websocket_accept,
 )
 from nextproxy.core.headscan import TOKEN, VERSION, check_partial, diagnose, head_end
 from nextproxy.errors import HttpError
 
 __all__ = [
     "CHUNKED", "UNTIL_CLOSE", "RequestHead", "RequestParser", "ResponseHead", "check_partial", "connection_options",
-    "diagnose", "head_end", "parse_response", "trailer_lines", "without_fields",
+    "diagnose", "head_end", "invalid_switch", "parse_response", "trailer_lines", "without_fields",
 ]  # fmt: skip
 
 _FIELD = TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n"
@@ -57,6 +58,7 @@ MAX_LENGTH_DIGITS = 18
 # What each field name means to the loop; a name not listed is kept as it came.
 _DROP, _HOST, _LENGTH, _CODING, _CONNECTION, _UPGRADE, _EXPECT, _KEY, _EXTENSIONS, _ACCEPT, _PROTOCOL = range(11)
 _WS_EXTENSIONS = b"sec-websocket-extensions"
+_WS_PROTOCOL = b"sec-websocket-protocol"
 _REQUEST_ROLES = {name: _DROP for name in HOP_BY_HOP | EDGE_OWNED} | {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -66,13 +68,14 @@ _REQUEST_ROLES = {name: _DROP for name in HOP_BY_HOP | EDGE_OWNED} | {
     b"expect": _EXPECT,
     b"sec-websocket-key": _KEY,
     _WS_EXTENSIONS: _EXTENSIONS,
+    _WS_PROTOCOL: _PROTOCOL,
 }
 _RESPONSE_ROLES = {name: _DROP for name in HOP_BY_HOP} | {
     b"content-length": _LENGTH,
     b"transfer-encoding": _CODING,
     b"connection": _CONNECTION,
     b"sec-websocket-accept": _ACCEPT,
-    b"sec-websocket-protocol": _PROTOCOL,
+    _WS_PROTOCOL: _PROTOCOL,
     _WS_EXTENSIONS: _EXTENSIONS,
 }
 # An underscore alias (X_Forwarded_For, content_length) of a name the edge owns or frames by:
@@ -116,6 +119,8 @@ class RequestHead:
     expect_continue: bool
     upgrade: bool
     websocket_key: bytes
+    protocols: bytes
+    """The Sec-WebSocket-Protocol values offered (forwarded as they came), comma-joined."""
     has_host: bool
     misdirected: bool
     """Host names another server than SNI did: 421 (RFC 9110 section 15.5.20), refused by the
@@ -146,6 +151,8 @@ class ResponseHead:
     """Forwardable field lines, each ending in CRLF, without the empty line."""
     accept: bytes
     protocol: str | None
+    extensions: bool
+    """A 101 named a WebSocket extension (the field is never forwarded)."""
 
     @property
     def fields(self) -> list[tuple[bytes, bytes]]:
@@ -183,6 +190,7 @@ class RequestParser:
         codings: list[bytes] = []
         connection: list[bytes] = []
         upgrade: list[bytes] = []
+        protocols: list[bytes] = []
         extensions = expect = False
         key = b""
         for field in _REQUEST_SPECIAL.finditer(head.lower(), pos - 2):
@@ -208,6 +216,9 @@ class RequestParser:
                     key = value if role == _KEY else key
                     extensions = extensions or role == _EXTENSIONS
                     continue
+                if role == _PROTOCOL:  # kept: only noted, to check the 101's choice against
+                    protocols.append(value)
+                    continue
                 if role == _CODING:
                     if not codings:  # re-declared once, in its place
                         kept += (head[pos : field.start() + 2], b"transfer-encoding: chunked\r\n")
@@ -232,7 +243,7 @@ class RequestParser:
         forward += self._edge + (b"x-forwarded-host: " + host + b"\r\n" if host is not None else b"") + self._cert + b"\r\n"
         return RequestHead(
             method, target, version, head, body, keep_alive, expect and version == b"1.1", is_upgrade, key,
-            hosts == 1, self._misdirected(host), forward,
+            b",".join(protocols), hosts == 1, self._misdirected(host), forward,
         )  # fmt: skip
 
     def _misdirected(self, host: bytes | None) -> bool:
@@ -334,6 +345,7 @@ def parse_response(head: bytes) -> ResponseHead:
     connection: list[bytes] = []
     accept = b""
     protocol: str | None = None
+    extensions = False
     for field in _RESPONSE_SPECIAL.finditer(head.lower(), pos - 2):
         name, end = field.group(1), head.find(b"\r\n", field.end())
         role = _RESPONSE_ROLES.get(name)
@@ -344,6 +356,7 @@ def parse_response(head: bytes) -> ResponseHead:
         elif role == _EXTENSIONS:
             if status != 101:
                 continue
+            extensions = True
         else:
             value = head[field.end() : end].strip(b" \t")
             if role == _LENGTH:
@@ -353,7 +366,9 @@ def parse_response(head: bytes) -> ResponseHead:
                 accept = value
                 continue
             if role == _PROTOCOL:
-                protocol = value.decode("latin-1")
+                # Several fields join into one value that names no single offered subprotocol.
+                text = value.decode("latin-1")
+                protocol = text if protocol is None else protocol + ", " + text
                 continue
             if role == _CODING:
                 codings.append(value)
@@ -369,7 +384,7 @@ def parse_response(head: bytes) -> ResponseHead:
         keep_alive = keep_alive and b"close" not in options
         if named:
             lines = without_fields(lines, named)
-    return ResponseHead(status, reason or b"", version, head, body, keep_alive, lines, accept, protocol)
+    return ResponseHead(status, reason or b"", version, head, body, keep_alive, lines, accept, protocol, extensions)
 
 
 def _response_body(version: bytes, length: bytes | None, codings: list[bytes]) -> int:
@@ -385,6 +400,27 @@ def _response_body(version: bytes, length: bytes | None, codings: list[bytes]) -
             raise HttpError(502, "unsupported transfer-encoding")
         return CHUNKED
     return int(length) if length is not None else UNTIL_CLOSE
+
+
+def invalid_switch(request: RequestHead, response: ResponseHead) -> str | None:
+    """Why a 101 does not complete ``request``'s opening handshake as the upstream received
+    it, or None if it does. The proxy is the upstream's client, and RFC 6455 section 4.1 makes
+    the client fail the connection on each of these: a 502, never relayed."""
+    if not request.upgrade:
+        return "a 101 to a request that did not upgrade"
+    if response.accept != websocket_accept(request.websocket_key):
+        return "wrong Sec-WebSocket-Accept"
+    if response.extensions:
+        # _connection strips Sec-WebSocket-Extensions from every forwarded upgrade, so any
+        # extension in the 101 is one the upstream was never offered.
+        return "an extension the request did not offer"
+    protocol = response.protocol
+    if protocol is not None:
+        # Compared exactly, as wsproto's client does: one token the request listed.
+        offered = {name.strip(b" \t") for name in request.protocols.split(b",")} - {b""}
+        if protocol.encode("latin-1") not in offered:
+            return "a subprotocol the request did not offer"
+    return None
 
 
 def trailer_lines(trailer: bytes) -> bytes:

@@ -12,11 +12,19 @@ import h11
 import pytest
 
 from nextproxy.config import Limits
-from nextproxy.core.actions import CloseClient, ConnectUpstream, ReleaseUpstream, RequestCompleted, SendToUpstream
+from nextproxy.core.actions import (
+    CloseClient,
+    ConnectUpstream,
+    ReleaseUpstream,
+    RequestCompleted,
+    SendToUpstream,
+    StartTunnel,
+    StartWebSocket,
+)
 from nextproxy.core.chunked import MAX_CHUNK_LINE
-from nextproxy.core.codec import CHUNKED, RequestParser, parse_response
+from nextproxy.core.codec import CHUNKED, RequestParser, invalid_switch, parse_response
 from nextproxy.errors import HttpError
-from tests.core.test_http1 import CLIENT, GET, connect, kinds, session, status_of, to_client, to_upstream
+from tests.core.test_http1 import CLIENT, GET, UPGRADE, accept_for, connect, kinds, session, status_of, to_client, to_upstream
 
 HOST = b"Host: edge.test\r\n"
 LINE = b"POST /ns/sigmai HTTP/1.1\r\n"
@@ -202,6 +210,61 @@ def test_hostile_upstream_responses_become_a_generic_502(response: bytes) -> Non
     assert done.status == 502
     if SECRET in response:
         assert SECRET in done.reason.encode()  # the detail is for the log only
+
+
+SWITCH = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: " + accept_for(b"dGhlIHNhbXBsZSBub25jZQ==") + b"\r\n"
+)
+# 101s answering UPGRADE (which offers the subprotocol "chat" and permessage-deflate; the proxy
+# strips the extension offer): RFC 6455 section 4.1 makes the client, the proxy here, fail each.
+SWITCHES: list[tuple[str, bytes]] = [
+    ("wrong-accept", SWITCH.replace(b"Accept: ", b"Accept: d3Jvbmc=\r\nX-Old: ") + b"\r\n"),
+    ("no-accept", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
+    ("extension-the-proxy-did-not-forward", SWITCH + b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"),
+    ("extension-never-offered", SWITCH + b"Sec-WebSocket-Extensions: x-leak; k=" + SECRET + b"\r\n\r\n"),
+    ("extension-empty", SWITCH + b"Sec-WebSocket-Extensions:\r\n\r\n"),
+    ("subprotocol-never-offered", SWITCH + b"Sec-WebSocket-Protocol: superchat\r\n\r\n"),
+    ("subprotocol-other-case", SWITCH + b"Sec-WebSocket-Protocol: Chat\r\n\r\n"),  # exact, as wsproto and browsers
+    ("subprotocol-list", SWITCH + b"Sec-WebSocket-Protocol: chat, chat\r\n\r\n"),
+    ("subprotocol-twice", SWITCH + b"Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: chat\r\n\r\n"),
+    ("subprotocol-empty", SWITCH + b"Sec-WebSocket-Protocol:\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("path", [b"/ns/sigmai/ws", b"/t"], ids=["frames", "tunnel"])
+@pytest.mark.parametrize("response", [r[1] for r in SWITCHES], ids=[r[0] for r in SWITCHES])
+def test_hostile_101s_become_a_generic_502_and_no_websocket(response: bytes, path: bytes) -> None:
+    s = session()
+    connect(s, UPGRADE.replace(b"/ns/sigmai/ws", path))
+    out = s.upstream_data(response + b"\x81\x02hi")
+    data = to_client(out)
+    assert status_of(data) == 502 and data.endswith(b"\r\n\r\nbad gateway\n")
+    assert SECRET not in data and b"hi" not in data and b"Sec-WebSocket" not in data
+    assert not any(isinstance(a, (StartWebSocket, StartTunnel)) for a in out)
+    assert ReleaseUpstream(reusable=False) in out and CloseClient in kinds(out)
+    done = next(a for a in out if isinstance(a, RequestCompleted))
+    assert done.status == 502 and "invalid 101" in done.reason
+
+
+def test_a_101_is_checked_against_the_request_the_upstream_received() -> None:
+    """The extension offer is stripped on the way up, so no extension may come back; the
+    subprotocol must be one the forwarded request listed (in any of its fields)."""
+    request = UPGRADE.replace(b"Sec-WebSocket-Protocol: chat\r\n", b"Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: v2 ,\tv3\r\n")
+    parsed = RequestParser(CLIENT).parse(request)
+    assert b"sec-websocket-protocol: v2 ,\tv3\r\n" in parsed.forward.lower()  # offered as it came
+    assert b"sec-websocket-extensions" not in parsed.forward.lower()
+    assert invalid_switch(parsed, parse_response(SWITCH + b"\r\n")) is None  # the upstream may choose none
+    for chosen in (b"chat", b"v2", b"v3"):
+        assert invalid_switch(parsed, parse_response(SWITCH + b"Sec-WebSocket-Protocol: " + chosen + b"\r\n\r\n")) is None
+    assert invalid_switch(parsed, parse_response(SWITCH + b"Sec-WebSocket-Protocol: v4\r\n\r\n")) == (
+        "a subprotocol the request did not offer"
+    )
+    assert invalid_switch(parsed, parse_response(SWITCH + b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")) == (
+        "an extension the request did not offer"
+    )
+    bare = RequestParser(CLIENT).parse(request.replace(b"Sec-WebSocket-Protocol", b"X-Not-Protocol"))
+    assert invalid_switch(bare, parse_response(SWITCH + b"Sec-WebSocket-Protocol: chat\r\n\r\n")) is not None
 
 
 CUT_RESPONSES: list[tuple[str, bytes]] = [
