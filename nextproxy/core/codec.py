@@ -34,13 +34,14 @@ from nextproxy.core.headers import (
     client_cert_fields,
     normalize_host,
     tokens,
+    websocket_accept,
 )
 from nextproxy.core.headscan import TOKEN, VERSION, check_partial, diagnose, head_end
 from nextproxy.errors import HttpError
 
 __all__ = [
     "CHUNKED", "UNTIL_CLOSE", "RequestHead", "RequestParser", "ResponseHead", "check_partial", "connection_options",
-    "diagnose", "head_end", "parse_response", "trailer_lines", "without_fields",
+    "diagnose", "head_end", "invalid_switch", "parse_response", "trailer_lines", "without_fields",
 ]  # fmt: skip
 
 _FIELD = TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n"
@@ -57,6 +58,7 @@ MAX_LENGTH_DIGITS = 18
 # What each field name means to the loop; a name not listed is kept as it came.
 _DROP, _HOST, _LENGTH, _CODING, _CONNECTION, _UPGRADE, _EXPECT, _KEY, _EXTENSIONS, _ACCEPT, _PROTOCOL = range(11)
 _WS_EXTENSIONS = b"sec-websocket-extensions"
+_WS_PROTOCOL = b"sec-websocket-protocol"
 _REQUEST_ROLES = {name: _DROP for name in HOP_BY_HOP | EDGE_OWNED} | {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -66,13 +68,14 @@ _REQUEST_ROLES = {name: _DROP for name in HOP_BY_HOP | EDGE_OWNED} | {
     b"expect": _EXPECT,
     b"sec-websocket-key": _KEY,
     _WS_EXTENSIONS: _EXTENSIONS,
+    _WS_PROTOCOL: _PROTOCOL,
 }
 _RESPONSE_ROLES = {name: _DROP for name in HOP_BY_HOP} | {
     b"content-length": _LENGTH,
     b"transfer-encoding": _CODING,
     b"connection": _CONNECTION,
     b"sec-websocket-accept": _ACCEPT,
-    b"sec-websocket-protocol": _PROTOCOL,
+    _WS_PROTOCOL: _PROTOCOL,
     _WS_EXTENSIONS: _EXTENSIONS,
 }
 # An underscore alias (X_Forwarded_For, content_length) of a name the edge owns or frames by:
@@ -116,6 +119,8 @@ class RequestHead:
     expect_continue: bool
     upgrade: bool
     websocket_key: bytes
+    protocols: bytes
+    """The Sec-WebSocket-Protocol values offered (forwarded as they came), comma-joined."""
     has_host: bool
     misdirected: bool
     """Host names another server than SNI did: 421 (RFC 9110 section 15.5.20), refused by the
@@ -146,6 +151,8 @@ class ResponseHead:
     """Forwardable field lines, each ending in CRLF, without the empty line."""
     accept: bytes
     protocol: str | None
+    extensions: bool
+    """A 101 named a WebSocket extension (the field is never forwarded)."""
 
     @property
     def fields(self) -> list[tuple[bytes, bytes]]:
@@ -171,6 +178,10 @@ class RequestParser:
     def parse(self, head: bytes) -> RequestHead:
         """``head`` runs from the request line through the empty line."""
         method, target, version = _request_line(head)
+        if method == b"CONNECT":
+            # A reverse proxy opens no tunnels: refused whatever the target form (nginx answers
+            # 405 too), before a path target could route it upstream as an ordinary request.
+            raise HttpError(405, "CONNECT is not supported")
         kept: list[bytes] = []
         pos = head.find(b"\r\n") + 2
         host: bytes | None = None
@@ -179,6 +190,7 @@ class RequestParser:
         codings: list[bytes] = []
         connection: list[bytes] = []
         upgrade: list[bytes] = []
+        protocols: list[bytes] = []
         extensions = expect = False
         key = b""
         for field in _REQUEST_SPECIAL.finditer(head.lower(), pos - 2):
@@ -204,6 +216,9 @@ class RequestParser:
                     key = value if role == _KEY else key
                     extensions = extensions or role == _EXTENSIONS
                     continue
+                if role == _PROTOCOL:  # kept: only noted, to check the 101's choice against
+                    protocols.append(value)
+                    continue
                 if role == _CODING:
                     if not codings:  # re-declared once, in its place
                         kept += (head[pos : field.start() + 2], b"transfer-encoding: chunked\r\n")
@@ -221,11 +236,14 @@ class RequestParser:
             raise HttpError(400, "several host headers" if hosts else "missing host header")
         keep_alive, is_upgrade = version == b"1.1", False
         if connection:
-            forward, keep_alive, is_upgrade = _connection(method, forward, keep_alive, connection, upgrade, extensions)
+            # RFC 9110 section 7.8: a server MUST ignore Upgrade in an HTTP/1.0 request (and RFC
+            # 6455 section 4.1 asks for HTTP/1.1): such a request is plain, its Upgrade dropped.
+            upgradable = method == b"GET" and version == b"1.1"
+            forward, keep_alive, is_upgrade = _connection(upgradable, forward, keep_alive, connection, upgrade, extensions)
         forward += self._edge + (b"x-forwarded-host: " + host + b"\r\n" if host is not None else b"") + self._cert + b"\r\n"
         return RequestHead(
             method, target, version, head, body, keep_alive, expect and version == b"1.1", is_upgrade, key,
-            hosts == 1, self._misdirected(host), forward,
+            b",".join(protocols), hosts == 1, self._misdirected(host), forward,
         )  # fmt: skip
 
     def _misdirected(self, host: bytes | None) -> bool:
@@ -258,13 +276,14 @@ def _content_length(value: bytes, seen: bytes | None, status: int) -> bytes:
 
 
 def _connection(
-    method: bytes, forward: bytes, keep_alive: bool, connection: list[bytes], upgrade: list[bytes], extensions: bool
+    upgradable: bool, forward: bytes, keep_alive: bool, connection: list[bytes], upgrade: list[bytes], extensions: bool
 ) -> tuple[bytes, bool, bool]:
     """A request's Connection options: close, the fields they name (dropped), a WebSocket
-    upgrade. Returns the forwarded lines, keep-alive and whether it upgrades."""
+    upgrade (only for an ``upgradable`` request: an HTTP/1.1 GET). Returns the forwarded
+    lines, keep-alive and whether it upgrades."""
     options, named = connection_options(b",".join(connection))
     keep_alive = keep_alive and b"close" not in options
-    is_upgrade = method == b"GET" and b"upgrade" in options and b"websocket" in set(tokens(upgrade))
+    is_upgrade = upgradable and b"upgrade" in options and b"websocket" in set(tokens(upgrade))
     if named:
         forward = without_fields(forward, named)
     if is_upgrade:
@@ -326,6 +345,7 @@ def parse_response(head: bytes) -> ResponseHead:
     connection: list[bytes] = []
     accept = b""
     protocol: str | None = None
+    extensions = False
     for field in _RESPONSE_SPECIAL.finditer(head.lower(), pos - 2):
         name, end = field.group(1), head.find(b"\r\n", field.end())
         role = _RESPONSE_ROLES.get(name)
@@ -336,6 +356,7 @@ def parse_response(head: bytes) -> ResponseHead:
         elif role == _EXTENSIONS:
             if status != 101:
                 continue
+            extensions = True
         else:
             value = head[field.end() : end].strip(b" \t")
             if role == _LENGTH:
@@ -345,7 +366,9 @@ def parse_response(head: bytes) -> ResponseHead:
                 accept = value
                 continue
             if role == _PROTOCOL:
-                protocol = value.decode("latin-1")
+                # Several fields join into one value that names no single offered subprotocol.
+                text = value.decode("latin-1")
+                protocol = text if protocol is None else protocol + ", " + text
                 continue
             if role == _CODING:
                 codings.append(value)
@@ -354,25 +377,50 @@ def parse_response(head: bytes) -> ResponseHead:
         kept.append(head[pos : field.start() + 2])  # drop this line
         pos = end + 2
     lines = b"".join(kept) + head[pos:-2] if kept else head[pos:-2]
-    body = _response_body(length, codings)
+    body = _response_body(version, length, codings)
     keep_alive = version == b"1.1"
     if connection:
         options, named = connection_options(b",".join(connection))
         keep_alive = keep_alive and b"close" not in options
         if named:
             lines = without_fields(lines, named)
-    return ResponseHead(status, reason or b"", version, head, body, keep_alive, lines, accept, protocol)
+    return ResponseHead(status, reason or b"", version, head, body, keep_alive, lines, accept, protocol, extensions)
 
 
-def _response_body(length: bytes | None, codings: list[bytes]) -> int:
+def _response_body(version: bytes, length: bytes | None, codings: list[bytes]) -> int:
     """A response's framing as sent: chunked, a length, or until close; ambiguity is a 502."""
     if codings:
+        if version == b"1.0":
+            # RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding MUST be treated
+            # as having faulty framing (a 1.0 hop may not have decoded it; a desync vector).
+            raise HttpError(502, "transfer-encoding on HTTP/1.0")
         if length is not None:
             raise HttpError(502, "content-length with transfer-encoding")
         if len(codings) > 1 or b"," in codings[0] or codings[0].lower() != b"chunked":
             raise HttpError(502, "unsupported transfer-encoding")
         return CHUNKED
     return int(length) if length is not None else UNTIL_CLOSE
+
+
+def invalid_switch(request: RequestHead, response: ResponseHead) -> str | None:
+    """Why a 101 does not complete ``request``'s opening handshake as the upstream received
+    it, or None if it does. The proxy is the upstream's client, and RFC 6455 section 4.1 makes
+    the client fail the connection on each of these: a 502, never relayed."""
+    if not request.upgrade:
+        return "a 101 to a request that did not upgrade"
+    if response.accept != websocket_accept(request.websocket_key):
+        return "wrong Sec-WebSocket-Accept"
+    if response.extensions:
+        # _connection strips Sec-WebSocket-Extensions from every forwarded upgrade, so any
+        # extension in the 101 is one the upstream was never offered.
+        return "an extension the request did not offer"
+    protocol = response.protocol
+    if protocol is not None:
+        # Compared exactly, as wsproto's client does: one token the request listed.
+        offered = {name.strip(b" \t") for name in request.protocols.split(b",")} - {b""}
+        if protocol.encode("latin-1") not in offered:
+            return "a subprotocol the request did not offer"
+    return None
 
 
 def trailer_lines(trailer: bytes) -> bytes:

@@ -9,7 +9,7 @@ becomes at most one send, nothing is accumulated. One request is taken from the 
 buffer at a time; a pipelined one waits there (``reading_client`` is False) until the
 response before it is done.
 
-Errors that are the client's fault become short plain responses (400, 404, 421, 431, 501, 505);
+Errors that are the client's fault become short plain responses (400, 404, 405, 421, 431, 501, 505);
 upstream failures become 502/504 with a generic body, the detail only in ``RequestCompleted``.
 A response whose upstream fails mid-body is cut short (no final chunk, connection closed),
 never completed. An ``HttpError`` never escapes: it is turned into a response.

@@ -27,8 +27,7 @@ from nextproxy.core.actions import (
 )
 from nextproxy.core.buffer import ByteBuffer
 from nextproxy.core.chunked import LAST_CHUNK, encode_chunk
-from nextproxy.core.codec import UNTIL_CLOSE, RequestHead, ResponseHead, trailer_lines
-from nextproxy.core.headers import websocket_accept
+from nextproxy.core.codec import UNTIL_CLOSE, RequestHead, ResponseHead, invalid_switch, trailer_lines
 from nextproxy.core.request_body import RequestBody
 from nextproxy.core.responses import CONTINUE, client_response, switching_protocols
 from nextproxy.core.upstream_leg import UpstreamLeg
@@ -100,8 +99,9 @@ class ResponseSide:
         return actions
 
     def _switch_protocols(self, leg: UpstreamLeg, exchange: Exchange, head: ResponseHead) -> list[Action]:
-        if not exchange.head.upgrade or head.accept != websocket_accept(exchange.head.websocket_key):
-            return self._drop_upstream() + self._upstream_error(502, "upstream sent an invalid 101")
+        invalid = invalid_switch(exchange.head, head)
+        if invalid is not None:
+            return self._drop_upstream() + self._upstream_error(502, f"upstream sent an invalid 101: {invalid}")
         data = switching_protocols(head)
         exchange.response_status = 101
         from_client, from_upstream = self._buffer.take_all(), leg.buffer.take_all()

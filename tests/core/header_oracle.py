@@ -154,9 +154,10 @@ def response_headers(headers: Headers, *, upgrade: bool) -> Headers:
     return out
 
 
-def is_upgrade_request(method: bytes, headers: Headers) -> bool:
-    """True for a WebSocket opening handshake (RFC 6455 section 4.2.1)."""
-    if method != b"GET":
+def is_upgrade_request(method: bytes, headers: Headers, version: bytes = b"1.1") -> bool:
+    """True for a WebSocket opening handshake (RFC 6455 section 4.2.1): HTTP/1.1 only, since
+    a server MUST ignore Upgrade in an HTTP/1.0 request (RFC 9110 section 7.8)."""
+    if method != b"GET" or version != b"1.1":
         return False
     connection: list[bytes] = []
     upgrade: list[bytes] = []

@@ -12,9 +12,19 @@ import h11
 import pytest
 
 from nextproxy.config import Limits
-from nextproxy.core.actions import CloseClient, ConnectUpstream, ReleaseUpstream, RequestCompleted, SendToUpstream
+from nextproxy.core.actions import (
+    CloseClient,
+    ConnectUpstream,
+    ReleaseUpstream,
+    RequestCompleted,
+    SendToUpstream,
+    StartTunnel,
+    StartWebSocket,
+)
 from nextproxy.core.chunked import MAX_CHUNK_LINE
-from tests.core.test_http1 import GET, connect, kinds, session, status_of, to_client, to_upstream
+from nextproxy.core.codec import CHUNKED, RequestParser, invalid_switch, parse_response
+from nextproxy.errors import HttpError
+from tests.core.test_http1 import CLIENT, GET, UPGRADE, accept_for, connect, kinds, session, status_of, to_client, to_upstream
 
 HOST = b"Host: edge.test\r\n"
 LINE = b"POST /ns/sigmai HTTP/1.1\r\n"
@@ -72,6 +82,12 @@ REQUESTS: list[tuple[str, bytes, int]] = [
     ("no-host", head(b"X-A: 1\r\n"), 400),
     ("two-hosts", head(HOST, HOST), 400),
     ("two-hosts-1.0", head(HOST, HOST, line=b"GET /ns/sigmai HTTP/1.0\r\n"), 400),
+    # A reverse proxy opens no tunnels: every CONNECT is refused, whatever its target form.
+    ("connect-authority", head(HOST, line=b"CONNECT edge.test:443 HTTP/1.1\r\n"), 405),
+    ("connect-path", head(HOST, line=b"CONNECT /ns/sigmai HTTP/1.1\r\n"), 405),
+    ("connect-path-1.0", head(line=b"CONNECT /ns/sigmai HTTP/1.0\r\n"), 405),
+    ("connect-absolute", head(HOST, line=b"CONNECT https://edge.test/ns/sigmai HTTP/1.1\r\n"), 405),
+    ("connect-with-body", head(HOST, b"Content-Length: 5\r\n", line=b"CONNECT /ns/sigmai HTTP/1.1\r\n") + b"hello", 405),
     ("huge-head", head(HOST, b"X-Big: " + b"a" * 40000 + b"\r\n"), 431),
     ("huge-partial-head", LINE + HOST + b"X-Big: " + b"a" * 40000, 431),
 ]
@@ -172,6 +188,9 @@ RESPONSES: list[tuple[str, bytes]] = [
     ("te-gzip", OK_HEAD + b"Transfer-Encoding: gzip\r\n\r\n"),
     ("te-combination", OK_HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n"),
     ("te-chunked-twice", OK_HEAD + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"),
+    # RFC 9112 section 6.1: Transfer-Encoding on HTTP/1.0 is faulty framing, even a valid chunked body.
+    ("te-on-1.0", b"HTTP/1.0 200 OK\r\nX-Leak: " + SECRET + b"\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+    ("te-on-1.0-with-cl", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok"),
     ("huge-head", OK_HEAD + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n"),
     ("huge-partial-head", OK_HEAD + b"X-Big: " + b"a" * 70000),
     ("101-without-upgrade", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"),
@@ -191,6 +210,61 @@ def test_hostile_upstream_responses_become_a_generic_502(response: bytes) -> Non
     assert done.status == 502
     if SECRET in response:
         assert SECRET in done.reason.encode()  # the detail is for the log only
+
+
+SWITCH = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: " + accept_for(b"dGhlIHNhbXBsZSBub25jZQ==") + b"\r\n"
+)
+# 101s answering UPGRADE (which offers the subprotocol "chat" and permessage-deflate; the proxy
+# strips the extension offer): RFC 6455 section 4.1 makes the client, the proxy here, fail each.
+SWITCHES: list[tuple[str, bytes]] = [
+    ("wrong-accept", SWITCH.replace(b"Accept: ", b"Accept: d3Jvbmc=\r\nX-Old: ") + b"\r\n"),
+    ("no-accept", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
+    ("extension-the-proxy-did-not-forward", SWITCH + b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"),
+    ("extension-never-offered", SWITCH + b"Sec-WebSocket-Extensions: x-leak; k=" + SECRET + b"\r\n\r\n"),
+    ("extension-empty", SWITCH + b"Sec-WebSocket-Extensions:\r\n\r\n"),
+    ("subprotocol-never-offered", SWITCH + b"Sec-WebSocket-Protocol: superchat\r\n\r\n"),
+    ("subprotocol-other-case", SWITCH + b"Sec-WebSocket-Protocol: Chat\r\n\r\n"),  # exact, as wsproto and browsers
+    ("subprotocol-list", SWITCH + b"Sec-WebSocket-Protocol: chat, chat\r\n\r\n"),
+    ("subprotocol-twice", SWITCH + b"Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: chat\r\n\r\n"),
+    ("subprotocol-empty", SWITCH + b"Sec-WebSocket-Protocol:\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("path", [b"/ns/sigmai/ws", b"/t"], ids=["frames", "tunnel"])
+@pytest.mark.parametrize("response", [r[1] for r in SWITCHES], ids=[r[0] for r in SWITCHES])
+def test_hostile_101s_become_a_generic_502_and_no_websocket(response: bytes, path: bytes) -> None:
+    s = session()
+    connect(s, UPGRADE.replace(b"/ns/sigmai/ws", path))
+    out = s.upstream_data(response + b"\x81\x02hi")
+    data = to_client(out)
+    assert status_of(data) == 502 and data.endswith(b"\r\n\r\nbad gateway\n")
+    assert SECRET not in data and b"hi" not in data and b"Sec-WebSocket" not in data
+    assert not any(isinstance(a, (StartWebSocket, StartTunnel)) for a in out)
+    assert ReleaseUpstream(reusable=False) in out and CloseClient in kinds(out)
+    done = next(a for a in out if isinstance(a, RequestCompleted))
+    assert done.status == 502 and "invalid 101" in done.reason
+
+
+def test_a_101_is_checked_against_the_request_the_upstream_received() -> None:
+    """The extension offer is stripped on the way up, so no extension may come back; the
+    subprotocol must be one the forwarded request listed (in any of its fields)."""
+    request = UPGRADE.replace(b"Sec-WebSocket-Protocol: chat\r\n", b"Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: v2 ,\tv3\r\n")
+    parsed = RequestParser(CLIENT).parse(request)
+    assert b"sec-websocket-protocol: v2 ,\tv3\r\n" in parsed.forward.lower()  # offered as it came
+    assert b"sec-websocket-extensions" not in parsed.forward.lower()
+    assert invalid_switch(parsed, parse_response(SWITCH + b"\r\n")) is None  # the upstream may choose none
+    for chosen in (b"chat", b"v2", b"v3"):
+        assert invalid_switch(parsed, parse_response(SWITCH + b"Sec-WebSocket-Protocol: " + chosen + b"\r\n\r\n")) is None
+    assert invalid_switch(parsed, parse_response(SWITCH + b"Sec-WebSocket-Protocol: v4\r\n\r\n")) == (
+        "a subprotocol the request did not offer"
+    )
+    assert invalid_switch(parsed, parse_response(SWITCH + b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")) == (
+        "an extension the request did not offer"
+    )
+    bare = RequestParser(CLIENT).parse(request.replace(b"Sec-WebSocket-Protocol", b"X-Not-Protocol"))
+    assert invalid_switch(bare, parse_response(SWITCH + b"Sec-WebSocket-Protocol: chat\r\n\r\n")) is not None
 
 
 CUT_RESPONSES: list[tuple[str, bytes]] = [
@@ -300,3 +374,25 @@ def test_refused_heads_log_no_control_bytes() -> None:
     actions = session().client_data(head(HOST, b"X-A: \x01\r\n"))
     done = next(a for a in actions if isinstance(a, RequestCompleted))
     assert (done.method, done.target) == ("POST", "/ns/sigmai")
+
+
+def test_connect_is_refused_by_the_codec_with_405() -> None:
+    """A reverse proxy implements no CONNECT (RFC 9110 section 9.3.6 is for forward proxies):
+    the parser refuses it before routing, so a path target cannot reach an upstream either."""
+    request = head(HOST, line=b"CONNECT /ns/sigmai HTTP/1.1\r\n")
+    with pytest.raises(HttpError) as refused:
+        RequestParser(CLIENT).parse(request)
+    assert refused.value.status == 405
+    data = to_client(session().client_data(request))
+    assert data.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n") and data.endswith(b"\r\n\r\nCONNECT is not supported\n")
+
+
+def test_transfer_encoding_on_an_http10_response_is_faulty_framing() -> None:
+    """RFC 9112 section 6.1: received as HTTP/1.0 with Transfer-Encoding, the message MUST be
+    treated as having faulty framing; the same head as HTTP/1.1, or 1.0 with a length, is fine."""
+    chunked = b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with pytest.raises(HttpError) as refused:
+        parse_response(chunked)
+    assert refused.value.status == 502 and "HTTP/1.0" in refused.value.reason
+    assert parse_response(chunked.replace(b"HTTP/1.0", b"HTTP/1.1")).length == CHUNKED
+    assert parse_response(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n").length == 2

@@ -184,7 +184,7 @@ def check_request_case(data: bytes) -> bool:
     assert (method, target, version, _canonical(fields), body) == (*theirs[:3], _canonical(theirs[3]), theirs[4]), data
     # The policy: what we forward is what core/headers.py makes of h11's parse, and h11
     # re-parses our head to exactly those fields (the round-trip property).
-    upgrade = is_upgrade_request(theirs[0], theirs[3])
+    upgrade = is_upgrade_request(theirs[0], theirs[3], theirs[2])
     expected = upstream_request_headers(theirs[3], CLIENT, upgrade=upgrade)
     if version == b"1.0" and not any(n == b"host" for n, _ in fields):
         forwarded = forwarded.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nhost: u\r\n", 1)

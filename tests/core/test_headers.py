@@ -502,6 +502,12 @@ def test_upgrade_request_detection(method: bytes, headers: Headers, expected: bo
     assert is_upgrade_request(method, BASE + headers) is expected
 
 
+def test_upgrade_is_not_recognized_on_http_1_0() -> None:
+    """RFC 9110 section 7.8: a server MUST ignore Upgrade received in an HTTP/1.0 request."""
+    headers = BASE + [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    assert is_upgrade_request(b"GET", headers, b"1.1") and not is_upgrade_request(b"GET", headers, b"1.0")
+
+
 def test_websocket_accept_rfc6455_example() -> None:
     assert websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 

@@ -33,6 +33,7 @@ from nextproxy.core.actions import (
     StartTunnel,
     StartWebSocket,
 )
+from nextproxy.core.codec import RequestParser
 from nextproxy.core.headers import ClientInfo
 from nextproxy.core.http1 import HttpSession, UpstreamLeg
 from nextproxy.core.routing import RouteTable
@@ -210,9 +211,13 @@ def test_pipelined_requests_are_served_in_order() -> None:
         (b"POST /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n", 431),
-        (b"CONNECT edge.test:443 HTTP/1.1\r\nHost: edge.test\r\n\r\n", 400),
+        (b"CONNECT edge.test:443 HTTP/1.1\r\nHost: edge.test\r\n\r\n", 405),
+        (b"CONNECT /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\n\r\n", 405),
     ],
-    ids=["no-route", "not-a-segment", "dot-segment", "host-sni", "no-host", "cl-te", "garbage", "huge-head", "connect"],
+    ids=[
+        "no-route", "not-a-segment", "dot-segment", "host-sni", "no-host", "cl-te", "garbage", "huge-head", "connect",
+        "connect-path",
+    ],  # fmt: skip
 )
 def test_refusals(request_bytes: bytes, status: int) -> None:
     s = session()
@@ -374,6 +379,24 @@ def test_websocket_upgrade_hands_over_with_leftovers() -> None:
     start = out[-1]
     assert isinstance(start, StartWebSocket)
     assert (start.from_client, start.from_upstream, start.subprotocol) == (b"\x81\x85early", b"\x81\x02hi", "chat")
+
+
+def test_an_http10_upgrade_request_is_a_plain_request() -> None:
+    """RFC 9110 section 7.8: a server MUST ignore Upgrade in an HTTP/1.0 request (RFC 6455
+    section 4.1 asks for HTTP/1.1): forwarded without Upgrade, and a 101 to it is a 502."""
+    request = UPGRADE.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    assert not RequestParser(CLIENT).parse(request).upgrade
+    s = session()
+    leg, actions = connect(s, request)
+    upstream, _ = parse_request(to_upstream(actions))
+    headers = dict(upstream.headers)
+    assert b"upgrade" not in headers and b"connection" not in headers
+    answer = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_for(b"dGhlIHNhbXBsZSBub25jZQ==") + b"\r\n\r\n"
+    )
+    out = s.upstream_data(answer)
+    assert status_of(to_client(out)) == 502 and not any(isinstance(a, (StartWebSocket, StartTunnel)) for a in out)
 
 
 def test_tunnel_route_and_bad_accept() -> None:

@@ -210,6 +210,18 @@ def test_content_length_with_transfer_encoding_is_400_and_never_forwarded(edge: 
     assert standin.requests == before
 
 
+def test_connect_is_405_and_never_forwarded(edge: Edge) -> None:
+    """A path-form CONNECT would route like any request: the codec refuses every CONNECT."""
+    standin = edge.standins["ns-sigmai"]
+    before = standin.requests
+    sock = edge.tls_socket()
+    sock.sendall(b"CONNECT /ns/sigmai HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    data = sock.recv(65536)
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), data
+    assert standin.requests == before
+
+
 def test_huge_headers_get_431(edge: Edge) -> None:
     status, _, _ = edge.request("GET", "/ns/sigmai", headers={"X-Big": "a" * 40_000})
     assert status == 431
