@@ -234,7 +234,10 @@ class UpstreamPool:
         self._config = config
         self._writes = writes or TurnWrites()
         self._tls = tls_contexts
-        self._idle: dict[Address, list[UpstreamConnection]] = {}
+        # Keyed by the upstream as well as the server: two upstreams may name one host:port with
+        # different TLS settings (plain vs TLS, another server_name or CA), and a connection made
+        # under one must never serve the other.
+        self._idle: dict[tuple[str, Address], list[UpstreamConnection]] = {}
         self._next_server = {u.name: itertools.count() for u in config.upstreams}
         self._on_health = on_health
         self.health: dict[str, bool] = {u.name: True for u in config.upstreams}
@@ -273,7 +276,7 @@ class UpstreamPool:
     def counts(self) -> dict[str, tuple[int, int]]:
         """Upstream name -> (open, idle) connections, for the status page (not the hot path)."""
         return {
-            u.name: (OPEN_CONNECTIONS[u.name], sum(len(self._idle.get(server, ())) for server in u.servers))
+            u.name: (OPEN_CONNECTIONS[u.name], sum(len(self._idle.get((u.name, server), ())) for server in u.servers))
             for u in self._config.upstreams
         }
 
@@ -283,8 +286,9 @@ class UpstreamPool:
         Checked before reuse: closed, EOF'd or over-age connections are dropped here.
         """
         loop_time = self._now()
+        name = upstream.name
         for server in upstream.servers:
-            idle = self._idle.get(server)
+            idle = self._idle.get((name, server))
             while idle:
                 conn = idle.pop()
                 if conn.reusable_now and loop_time - conn.idle_since < self._config.timeouts.pool_idle:
@@ -340,7 +344,7 @@ class UpstreamPool:
         if not reusable or conn.private or not conn.reusable_now:
             conn.close()
             return
-        idle = self._idle.setdefault(conn.server, [])
+        idle = self._idle.setdefault((conn.upstream.name, conn.server), [])
         if len(idle) >= self._config.limits.pool_size:
             conn.close()
             return
@@ -351,12 +355,12 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         now = loop.time()
         limit = self._config.timeouts.pool_idle
-        for server, idle in self._idle.items():
+        for key, idle in self._idle.items():
             keep = [c for c in idle if c.reusable_now and now - c.idle_since < limit]
             for conn in idle:
                 if conn not in keep:
                     conn.close()
-            self._idle[server] = keep
+            self._idle[key] = keep
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     async def _probe_forever(self) -> None:

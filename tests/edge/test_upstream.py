@@ -100,6 +100,23 @@ def test_a_closed_or_unreusable_connection_never_goes_back_into_use() -> None:
     assert after_close is None and refused_closed and none is None
 
 
+def test_a_pooled_connection_serves_only_the_upstream_that_made_it() -> None:
+    """Two upstreams may name one server with different TLS settings (plain and TLS, or another
+    server_name): a connection made, and verified, for one must never carry the other's requests."""
+    plain = Upstream("plain", (A,))
+    tls = Upstream("tls", (A,))
+
+    async def scenario() -> tuple[UpstreamConnection | None, UpstreamConnection | None]:
+        pool = UpstreamPool(replace(config(), upstreams=(plain, tls)), {})
+        conn = UpstreamConnection(plain, A, 65536)
+        conn.connection_made(FakeTransport())
+        pool.release(conn, True)
+        return pool.take_idle(tls, Owner()), pool.take_idle(plain, Owner())
+
+    other, same = run(scenario())
+    assert other is None and same is not None and same.upstream is plain
+
+
 def test_bytes_from_an_idle_connection_close_it() -> None:
     async def scenario() -> tuple[bool, UpstreamConnection | None]:
         pool = _pool()

@@ -12,11 +12,12 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from nextproxy.config.model import CertificateConfig, PemSource, UpstreamTls
+from nextproxy.config.model import CertificateConfig, Config, PathRoute, PemSource, Upstream, UpstreamTls
 from nextproxy.demo.pki import DemoPki
 from tests.integration.harness import TERMINATED_API_NAME, Edge
 from nextproxy.demo.pki import make_ca, make_leaf
@@ -183,5 +184,37 @@ def test_self_signed_upstream_is_refused_even_with_its_own_name(pki: DemoPki, pk
         assert status == 502, body
         assert edge.standins["sfs-sigmai"].requests == 0
         assert "certificate verify failed" in upstream_errors(edge)[-1]["detail"]
+    finally:
+        edge.close()
+
+
+def test_a_pooled_connection_never_serves_another_upstream_on_the_same_server(pki: DemoPki, pki_files: dict[str, Path]) -> None:
+    """Two upstreams naming one server with different TLS settings share no pooled connection:
+    a connection verified for ``ns-sigmai`` must not carry a request for an upstream whose own
+    verification (here: the wrong server_name) fails, and a plain upstream must not ride it."""
+    ca = str(pki_files["ca.pem"])
+
+    def same_server_twice(config: Config) -> Config:
+        server = next(u for u in config.upstreams if u.name == "ns-sigmai").servers
+        wrong = Upstream("wrong-name", server, UpstreamTls(ca_file=ca, server_name="not-the-upstream.example"))
+        plain = Upstream("plain", server, None)
+        routes = (PathRoute("wrong-name", "/wrong", "wrong-name"), PathRoute("plain", "/plain", "plain"))
+        return replace(config, upstreams=config.upstreams + (wrong, plain), routes=config.routes + routes)
+
+    edge = Edge.start(pki, upstream_tls=UpstreamTls(ca_file=ca), upstream_reports_tls=True, mutate=same_server_twice)
+    try:
+        standin = edge.standins["ns-sigmai"]
+        for i in range(3):
+            # One client connection per request, so the pooled upstream connection is the only
+            # thing the requests could share.
+            status, report = get(edge, f"/ns/sigmai/{i}")
+            assert status == 200 and isinstance(report, dict), report
+            served = standin.requests
+            status, body = get(edge, f"/wrong/{i}")
+            assert status == 502, body
+            assert "Hostname mismatch" in upstream_errors(edge)[-1]["detail"]
+            status, body = get(edge, f"/plain/{i}")
+            assert status == 502, body  # cleartext to a TLS server: it never parses a request
+            assert standin.requests == served
     finally:
         edge.close()
