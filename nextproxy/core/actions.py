@@ -76,6 +76,15 @@ class ResponseStarted:
     """The upstream's response head arrived: stop the response timer."""
 
     status: int
+    uploading: bool = False
+    """The request body is still arriving: its own bound (``request_body``) keeps running, so
+    a body trickled beside a streaming response cannot outlive it (``BodyReceived`` ends it)."""
+
+
+@dataclass(slots=True)
+class BodyReceived:
+    """The request body ended after its response had started: from now on only the response
+    keeps the connection busy, and the quiet timer watches it."""
 
 
 @dataclass(slots=True)
@@ -175,6 +184,7 @@ Action = (
     | HeadReceived
     | AwaitResponse
     | ResponseStarted
+    | BodyReceived
     | StartTunnel
     | StartWebSocket
     | RequestCompleted

@@ -22,7 +22,9 @@ from nextproxy.core.actions import (
     Action,
     AuthorizationDenied,
     AwaitResponse,
+    BodyReceived,
     CloseClient,
+    CloseUpstream,
     ConnectUpstream,
     HeadReceived,
     HeadStarted,
@@ -155,13 +157,21 @@ class HttpSession(ResponseSide):
         self._connecting = False
         return self._upstream_error(504 if timeout else 502, reason)
 
-    def body_timed_out(self, route_name: str) -> RequestCompleted:
-        """The fact for a request whose body did not arrive within its deadline (the shell
-        answers 408 and closes both legs): its method, target and the body bytes that came."""
+    def body_timed_out(self, route_name: str) -> list[Action]:
+        """A request did not arrive whole within ``timeouts.request_body``: both legs close (the
+        upstream connection the trickled body held is freed). With no response started the
+        client gets a 408; a response already on its way is cut short, and logged with the
+        status that went out and this reason (the client stalled, not the upstream)."""
+        reason = "request body timed out"
         exchange = self._exchange
+        if exchange is not None and exchange.response_status:
+            return self.cut(reason, 408) + [CloseClient()]
+        self._closed = True
         if exchange is None:  # the head itself never completed
-            return RequestCompleted(route_name, "-", "-", 408, 0, 0, "request body timed out")
-        return self._completed(exchange, 408, "request body timed out")
+            done = RequestCompleted(route_name, "-", "-", 408, 0, 0, reason)
+        else:
+            done = self._completed(exchange, 408, reason)
+        return [SendToClient(refusal(408, reason, keep=False)), done, CloseUpstream(), CloseClient()]
 
     def upstream_timeout(self) -> list[Action]:
         """The response head did not arrive within the response timeout."""
@@ -294,8 +304,9 @@ class HttpSession(ResponseSide):
         return leg is not None and not leg.finished
 
     def _end_request(self, exchange: Exchange) -> list[Action]:
-        """The request body is complete: the upstream's answer is now awaited."""
-        return [AwaitResponse()] if exchange.response_status == 0 else []
+        """The request body is complete: the upstream's answer is now awaited, or, if it has
+        started already, the quiet timer takes over from the body's."""
+        return [AwaitResponse()] if exchange.response_status == 0 else [BodyReceived()]
 
     def _client_closed(self) -> list[Action]:
         self._client_eof = True

@@ -122,7 +122,7 @@ class ResponseSide:
         close = not exchange.head.keep_alive or self.draining or self._client_eof
         response = client_response(head, exchange.head, close=close)
         exchange.client_chunked, exchange.client_close = response.chunked, response.close
-        actions: list[Action] = [ResponseStarted(head.status), SendToClient(response.data)]
+        actions: list[Action] = [ResponseStarted(head.status, self._body.open), SendToClient(response.data)]
         leg.begin_body(response.length, leg.max_header_size)
         if leg.finished:
             return actions + self._response_done(leg, exchange)

@@ -44,6 +44,14 @@ def _head_started(shell: Shell, action: act.HeadStarted) -> None:
         shell.deadline.set(_timeouts(shell).request_head, Timer.HEAD)
 
 
+def _response_started(shell: Shell, action: act.ResponseStarted) -> None:
+    """The response's progress is watched by the quiet timer, unless the request body is still
+    coming: then its fixed bound (BODY) runs on, or a body trickled beside the response, each
+    byte pushing the quiet timer back, would live on."""
+    if not action.uploading:
+        shell.deadline.set(_timeouts(shell).client_idle, Timer.IDLE)
+
+
 def _completed(shell: Shell, action: act.RequestCompleted) -> None:
     """An exchange ended without an upstream response (404, 400...): back to keep-alive."""
     shell.rt.observer.request(action, _since_request(shell), shell.peer)
@@ -63,7 +71,8 @@ HANDLERS: dict[type, Handler] = {
     act.HeadStarted: _head_started,
     act.HeadReceived: lambda c, a: c.deadline.switch(Timer.HEAD, Timer.BODY, _timeouts(c).request_body),
     act.AwaitResponse: lambda c, a: c.deadline.set(_timeouts(c).upstream_response, Timer.RESPONSE),
-    act.ResponseStarted: lambda c, a: c.deadline.set(_timeouts(c).client_idle, Timer.IDLE),
+    act.ResponseStarted: _response_started,
+    act.BodyReceived: lambda c, a: c.deadline.switch(Timer.BODY, Timer.IDLE, _timeouts(c).client_idle),
     # facts for the observer (metrics, logs)
     act.RequestStarted: _request_started,
     act.RequestCompleted: _completed,

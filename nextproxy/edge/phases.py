@@ -18,7 +18,6 @@ from nextproxy.config.model import PathRoute, SniRoute, Upstream
 from nextproxy.core.actions import (
     Action,
     CloseClient,
-    CloseUpstream,
     ConnectUpstream,
     SendToClient,
     SendToUpstream,
@@ -34,13 +33,6 @@ from nextproxy.edge.acceptor import out_of_descriptors
 from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.host import Group, Host, Member
 from nextproxy.edge.upstream import UpstreamConnection, UpstreamSlot
-
-
-REQUEST_TIMEOUT = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 23\r\nconnection: close\r\n\r\nrequest body timed out\n"
-)
-"""``timeouts.request_body`` passed with no response started (one write, as every own answer)."""
 
 
 class Shell(Member, Protocol):
@@ -168,10 +160,7 @@ class HttpPhase:
             self._shell.deadline.set(self.quiet, Timer.IDLE)
             return self.session.upstream_timeout()
         if kind is Timer.BODY:
-            # No response has started (ResponseStarted would have moved the deadline on): tell
-            # the client, and free the upstream connection the trickled body was holding.
-            done = self.session.body_timed_out(self._shell.route_name)
-            return [SendToClient(REQUEST_TIMEOUT), done, CloseUpstream(), CloseClient()]
+            return self.session.body_timed_out(self._shell.route_name)
         if kind is Timer.HEAD:
             return self.session.head_timed_out()
         # Idle: a keep-alive connection between requests closes quietly. A response in flight

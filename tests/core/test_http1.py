@@ -23,7 +23,9 @@ from nextproxy.core.actions import (
     HeadStarted,
     RequestStarted,
     AwaitResponse,
+    BodyReceived,
     CloseClient,
+    CloseUpstream,
     ConnectUpstream,
     ReleaseUpstream,
     RequestCompleted,
@@ -317,6 +319,46 @@ def test_request_bodies_stream_content_length_and_chunked() -> None:
     out = s.client_data(b"5\r\nhello\r\n0\r\n\r\n")
     request, body = parse_request(to_upstream(actions) + to_upstream(out))
     assert body == b"hello" and (b"transfer-encoding", b"chunked") in request.headers
+
+
+def test_a_response_that_starts_before_the_request_body_ends_says_so() -> None:
+    """The shell keeps the body's fixed deadline while ``uploading``; ``BodyReceived`` hands the
+    connection back to the quiet timer once the body is whole."""
+    s = session()
+    head = b"POST /ns/sigmai/echo HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 4\r\n\r\n"
+    connect(s, head + b"ab")
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n")
+    assert out[0] == ResponseStarted(200, uploading=True)
+    out = s.client_data(b"cd")
+    assert kinds(out) == [BodyReceived] and to_upstream(out) == b"cd"
+    out = s.upstream_data(b"2\r\ncd\r\n0\r\n\r\n")
+    assert kinds(out) == [ReleaseUpstream, RequestCompleted]
+    # A whole request answered: no upload in progress, no BodyReceived.
+    s = session()
+    connect(s, GET)
+    assert s.upstream_data(b"HTTP/1.1 204 No Content\r\n\r\n")[0] == ResponseStarted(204, uploading=False)
+
+
+def test_a_body_timeout_is_a_408_before_the_response_and_a_cut_after_it() -> None:
+    s = session()
+    head = b"POST /ns/sigmai/upload HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 4\r\n\r\n"
+    connect(s, head + b"ab")
+    out = s.body_timed_out("ns-sigmai")
+    assert to_client(out).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert kinds(out) == [RequestCompleted, CloseUpstream, CloseClient]
+    done = out[1]
+    assert isinstance(done, RequestCompleted) and (done.status, done.bytes_from_client) == (408, 2)
+
+    s = session()
+    connect(s, head + b"ab")
+    s.upstream_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n")
+    out = s.body_timed_out("ns-sigmai")
+    assert to_client(out) == b""  # a response is on its way: no second head, no final chunk
+    assert kinds(out) == [ReleaseUpstream, RequestCompleted, CloseClient]
+    assert out[0] == ReleaseUpstream(reusable=False)
+    done = out[1]
+    assert isinstance(done, RequestCompleted)
+    assert (done.status, done.reason, done.bytes_to_client) == (200, "request body timed out", 2)
 
 
 def test_read_until_close_response_becomes_chunked_for_the_client() -> None:

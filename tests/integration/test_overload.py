@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import json
 import statistics
 import time
 from pathlib import Path
@@ -121,41 +122,78 @@ def _established_to(port: int) -> int:
     return count
 
 
+def _trickle(sock: ssl.SSLSocket, upstream_port: int) -> tuple[bytes, float, bool]:
+    """Send one body byte every half second (each one resets an idle timer) and read what
+    comes, for at most 8 s: the answer, how long until the proxy closed, and whether the body
+    was being streamed on an upstream connection meanwhile."""
+    started = next_byte = time.monotonic()
+    answer = b""
+    connected = False
+    while time.monotonic() - started < 8:
+        if time.monotonic() >= next_byte:
+            try:
+                sock.sendall(b"x")
+            except (ssl.SSLError, OSError):
+                break
+            next_byte += 0.5
+            connected = connected or _established_to(upstream_port) > 0
+        sock.settimeout(max(0.01, next_byte - time.monotonic()))
+        try:
+            piece = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except (ssl.SSLError, OSError):
+            break
+        if not piece:
+            break
+        answer += piece
+    return answer, time.monotonic() - started, connected
+
+
+def _upstream_legs_closed(upstream_port: int) -> bool:
+    deadline = time.monotonic() + 3
+    while _established_to(upstream_port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _established_to(upstream_port) == 0
+
+
 def test_trickled_body_gets_408_and_frees_the_upstream_connection(pki: DemoPki) -> None:
     edge = Edge.start(pki, timeouts=Timeouts(request_body=1.5, connect=2, upstream_response=10, client_idle=30))
     try:
         upstream_port = edge.standins["ns-sigmai"].address[1]
         sock = edge.tls_socket()
         sock.sendall(b"POST /ns/sigmai/upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1000\r\n\r\n")
-        started = time.monotonic()
-        answer = b""
-        connected = False
-        sock.settimeout(0.5)
-        while time.monotonic() - started < 8:
-            try:
-                sock.sendall(b"x")  # one byte every half second: each one resets an idle timer
-            except (ssl.SSLError, OSError):
-                break
-            connected = connected or _established_to(upstream_port) > 0
-            try:
-                piece = sock.recv(4096)
-            except TimeoutError:
-                continue
-            except (ssl.SSLError, OSError):
-                break
-            if not piece:
-                break
-            answer += piece
-        elapsed = time.monotonic() - started
+        answer, elapsed, connected = _trickle(sock, upstream_port)
         assert connected  # the body was being streamed on an upstream connection
-        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
         assert 1.3 < elapsed < 4, elapsed
-        deadline = time.monotonic() + 3
-        while _established_to(upstream_port) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _established_to(upstream_port) == 0  # the upstream connection was closed, not pooled
+        assert _upstream_legs_closed(upstream_port)  # the upstream connection was closed, not pooled
         sock.close()
         [line] = [line for line in edge.logs().splitlines() if '"status":408' in line]
         assert '"method":"POST"' in line and '"path":"/ns/sigmai/upload"' in line  # not "-"
+    finally:
+        edge.close()
+
+
+def test_a_trickled_body_is_cut_at_its_deadline_even_once_the_response_has_started(pki: DemoPki) -> None:
+    """The echo stand-in answers at once and streams the body back as it comes: every byte
+    then moves both ways, so only the body's own fixed bound can end the request. It is cut
+    there (no final chunk), and logged as the client's stall with the status that went out,
+    not as an upstream timeout."""
+    edge = Edge.start(pki, timeouts=Timeouts(request_body=1.5, connect=2, upstream_response=10, client_idle=30))
+    try:
+        upstream_port = edge.standins["ns-sigmai"].address[1]
+        sock = edge.tls_socket()
+        sock.sendall(b"POST /ns/sigmai/echo HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1000\r\n\r\n")
+        answer, elapsed, connected = _trickle(sock, upstream_port)
+        assert connected
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert b"\r\n1\r\nx\r\n" in answer  # the response was streaming the body back
+        assert not answer.endswith(b"0\r\n\r\n")  # cut short, never completed
+        assert 1.3 < elapsed < 4, elapsed
+        assert _upstream_legs_closed(upstream_port)
+        sock.close()
+        [line] = [json.loads(line) for line in edge.logs().splitlines() if '"path":"/ns/sigmai/echo"' in line]
+        assert (line["status"], line["reason"]) == (200, "request body timed out"), line
     finally:
         edge.close()

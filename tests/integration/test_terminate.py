@@ -329,7 +329,7 @@ def test_a_trickled_head_gets_408_and_a_log_line(pki: DemoPki) -> None:
         while chunk := sock.recv(4096):  # the socket's 10 s timeout bounds it
             answer += chunk
         sock.close()
-        assert answer.startswith(b"HTTP/1.1 408 ") and b"request head timed out" in answer
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"request head timed out" in answer
         assert any(r["status"] == 408 and r["reason"] == "request head timed out" for r in _request_lines(edge))
     finally:
         edge.close()
