@@ -50,6 +50,9 @@ class ByteBuffer:
     def take_head(self, limit: int, *, request: bool) -> bytes | None:
         """The head at the start of the buffer if it is all here, else None. Raises ``HttpError``."""
         data = self._data
+        if request and data and data[0] == 13:  # CR: empty lines before the request line?
+            self.skip_empty_lines()
+            data = self._data
         end = head_end(data, limit, request=request, scanned=self._scanned)
         if end < 0:
             self._scanned = len(data)
@@ -60,6 +63,19 @@ class ByteBuffer:
             return data if type(data) is bytes else bytes(data)
         self._data = data[end:]
         return bytes(data[:end])
+
+    def skip_empty_lines(self) -> bool:
+        """Drop CRLFs before a request line, as RFC 9112 section 2.2 asks of a server (some
+        clients send one after a POST body); True if anything is left. A bare CR stays, for
+        the head check to refuse."""
+        data = self._data
+        skip = 0
+        while data.startswith(b"\r\n", skip):
+            skip += 2
+        if skip:
+            self._data = data = data[skip:]
+            self._scanned = max(0, self._scanned - skip)
+        return bool(data)
 
     def preview(self, size: int = 200) -> bytes:
         """The first ``size`` bytes, for a log line."""

@@ -36,7 +36,7 @@ from nextproxy.core.headers import (
     tokens,
     websocket_accept,
 )
-from nextproxy.core.headscan import TOKEN, VERSION, check_partial, diagnose, head_end
+from nextproxy.core.headscan import TARGET_CHAR, TOKEN, VERSION, check_partial, diagnose, head_end
 from nextproxy.errors import HttpError
 
 __all__ = [
@@ -49,7 +49,7 @@ _FIELD = TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n"
 # CR, so the engine never has two ways to match a byte. The quantifiers are possessive for the
 # same reason (what follows each cannot be what it matched), which spares the engine its
 # backtracking bookkeeping: ~0.2 µs per head.
-_REQUEST_HEAD = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]++) " + VERSION + rb"\r\n(?:" + _FIELD + rb")*+\r\n")
+_REQUEST_HEAD = re.compile(rb"(" + TOKEN + rb") (" + TARGET_CHAR + rb"++) " + VERSION + rb"\r\n(?:" + _FIELD + rb")*+\r\n")
 _RESPONSE_HEAD = re.compile(VERSION + rb" ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*+))?\r\n(?:" + _FIELD + rb")*+\r\n")
 _SUPPORTED = (b"1.1", b"1.0")
 MAX_LENGTH_DIGITS = 18

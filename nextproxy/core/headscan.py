@@ -16,6 +16,9 @@ from nextproxy.errors import HttpError
 # The grammar both codec regexes share (RFC 9110 token, RFC 9112 HTTP-version).
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 VERSION = rb"HTTP/([0-9]+(?:\.[0-9]+)?)"
+# A request target is visible ASCII without "#": a fragment is the client's own (RFC 9110
+# section 4.2.5 keeps it out of requests), and an upstream may not parse it as we would.
+TARGET_CHAR = rb"[\x21\x22\x24-\x7e]"
 _REQUEST_LINE = re.compile(TOKEN + rb" [\x21-\x7e]+ " + VERSION)
 _STATUS_LINE = re.compile(VERSION + rb" [0-9]{3}(?: [\t\x20-\x7e\x80-\xff]*)?")
 _NAME = re.compile(TOKEN)
@@ -68,6 +71,8 @@ def diagnose(head: bytes, *, request: bool) -> str:
     first = _REQUEST_LINE if request else _STATUS_LINE
     if first.fullmatch(lines[0]) is None:
         return "invalid request line" if request else "invalid status line"
+    if request and b"#" in lines[0].split(b" ")[1]:
+        return "fragment in request target"
     for line in lines[1:]:
         if not line:
             break

@@ -121,6 +121,8 @@ class HttpSession(ResponseSide):
         if self._exchange is None and not self._connecting:
             starts = not self._buffer
             self._buffer.add(data)
+            if starts and data[0] == 13 and not self._buffer.skip_empty_lines():
+                return []  # only empty lines: no request has started
             # A request's duration is counted from its first byte, not from its complete head.
             return [RequestStarted(), *self._pump_client()] if starts else self._pump_client()
         self._buffer.add(data)

@@ -165,6 +165,8 @@ class ResponseSide:
         self._upstream = None
         self._exchange = None
         actions: list[Action] = [ReleaseUpstream(reusable=reusable), self._completed(exchange, exchange.response_status)]
+        if self._buffer:
+            self._buffer.skip_empty_lines()
         # The client's EOF (or a drain) that came after this response's head closes the
         # connection now, unless a pipelined request already waits: its response will say close.
         if exchange.client_close or ((self._client_eof or self.draining) and not self._buffer):

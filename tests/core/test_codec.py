@@ -53,7 +53,9 @@ REQUESTS: list[tuple[str, bytes, int]] = [
     ("name-obs-text", head(HOST, b"X\xe9: 1\r\n"), 400),
     ("empty-name", head(HOST, b": 1\r\n"), 400),
     ("no-colon", head(HOST, b"X-A 1\r\n"), 400),
-    ("leading-empty-line", b"\r\n" + head(HOST), 400),
+    ("fragment", head(HOST, line=b"GET /ns/sigmai/x#frag HTTP/1.1\r\n"), 400),
+    ("leading-bare-lf", b"\n" + head(HOST), 400),
+    ("leading-bare-cr", b"\r" + head(HOST), 400),
     ("lower-case-version", head(HOST, line=b"GET /ns/sigmai http/1.1\r\n"), 400),
     ("http-1.2", head(HOST, line=b"GET /ns/sigmai HTTP/1.2\r\n"), 505),
     ("http-2.0", head(HOST, line=b"GET /ns/sigmai HTTP/2.0\r\n"), 505),
@@ -102,6 +104,12 @@ def test_hostile_request_heads_are_refused_before_the_upstream(request_bytes: by
     assert CloseClient in kinds(actions)
     done = next(a for a in actions if isinstance(a, RequestCompleted))
     assert done.status == status and done.reason
+
+
+def test_a_fragment_is_refused_by_name() -> None:
+    actions = session().client_data(head(HOST, line=b"GET /ns/sigmai/x?a#frag HTTP/1.1\r\n"))
+    done = next(a for a in actions if isinstance(a, RequestCompleted))
+    assert (done.status, done.reason) == (400, "fragment in request target")
 
 
 def test_a_byte_at_a_time_refuses_the_same() -> None:
@@ -310,6 +318,8 @@ ACCEPTED_REQUESTS = [
     head(HOST, b"X-Empty:\r\n", b"X-Tabs:\t\tv\t\r\n"),
     head(HOST, b"Transfer-Encoding: CHUNKED\r\n") + b"5;a=b;c=\"d\\\"e\"\r\nhello\r\n0\r\n\r\n",
     head(line=b"GET /ns/sigmai HTTP/1.0\r\n"),
+    b"\r\n" + head(HOST),  # RFC 9112 section 2.2: empty lines before a request line are ignored
+    b"\r\n\r\n" + head(HOST),
 ]
 
 
@@ -320,7 +330,7 @@ def test_custom_methods_obs_text_and_extensions_are_accepted(request_bytes: byte
     upstream = h11.Connection(h11.SERVER)
     upstream.receive_data(to_upstream(actions))
     request = upstream.next_event()
-    assert isinstance(request, h11.Request) and request.method == request_bytes.split(b" ")[0]
+    assert isinstance(request, h11.Request) and request.method == request_bytes.lstrip(b"\r\n").split(b" ")[0]
     assert dict(request.headers)[b"host"] in (b"edge.test", b"127.0.0.1:9")
 
 

@@ -361,6 +361,20 @@ def test_a_body_timeout_is_a_408_before_the_response_and_a_cut_after_it() -> Non
     assert (done.status, done.reason, done.bytes_to_client) == (200, "request body timed out", 2)
 
 
+def test_an_empty_line_after_a_request_starts_no_request() -> None:
+    """Some clients end a POST body with an extra CRLF (RFC 9112 section 2.2 asks a server to
+    ignore it): it must not start a request, whose timer would then end the kept connection
+    with a 408 instead of letting it idle."""
+    s = session()
+    post = b"POST /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 2\r\n\r\nok"
+    connect(s, post + b"\r\n")
+    out = s.upstream_data(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert kinds(out) == [ResponseStarted, ReleaseUpstream, RequestCompleted]  # no RequestStarted
+    assert s.idle and s.client_data(b"\r\n") == []
+    leg, actions = connect(s, GET)
+    assert parse_request(to_upstream(actions))[0].target == b"/ns/sigmai/x?y=1"
+
+
 def test_read_until_close_response_becomes_chunked_for_the_client() -> None:
     s = session()
     connect(s, GET)
