@@ -51,6 +51,9 @@ INTERNAL_ERROR = 1011
 BAD_GATEWAY = 1014
 # Codes that only report local conditions and must never be put in a Close frame.
 LOCAL_ONLY_CODES = frozenset({1005, 1006, 1015})
+FAILURE_REASONS = {1002: "protocol error", 1007: "invalid UTF-8 in a text message"}
+"""What a failed peer reads in our Close: wsproto's detail (a Python decode error, an offset)
+describes our parser, not the peer's contract, and goes to the log line instead."""
 
 _OPEN = ConnectionState.OPEN
 _LOCAL_CLOSING = ConnectionState.LOCAL_CLOSING
@@ -332,7 +335,7 @@ class WebSocketRelay:
     def _fail(self, leg: Leg, other: Leg, code: int, reason: str) -> None:
         """Fail this leg (RFC 6455 7.1.7): our Close, then its transport; 1001 to the other."""
         if leg.writable:
-            leg.send(_wire_close(code, reason))
+            leg.send(_wire_close(code, FAILURE_REASONS.get(code, reason)))
         self._record(None, code, reason)
         self._finish(leg, clean=False)
         if other.writable:

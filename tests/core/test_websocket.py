@@ -424,7 +424,7 @@ def test_unmasked_frame_from_client_is_1002() -> None:
     w = wire()
     actions = w.deliver(w.relay.client_data(b"\x81\x02hi"))
     assert [type(a) for a in actions] == [SendToClient, SendToUpstream, CloseClient]
-    assert closes(w.client_events) == [(1002, "server received unexpected unmasked frame")]
+    assert closes(w.client_events) == [(1002, "protocol error")]
     assert closes(w.upstream_events) == [(1001, "peer failed")]
     assert messages(w.upstream_events) == []
     w.from_upstream(CloseConnection(1001))
@@ -436,17 +436,19 @@ def test_unmasked_frame_from_client_is_1002() -> None:
 def test_reserved_opcode_from_upstream_is_1002() -> None:
     w = wire()
     w.deliver(w.relay.upstream_data(b"\x83\x00"))
-    assert closes(w.upstream_events) == [(1002, "Invalid opcode 0x3")]
+    assert closes(w.upstream_events) == [(1002, "protocol error")]
     assert closes(w.client_events) == [(1001, "peer failed")]
     assert w.facts(CloseUpstream) == [CloseUpstream()]
+    w.from_client(CloseConnection(1001))
+    assert [(f.code, f.reason) for f in w.facts(SessionClosed)] == [(1002, "Invalid opcode 0x3")]  # the log's detail
 
 
 def test_invalid_utf8_is_1007() -> None:
     w = wire()
     frame = text_frame_from_binary(w.client.send(BytesMessage(b"ok \xff\xfe")))
     w.deliver(w.relay.client_data(frame))
-    (code, _), = closes(w.client_events)
-    assert code == 1007
+    # The client reads a plain reason, not Python's decode error; the log line keeps that.
+    assert closes(w.client_events) == [(1007, "invalid UTF-8 in a text message")]
     assert closes(w.upstream_events) == [(1001, "peer failed")]
     assert w.facts(CloseClient) == [CloseClient()]
 
@@ -455,7 +457,7 @@ def test_bad_close_frame_is_1002() -> None:
     w = wire()
     # Close with a one-byte payload, masked with a zero key
     w.deliver(w.relay.client_data(b"\x88\x81\x00\x00\x00\x00\x03"))
-    assert closes(w.client_events) == [(1002, "CLOSE with 1 byte payload")]
+    assert closes(w.client_events) == [(1002, "protocol error")]
     assert closes(w.upstream_events) == [(1001, "peer failed")]
 
 
