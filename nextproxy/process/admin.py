@@ -18,6 +18,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Callable, cast
 
 import h11
@@ -369,7 +370,8 @@ class _AdminProtocol(asyncio.Protocol):
             ("x-content-type-options", "nosniff"),
             *reply.headers,
         ]
-        out = self._h11.send(h11.Response(status_code=reply.status, headers=headers))
+        phrase = HTTPStatus(reply.status).phrase.encode()  # h11 writes none by itself
+        out = self._h11.send(h11.Response(status_code=reply.status, headers=headers, reason=phrase))
         if request.method != b"HEAD":
             out += self._h11.send(h11.Data(data=reply.body))
         out += self._h11.send(h11.EndOfMessage())

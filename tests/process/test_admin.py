@@ -118,6 +118,13 @@ def test_livez_is_ok_while_the_heartbeat_runs() -> None:
     assert serve(AdminState(), lambda port: get(port, "/livez"))[::2] == (200, b"ok\n")
 
 
+def test_status_lines_carry_their_reason_phrase() -> None:
+    def client(port: int) -> list[bytes]:
+        return [raw_exchange(port, b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path).split(b"\r\n", 1)[0] for path in (b"/livez", b"/nope")]
+
+    assert serve(AdminState(), client) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found"]
+
+
 def test_livez_fails_when_loop_timers_stop_running() -> None:
     state = AdminState()
 
