@@ -117,7 +117,10 @@ def build_runtime(
     contexts = contexts or ServerContexts.build(config)
     tls = {u.name: upstream_ssl_context(u.tls) for u in config.upstreams if u.tls is not None}
     writes = writes or TurnWrites()
-    pool = UpstreamPool(config, tls, on_health=observer.upstream_health, writes=writes)
+    pool = UpstreamPool(
+        config, tls, on_health=observer.upstream_health, writes=writes,
+        on_probe_down=lambda name, detail: observer.upstream_error(name, detail, "-"),
+    )  # fmt: skip
     admission = admission or Admission(config.limits)
     gates = {address: ListenerGate.build(config.listener_policy(address)) for address in (config.listen, *config.listen_also)}
     return Runtime(

@@ -230,6 +230,7 @@ class UpstreamPool:
         tls_contexts: dict[str, ssl.SSLContext],
         on_health: Callable[[str, bool], None] = lambda name, up: None,
         writes: TurnWrites | None = None,
+        on_probe_down: Callable[[str, str], None] = lambda name, detail: None,
     ) -> None:
         self._config = config
         self._writes = writes or TurnWrites()
@@ -240,6 +241,9 @@ class UpstreamPool:
         self._idle: dict[tuple[str, Address], list[UpstreamConnection]] = {}
         self._next_server = {u.name: itertools.count() for u in config.upstreams}
         self._on_health = on_health
+        self._on_probe_down = on_probe_down
+        """Called with the reason when a health probe finds an upstream down that was up: an
+        upstream nobody sent a request to would otherwise go down with no error on record."""
         self.health: dict[str, bool] = {u.name: True for u in config.upstreams}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -371,6 +375,7 @@ class UpstreamPool:
     async def _probe(self, upstream: Upstream) -> None:
         """A TCP connect to each server; up if any answers (TLS is not checked here)."""
         up = False
+        failure = ""
         for server in upstream.servers:
             try:
                 async with asyncio.timeout(self._config.timeouts.connect):
@@ -385,5 +390,9 @@ class UpstreamPool:
             except (OSError, TimeoutError) as exc:
                 if out_of_descriptors(exc):
                     return  # no verdict: the probe could not even try
+                failure = f"health check: {server}: {exc or 'connect timed out'}"
                 continue
+        was_up = self.health.get(upstream.name, True)
         self.mark(upstream.name, up)
+        if was_up and not up:
+            self._on_probe_down(upstream.name, failure)

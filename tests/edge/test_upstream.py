@@ -117,6 +117,28 @@ def test_a_pooled_connection_serves_only_the_upstream_that_made_it() -> None:
     assert other is None and same is not None and same.upstream is plain
 
 
+def test_a_probe_that_finds_an_upstream_down_says_why_once() -> None:
+    """An upstream no request went to would otherwise be down with no error on record (the
+    status page's last_error, the log)."""
+    import socket
+
+    with socket.socket() as closed:  # a loopback port with nothing listening on it
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    dead = Upstream("dead", (Address("127.0.0.1", port),))
+    reasons: list[tuple[str, str]] = []
+
+    async def scenario() -> dict[str, bool]:
+        pool = UpstreamPool(replace(config(), upstreams=(dead,)), {}, on_probe_down=lambda n, d: reasons.append((n, d)))
+        for _ in range(3):
+            await pool._probe(dead)
+        return pool.health
+
+    assert run(scenario()) == {"dead": False}
+    [(name, detail)] = reasons  # the transition, not every probe
+    assert name == "dead" and detail.startswith(f"health check: 127.0.0.1:{port}: [Errno 111]"), detail
+
+
 def test_bytes_from_an_idle_connection_close_it() -> None:
     async def scenario() -> tuple[bool, UpstreamConnection | None]:
         pool = _pool()
