@@ -9,6 +9,7 @@ anything is bound). Never a traceback for a configuration problem.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +22,13 @@ from nextproxy.process.loop import run_loop
 EXIT_CONFIG = 2
 
 
+def _port(text: str) -> int:
+    """A TCP port for ``demo``: its errors name the option, not the variable it becomes."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 1-65535, got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextproxy", description="TLS 1.3 edge reverse proxy.")
     parser.add_argument("--version", action="version", version=f"nextproxy {__version__}")
@@ -30,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration and print the routing table")
     check.add_argument("--config", metavar="FILE")
     demo = sub.add_parser("demo", help="the proxy with a throwaway PKI and stand-in ns/mc/sfs upstreams")
-    demo.add_argument("--port", type=int, default=8443, help="edge port on 127.0.0.1 (default 8443)")
-    demo.add_argument("--admin-port", type=int, default=9613, help="admin port on 127.0.0.1 (default 9613)")
+    demo.add_argument("--port", type=_port, default=8443, help="edge port on 127.0.0.1 (default 8443)")
+    demo.add_argument("--admin-port", type=_port, default=9613, help="admin port on 127.0.0.1 (default 9613)")
     demo.add_argument(
         "--keep-pki", "--dir", dest="keep_pki", metavar="DIR", default=None,
         help="write the demo PKI into DIR and keep it (default: a temp folder removed when the demo stops)",
@@ -127,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:
+        # ``nextproxy check | head``: the reader left. Point stdout at /dev/null so that the
+        # interpreter's own flush at exit does not fail again (Python's documented recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -143,3 +143,44 @@ def test_check_shows_the_edge_policies(preset: dict[str, str]) -> None:
     assert "PROXY protocol from 10.0.0.0/8 fd00::/8" in out and "new connections: 50/s per client" in out
     assert "sources 203.0.113.0/24, rate 20/s burst 20" in out
     assert "ns-api (ns:8080) proxy-protocol v2" in out
+
+
+def test_errors_name_where_the_value_came_from(tmp_path: Path) -> None:
+    """A path given with --config is named as --config, not as the variable it did not come
+    from; a demo port as --port, not as the NEXTPROXY_LISTEN it becomes."""
+    missing = str(tmp_path / "missing.toml")
+    result = run(["check", "--config", missing], {})
+    assert result.returncode == 2 and result.stderr == f"nextproxy: --config: cannot read {missing!r}: No such file or directory\n"
+    result = run(["check"], {"NEXTPROXY_CONFIG": missing})
+    assert result.returncode == 2 and result.stderr.startswith("nextproxy: NEXTPROXY_CONFIG: cannot read")
+    result = run(["demo", "--port", "70000"], {})
+    assert result.returncode == 2 and "argument --port: expected a port 1-65535, got '70000'" in result.stderr
+    assert "NEXTPROXY_LISTEN" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("[limits]\nmax_connections = 100000000000000000000", "limits.max_connections: expected a number <= 2147483647, got 100000000000000000000"),
+    ("[timeouts]\nclient_idle = nan", "timeouts.client_idle: expected a number, got nan"),
+    ("[timeouts]\nclient_idle = inf", "timeouts.client_idle: expected a number <= 31536000, got inf"),
+])  # fmt: skip
+def test_absurd_values_are_refused_by_name(preset: dict[str, str], pki_files: dict[str, Path], tmp_path: Path, setting: str, message: str) -> None:
+    config = tmp_path / "nextproxy.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:0"\n[tls]\ncertificates = [{{certificate_file = "{pki_files["edge.pem"]}", key_file = "{pki_files["edge.key"]}"}}]\n'
+        '[upstreams.app]\nservers = ["127.0.0.1:9"]\n[[routes]]\nname = "app"\npath = "/app"\nupstream = "app"\n'
+        f"{setting}\n"
+    )
+    result = run(["check", "--config", str(config)], {})
+    assert result.returncode == 2 and result.stderr == f"nextproxy: {message}\n", result.stderr
+
+
+def test_check_into_a_closed_pipe_is_quiet(preset: dict[str, str]) -> None:
+    """`nextproxy check | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTPROXY_")}
+    check = subprocess.Popen([sys.executable, "-m", "nextproxy", "check"], env={**clean, **preset},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert check.stdout is not None and check.stderr is not None
+    check.stdout.close()  # before it writes a byte
+    err = check.stderr.read()
+    assert check.wait(30) == 1
+    assert b"Traceback" not in err and err == b"", err

@@ -47,7 +47,9 @@ __all__ = [
 def load(env: Mapping[str, str] | None = None, path: str | None = None) -> Config:
     """The configuration a process runs with: ``path``, else $NEXTPROXY_CONFIG, else the preset."""
     env = os.environ if env is None else env
-    path = path or env.get("NEXTPROXY_CONFIG") or None
+    if path:
+        return from_toml(path, env, named_by="--config")
+    path = env.get("NEXTPROXY_CONFIG") or None
     if path:
         return from_toml(path, env)
     return from_environment(env)

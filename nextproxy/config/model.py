@@ -250,6 +250,9 @@ class Config:
     """More edge addresses serving the same routes (TOML ``listen`` given as a list)."""
     listener_policies: tuple[ListenerPolicy, ...] = ()
     """PROXY protocol and connection-rate settings, for the listen addresses that have any."""
+    max_connections_given: bool = False
+    """``limits.max_connections`` was set (even to the default): it is then never lowered to fit
+    the open-file limit, and a start that cannot honour it is refused instead."""
 
     def listener_policy(self, address: Address) -> ListenerPolicy:
         """The settings of one listen address (none set: a policy with nothing in it)."""

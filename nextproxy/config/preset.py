@@ -53,6 +53,8 @@ PRESET_PATH_ROUTES = (
     ("sfs-sigmai", "/sfs/sigmai", "SFS", 8888),
 )
 PRESET_API_ROUTES = (("ns-api", "NS", 8080), ("mc-api", "MC", 8080))
+MAX_WORKERS = 256
+"""Each worker is a process with its own pools: more than this is a typo, not a machine."""
 
 # Every variable the preset reads; anything else starting with NEXTPROXY_ is reported.
 KNOWN_VARIABLES = frozenset(
@@ -267,7 +269,7 @@ def _listener_policies(env: Mapping[str, str], listen: Address) -> tuple[Listene
 
 def process_settings(env: Mapping[str, str]) -> dict[str, Any]:
     """Settings of the process, not of the routing: always from the environment."""
-    workers = parse_number("NEXTPROXY_WORKERS", env.get("NEXTPROXY_WORKERS", "1"), minimum=1, integer=True)
+    workers = parse_number("NEXTPROXY_WORKERS", env.get("NEXTPROXY_WORKERS", "1"), minimum=1, integer=True, maximum=MAX_WORKERS)
     level = env.get("NEXTPROXY_LOG_LEVEL", "info").strip().lower()
     if level not in LOG_LEVELS:
         raise ConfigError("NEXTPROXY_LOG_LEVEL", f"expected {'|'.join(LOG_LEVELS)}, got {level!r}")

@@ -122,13 +122,14 @@ def _toml_upstream_tls(table: _Table) -> UpstreamTls:
     )
 
 
-def from_toml(path: str, env: Mapping[str, str] | None = None) -> Config:
-    """Load a TOML configuration file. Process settings still come from the environment."""
-    raw = read_file("NEXTPROXY_CONFIG", path)
+def from_toml(path: str, env: Mapping[str, str] | None = None, *, named_by: str = "NEXTPROXY_CONFIG") -> Config:
+    """Load a TOML configuration file. Process settings still come from the environment.
+    ``named_by``: where the path came from (``--config`` or the variable), for its errors."""
+    raw = read_file(named_by, path)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError("NEXTPROXY_CONFIG", f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(named_by, f"{path}: not valid TOML: {exc}") from None
     root = _Table(data, "")
     listen, listen_also, policies = _toml_listen(root.take("listen", "0.0.0.0:8443", (str, list, dict)))
     admin_listen = parse_address("admin_listen", root.take("admin_listen", "0.0.0.0:9613", str), listen=True)
@@ -153,13 +154,15 @@ def from_toml(path: str, env: Mapping[str, str] | None = None) -> Config:
         _toml_sni_route(_Table(r, f"sni_routes[{i}]")) for i, r in enumerate(root.take("sni_routes", [], list))
     )
     timeouts = _toml_dataclass(root.sub("timeouts"), Timeouts(), integer=False)
-    limits = _toml_dataclass(root.sub("limits"), Limits(), integer=True)
+    limits_table = root.sub("limits")
+    max_connections_given = "max_connections" in limits_table.data
+    limits = _toml_dataclass(limits_table, Limits(), integer=True)
     root.done()
     config = Config(
         listen=listen, listen_also=tuple(listen_also), listener_policies=policies,
         admin_listen=admin_listen, certificates=certificates,
         admin_tls=admin_tls, upstreams=tuple(upstreams), routes=routes, sni_routes=sni_routes,
-        timeouts=timeouts, limits=limits, source=path, **process_settings(env if env is not None else os.environ),
+        timeouts=timeouts, limits=limits, max_connections_given=max_connections_given, source=path, **process_settings(env if env is not None else os.environ),
     )  # fmt: skip
     validate(config)
     return config

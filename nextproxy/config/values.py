@@ -136,7 +136,16 @@ def _normalize_spki(key: str, raw: str, value: str) -> str:
     return digest.hex()
 
 
-def parse_number(key: str, value: object, *, minimum: float = 0, integer: bool = False) -> Any:
+MAX_WHOLE = 2**31 - 1
+"""Counts and sizes fit a C int: a cap of 1e20 connections says nothing a cap of 2^31 does not."""
+MAX_SECONDS = 365 * 86400.0
+"""A year, the most any number of seconds (or rate) may be: more is a typo, and the event loop's
+timers cannot hold every float (1e300, inf)."""
+
+
+def parse_number(key: str, value: object, *, minimum: float = 0, integer: bool = False, maximum: float | None = None) -> Any:
+    """A number from TOML or an environment variable, within ``minimum`` and ``maximum`` (by
+    default ``MAX_WHOLE`` or ``MAX_SECONDS``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         if isinstance(value, str):
             try:
@@ -147,8 +156,15 @@ def parse_number(key: str, value: object, *, minimum: float = 0, integer: bool =
             raise ConfigError(key, f"expected a number, got {value!r}")
     if integer and (not isinstance(value, int) or isinstance(value, bool)):
         raise ConfigError(key, f"expected a whole number, got {value!r}")
+    if value != value:  # NaN passes every comparison below
+        raise ConfigError(key, f"expected a number, got {value!r}")
     if value < minimum:
         raise ConfigError(key, f"expected a number >= {minimum}, got {value!r}")
+    if maximum is None:
+        maximum = MAX_WHOLE if integer else MAX_SECONDS
+    if value > maximum:
+        shown = int(maximum) if maximum == int(maximum) else maximum  # 2147483647, not 2.14748e+09
+        raise ConfigError(key, f"expected a number <= {shown}, got {value!r}")
     return value
 
 
@@ -188,7 +204,7 @@ def parse_networks(key: str, entries: object) -> tuple[str, ...]:
 
 def parse_rate(key: str, value: object) -> float:
     """A positive, finite rate per second."""
-    rate = parse_number(key, value)
+    rate = parse_number(key, value, maximum=float("inf"))
     if not 0 < rate < float("inf"):
         raise ConfigError(key, f"expected a number > 0, got {value!r}")
     return float(rate)

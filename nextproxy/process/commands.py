@@ -33,10 +33,15 @@ def load_checked(path: str | None) -> tuple[Config, ServerContexts]:
 
 def check(path: str | None) -> int:
     """``nextproxy check``: validate everything, print the listeners, certificates and routes."""
+    from nextproxy.process.nofile import plan
+
     config, contexts = load_checked(path)
+    config, files = plan(config)  # run would refuse a cap the open-file limit cannot hold
     print(f"configuration: {config.source}")
     listen = ", ".join(str(a) for a in (config.listen, *config.listen_also))
     print(f"listen: {listen}   admin: {config.admin_listen}   workers: {config.workers}")
+    lowered = " (lowered to fit the open-file limit)" if files.lowered else ""
+    print(f"max_connections: {files.max_connections}{lowered}   open files needed: {files.needed} (hard limit {_limit(files.hard)})")
     for policy in config.listener_policies:
         trusted = " ".join(policy.proxy_protocol_trusted) if policy.proxy_protocol_trusted is not None else "-"
         rate = f"{policy.new_connections_per_second:g}/s per client" if policy.new_connections_per_second is not None else "-"
@@ -56,6 +61,12 @@ def check(path: str | None) -> int:
                 target += f" proxy-protocol {upstream.proxy_protocol}"
         print("  ".join(v.ljust(w) for v, w in zip((row[0], row[1], target), widths)))
     return 0
+
+
+def _limit(value: int) -> str:
+    import resource
+
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
 
 
 def run(path: str | None) -> int:

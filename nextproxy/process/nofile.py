@@ -17,7 +17,7 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass, replace
 
-from nextproxy.config.model import Config, Limits
+from nextproxy.config.model import Config
 from nextproxy.errors import ConfigError
 
 DESCRIPTORS_PER_CONNECTION = 2
@@ -55,6 +55,21 @@ def fit(config: Config) -> tuple[Config, OpenFiles]:
     """``config`` with a ``max_connections`` that fits, after raising the soft limit if needed.
 
     Raises ConfigError (key ``limits.max_connections``) when an explicit cap cannot fit."""
+    config, files = plan(config)
+    if files.soft != files.soft_before:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (files.soft, files.hard))
+        except (ValueError, OSError) as exc:  # over the kernel's fs.nr_open, say
+            raise ConfigError(
+                "limits.max_connections",
+                f"{files.max_connections} connections need about {files.needed} open files, "
+                f"and the limit cannot be raised that far ({exc}): lower max_connections",
+            ) from None
+    return config, files
+
+
+def plan(config: Config) -> tuple[Config, OpenFiles]:
+    """What ``fit`` decides, without changing the limit: ``check`` refuses what ``run`` would."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     unlimited = hard == resource.RLIM_INFINITY
     want = needed(config, config.limits.max_connections)
@@ -62,7 +77,7 @@ def fit(config: Config) -> tuple[Config, OpenFiles]:
     lowered = False
     if not unlimited and want > hard:
         fitting = (hard - (want - DESCRIPTORS_PER_CONNECTION * cap)) // DESCRIPTORS_PER_CONNECTION
-        if cap != Limits().max_connections or fitting < 1:
+        if config.max_connections_given or fitting < 1:
             raise ConfigError(
                 "limits.max_connections",
                 f"{cap} connections need about {want} open files, but the hard limit (ulimit -Hn) is {hard}: "
@@ -74,7 +89,6 @@ def fit(config: Config) -> tuple[Config, OpenFiles]:
         # Only as far as needed: a soft limit near a huge hard one (2^30 in some containers)
         # makes every descriptor table and select()-using library pay for it.
         new_soft = want if unlimited else min(hard, want)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
     if lowered:
         config = replace(config, limits=replace(config.limits, max_connections=cap))
     return config, OpenFiles(soft, new_soft, hard, want, cap, lowered)

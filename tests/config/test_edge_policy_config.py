@@ -126,7 +126,7 @@ def test_upstream_proxy_protocol(tmp_path: Path) -> None:
         ('allow_sources = ["10.0.0.0/33"]', "routes[0].allow_sources", "10.0.0.0/33"),
         ('allow_sources = "10.0.0.0/8"', "routes[0].allow_sources", "expected list"),
         ("rate_limit = { requests_per_second = 0 }", "routes[0].rate_limit.requests_per_second", "> 0"),
-        ("rate_limit = { requests_per_second = nan }", "routes[0].rate_limit.requests_per_second", "> 0"),
+        ("rate_limit = { requests_per_second = nan }", "routes[0].rate_limit.requests_per_second", "expected a number, got nan"),
         ("rate_limit = { burst = 5 }", "routes[0].rate_limit.requests_per_second", "missing"),
         ("rate_limit = { requests_per_second = 5, burst = 0 }", "routes[0].rate_limit.burst", ">= 1"),
         ("rate_limit = { requests_per_second = 5, burst = 1.5 }", "routes[0].rate_limit.burst", "whole number"),

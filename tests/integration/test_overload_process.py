@@ -139,11 +139,11 @@ def test_a_stalled_stdout_reader_never_blocks_the_loop(tmp_path: Path, pki: Demo
         proxy.process.wait(10)
 
 
-def _run_with_limit(config: Path, limit: tuple[int, int], wait: float) -> subprocess.Popen[str]:
+def _run_with_limit(config: Path, limit: tuple[int, int], wait: float, command: str = "run") -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXTPROXY_")}
     env["NEXTPROXY_CONFIG"] = str(config)
     return subprocess.Popen(
-        [sys.executable, "-m", "nextproxy", "run"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "nextproxy", command], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit),
     )  # fmt: skip
 
@@ -155,10 +155,16 @@ def test_start_up_fits_max_connections_into_the_open_file_limit(tmp_path: Path, 
     text = config.read_text()
     # ...an explicit cap the hard limit cannot hold: one line, exit 2, before binding
     config.write_text(text + "[limits]\nmax_connections = 5000\n")
+    for command in ("run", "check"):  # check refuses what run would
+        refused = _run_with_limit(config, (1024, 1024), 10, command)
+        out, err = refused.communicate(timeout=30)
+        assert refused.returncode == 2, (command, out, err)
+        assert err.count("\n") == 1 and err.startswith("nextproxy: limits.max_connections: 5000 connections need about")
+    # Given, even at the default's value, a cap is the operator's: refused, never lowered.
+    config.write_text(text + "[limits]\nmax_connections = 20000\n")
     refused = _run_with_limit(config, (1024, 1024), 10)
     out, err = refused.communicate(timeout=30)
-    assert refused.returncode == 2, (out, err)
-    assert err.count("\n") == 1 and err.startswith("nextproxy: limits.max_connections: 5000 connections need about")
+    assert refused.returncode == 2 and "limits.max_connections: 20000 connections" in err, (out, err)
     # the default cap is lowered to fit, and the soft limit raised toward the hard one
     config.write_text(text)
     started = _run_with_limit(config, (256, 2048), 10)
