@@ -160,15 +160,18 @@ def start_passthrough(
 
     ``preamble`` (the route's PROXY v2 header, if it sends one) goes out before the hello."""
 
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
     def closed(splice: Splice) -> None:
         host.leave(splice, Group.PASSTHROUGH)
-        host.observer.passthrough_closed(route.name, splice.client.bytes, splice.upstream.bytes, peer)
+        host.observer.passthrough_closed(route.name, splice.client.bytes, splice.upstream.bytes, peer, loop.time() - started)
         host.closed(peer)
 
     splice = Splice(transport, host.config.timeouts.passthrough_idle, closed)
     host.enter(splice, Group.PASSTHROUGH)
     host.observer.passthrough_opened(route.name)
-    asyncio.get_running_loop().create_task(_connect(host, splice, route, preamble + hello.raw, peer))
+    loop.create_task(_connect(host, splice, route, preamble + hello.raw, peer))
     return splice
 
 

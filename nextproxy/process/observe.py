@@ -110,11 +110,14 @@ class Observer:
     def passthrough_opened(self, route: str) -> None:
         self.route(route).passthrough_connections.inc()
 
-    def passthrough_closed(self, route: str, to_upstream: int, to_client: int, peer: str) -> None:
+    def passthrough_closed(self, route: str, to_upstream: int, to_client: int, peer: str, duration: float) -> None:
         children = self.route(route)
         children.bytes_client_to_upstream.inc(to_upstream)
         children.bytes_upstream_to_client.inc(to_client)
-        self.log.log("info", "passthrough", route=route, client=peer, bytes_to_upstream=to_upstream, bytes_to_client=to_client)
+        self.log.log(
+            "info", "passthrough", route=route, client=peer, duration_s=round(duration, 3),
+            bytes_to_upstream=to_upstream, bytes_to_client=to_client,
+        )  # fmt: skip
 
     # HTTP
     def request(self, done: RequestCompleted, duration: float, peer: str) -> None:

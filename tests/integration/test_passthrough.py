@@ -66,17 +66,27 @@ def test_bulk_transfer_is_byte_exact(edge: Edge) -> None:
 
 
 def test_passthrough_is_counted_and_logged(edge: Edge) -> None:
+    import json
+    import time
+
+    def lines() -> list[dict[str, object]]:
+        return [json.loads(line) for line in edge.logs().splitlines() if '"event":"passthrough"' in line]
+
+    before = len(lines())
+    opened = time.monotonic()
     sock = edge.tls_socket(API_NAME, context=api_context(edge, with_client_cert=False))
     sock.sendall(f"GET / HTTP/1.1\r\nHost: {API_NAME}\r\nConnection: close\r\n\r\n".encode())
     read_response(sock)
+    time.sleep(0.2)  # a duration the line must show
     sock.close()
+    lived = time.monotonic() - opened
     for _ in range(50):
-        if '"event":"passthrough"' in edge.logs():
+        if len(lines()) > before:
             break
-        import time
-
         time.sleep(0.05)
-    assert '"route":"ns-api"' in edge.logs()
+    [line] = lines()[before:]
+    assert line["route"] == "ns-api" and line["bytes_to_client"] and line["bytes_to_upstream"], line
+    assert isinstance(line["duration_s"], float) and 0.2 <= line["duration_s"] <= lived + 0.5, line
 
 
 def test_upstream_down_closes_the_client(edge: Edge) -> None:
