@@ -98,6 +98,61 @@ def dead_server_first(upstream: str) -> Callable[[Config], Config]:
     return mutate
 
 
+def point_route_at(address: tuple[str, int], upstream: str = "sfs-sigmai") -> Callable[[Config], Config]:
+    """A ``mutate`` for ``Edge.start``: ``upstream``'s one server is ``address``."""
+
+    def mutate(config: Config) -> Config:
+        upstreams = tuple(replace(u, servers=(Address(*address),)) if u.name == upstream else u for u in config.upstreams)
+        return replace(config, upstreams=upstreams)
+
+    return mutate
+
+
+class RawUpstream:
+    """A blocking socket server on loopback, for upstreams that misbehave in ways the asyncio
+    stand-ins cannot (cut a body, answer a 101 wrongly): each connection with a whole request
+    head goes to ``answer``, one at a time, on a thread. Health probes (connect, send nothing,
+    close) are skipped."""
+
+    def __init__(self, timeout: float = 5) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.address: tuple[str, int] = self.listener.getsockname()
+        self.requests: list[bytes] = []
+        self.stopped = False
+        self._timeout = timeout
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        raise NotImplementedError
+
+    def _serve(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(self._timeout)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                if b"\r\n\r\n" in data:
+                    self.requests.append(data)
+                    self.answer(conn, data)
+
+    def close(self) -> None:
+        self.stopped = True
+        self.listener.close()
+        self._thread.join(5)
+
+
 @dataclass
 class Edge:
     """A running proxy with its stand-ins. Build with ``Edge.start(...)``; ``close()`` when done."""

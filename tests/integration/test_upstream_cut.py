@@ -11,78 +11,37 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 
 import pytest
 
-from nextproxy.config import Address, Config
 from nextproxy.demo.pki import DemoPki
 from nextproxy.process import metrics
-from tests.integration.harness import Edge
+from tests.integration.harness import Edge, RawUpstream, point_route_at
 
 ROUTE = "sfs-sigmai"
 PARTIAL = b"the first part of a body that never ends well"
 
 
-class CuttingUpstream:
-    """Answers each connection with a head and part of a read-until-close body, then cuts it."""
+class CuttingUpstream(RawUpstream):
+    """Answers each request with a head and part of a read-until-close body, then cuts it."""
 
     def __init__(self, *, reset: bool) -> None:
         self.reset = reset
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.stopped = False
-        self.address = self.listener.getsockname()
-        self.requests: list[bytes] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(timeout=10)
 
-    def _serve(self) -> None:
-        while not self.stopped:  # the proxy's health probes connect too, and send nothing
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._answer(conn)
-
-    def _answer(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            self.requests.append(data)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + PARTIAL)
-            time.sleep(0.3)  # let the proxy forward the part before the cut
-            if self.reset:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-    def close(self) -> None:
-        self.stopped = True
-        self.listener.close()
-        self._thread.join(5)
-
-
-def point_route_at(address: tuple[str, int]) -> object:
-    def mutate(config: Config) -> Config:
-        upstreams = tuple(replace(u, servers=(Address(*address),)) if u.name == ROUTE else u for u in config.upstreams)
-        return replace(config, upstreams=upstreams)
-
-    return mutate
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + PARTIAL)
+        time.sleep(0.3)  # let the proxy forward the part before the cut
+        if self.reset:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 @pytest.fixture(params=[True, False], ids=["reset", "clean-close"])
 def cut(request: pytest.FixtureRequest, pki: DemoPki) -> Iterator[tuple[Edge, CuttingUpstream]]:
     upstream = CuttingUpstream(reset=request.param)
-    edge = Edge.start(pki, mutate=point_route_at(upstream.address))  # type: ignore[arg-type]
+    edge = Edge.start(pki, mutate=point_route_at(upstream.address))
     try:
         yield edge, upstream
     finally:

@@ -13,8 +13,7 @@ from nextproxy.config.model import WebSocketMode
 from nextproxy.core.headers import websocket_accept
 from nextproxy.demo.pki import DemoPki
 from nextproxy.demo.wsclient import WsClient, connect
-from tests.integration.harness import PATH_ROUTES, SERVER_NAME, Edge
-from tests.integration.test_upstream_cut import point_route_at
+from tests.integration.harness import PATH_ROUTES, SERVER_NAME, Edge, RawUpstream, point_route_at
 
 
 def open_ws(edge: Edge, path: str, **kwargs: object) -> WsClient:
@@ -150,51 +149,19 @@ def test_silent_client_is_detected_by_ping(pki: DemoPki) -> None:
         edge.close()
 
 
-class DeflatingUpstream:
+class DeflatingUpstream(RawUpstream):
     """A WebSocket server that turns permessage-deflate on whether or not it was offered: a
     correct Sec-WebSocket-Accept, then a compressed frame."""
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.address = self.listener.getsockname()
-        self.requests: list[bytes] = []
-        self.stopped = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self.stopped:  # the proxy's health probes connect too, and send nothing
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                if b"\r\n\r\n" not in data:
-                    continue
-                self.requests.append(data)
-                lines = data.split(b"\r\n")
-                key = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"sec-websocket-key:"))
-                conn.sendall(
-                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                    b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n"
-                    b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n\xc1\x07\xf2H\xcd\xc9\xc9\x07\x00"
-                )
-                conn.recv(1024)  # until the proxy lets go
-
-    def close(self) -> None:
-        self.stopped = True
-        self.listener.close()
-        self._thread.join(5)
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        key = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"sec-websocket-key:"))
+        conn.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n"
+            b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n\xc1\x07\xf2H\xcd\xc9\xc9\x07\x00"
+        )
+        conn.recv(1024)  # until the proxy lets go
 
 
 @pytest.mark.parametrize("mode", [WebSocketMode.FRAMES, WebSocketMode.TUNNEL], ids=["frames", "tunnel"])
@@ -202,7 +169,7 @@ def test_an_upstream_101_with_an_extension_never_offered_is_a_502(pki: DemoPki, 
     """RFC 6455 section 4.1: the proxy, the upstream's client, offered no extension (it strips
     the client's offer), so a 101 naming one fails the handshake: the client gets a 502."""
     upstream = DeflatingUpstream()
-    edge = Edge.start(pki, websocket=mode, mutate=point_route_at(upstream.address))  # type: ignore[arg-type]
+    edge = Edge.start(pki, websocket=mode, mutate=point_route_at(upstream.address))
     try:
         sock = edge.tls_socket()
         sock.settimeout(10)
