@@ -105,11 +105,13 @@ async def serve(
     config_path: str | None = None,
     edge_socket: socket.socket | None = None,
     serve_admin: bool = True,
+    shared_port: bool = False,
     ready: Callable[[ProxyServer], None] | None = None,
     heartbeat: Callable[[], None] | None = None,
     contexts: ServerContexts | None = None,
 ) -> int:
-    """Run until a stop signal; returns the exit code. ``contexts``: already built by the CLI."""
+    """Run until a stop signal; returns the exit code. ``contexts``: already built by the CLI.
+    ``shared_port``: this is one of a supervisor's workers, which share the edge port."""
     loop = asyncio.get_running_loop()
     observer = Observer(logger)
     contexts = contexts or ServerContexts.build(config)
@@ -118,11 +120,11 @@ async def serve(
     state = AdminState(version=__version__, config_source=config.source, route_kinds=route_kinds(config))
     state.facts = lambda: observer.facts
     proc.admin_state = state
-    edge = edge_socket or bind(config.listen, "NEXTPROXY_LISTEN" if config.source.startswith("environment") else "listen")
+    edge = edge_socket or bind(config.listen, config.key_name("listen"), shared=shared_port)
     admin_server = await _start_admin(config, state, edge) if serve_admin else None
     server = ProxyServer(runtime)
     proc.server = server
-    await server.start(edge)
+    await server.start(edge, shared=shared_port)
     proc.publish_certificates(contexts)
     state.routes = runtime.routes.describe()
     state.upstreams = runtime.pool.health

@@ -1,8 +1,11 @@
 """NEXTPROXY_WORKERS=N: a supervisor process and N worker processes sharing the edge port.
 
 Each worker binds the edge address itself with SO_REUSEPORT, so the kernel spreads new
-connections across workers and a worker's death never closes the others' listeners. The
-supervisor serves the admin port once, aggregates metrics from every worker through
+connections across workers and a worker's death never closes the others' listeners. Since
+SO_REUSEPORT would as well let the workers join a port another proxy serves, the supervisor
+first binds each edge address without it (``edge.listener.probe``): a port in use is one line
+and exit 2 before any worker exists.
+The supervisor serves the admin port once, aggregates metrics from every worker through
 prometheus-client's multiprocess mode, restarts a worker that dies, and forwards SIGTERM and
 SIGHUP. Workers are started with ``spawn`` (never ``fork`` from a process that runs a loop).
 The multiprocess directory must be set before prometheus_client is imported anywhere, which is
@@ -46,7 +49,7 @@ def worker_main(config: Config, config_path: str | None, events: Any) -> None:
     pid = os.getpid()
     code = run_loop(
         serve(
-            config, logger, config_path=config_path, serve_admin=False,
+            config, logger, config_path=config_path, serve_admin=False, shared_port=True,
             ready=lambda _server: events.put(("ready", pid)),
             heartbeat=lambda: events.put(("beat", pid)),
         )  # fmt: skip
@@ -120,7 +123,11 @@ class Supervisor:
 
 
 def supervise(config: Config, logger: Logger, config_path: str | None) -> int:
-    """Run the supervisor until SIGTERM/SIGINT; returns the exit code."""
+    """Run the supervisor until SIGTERM/SIGINT; returns the exit code. Raises ConfigError when
+    an edge address is in use."""
+    from nextproxy.edge import listener
+
+    listener.probe(config)
     directory = tempfile.mkdtemp(prefix="nextproxy-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     try:
