@@ -4,12 +4,13 @@ Each worker binds the edge address itself with SO_REUSEPORT, so the kernel sprea
 connections across workers and a worker's death never closes the others' listeners. Since
 SO_REUSEPORT would as well let the workers join a port another proxy serves, the supervisor
 first binds each edge address without it (``edge.listener.probe``): a port in use is one line
-and exit 2 before any worker exists.
+and exit 2 before any worker exists. A worker that still fails to start on a ConfigError (the
+port taken in between) ends the supervisor the same way: replacing it would fail again, forever.
 The supervisor serves the admin port once, aggregates metrics from every worker through
-prometheus-client's multiprocess mode, restarts a worker that dies, and forwards SIGTERM and
-SIGHUP. Workers are started with ``spawn`` (never ``fork`` from a process that runs a loop).
-The multiprocess directory must be set before prometheus_client is imported anywhere, which is
-why this module imports the metrics and admin modules only inside functions.
+prometheus-client's multiprocess mode, restarts a worker that dies after it started, and
+forwards SIGTERM and SIGHUP. Workers are started with ``spawn`` (never ``fork`` from a process
+that runs a loop). The multiprocess directory must be set before prometheus_client is imported
+anywhere, which is why this module imports the metrics and admin modules only inside functions.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ WORKER_STALL = 10.0
 """Seconds without a heartbeat (sent every second from each worker's loop) before a worker is
 considered wedged and killed, to be replaced. The supervisor's /livez only proves its own loop
 turns; this is what catches a worker whose loop is stuck."""
+WORKER_START_FAILED = 2
+"""A worker's exit code when its start failed on a ConfigError (the CLI's configuration code)."""
 
 
 def worker_main(config: Config, config_path: str | None, events: Any) -> None:
@@ -47,13 +50,17 @@ def worker_main(config: Config, config_path: str | None, events: Any) -> None:
     logger = Logger(config.log_level, config.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which forwards SIGTERM
     pid = os.getpid()
-    code = run_loop(
-        serve(
-            config, logger, config_path=config_path, serve_admin=False, shared_port=True,
-            ready=lambda _server: events.put(("ready", pid)),
-            heartbeat=lambda: events.put(("beat", pid)),
-        )  # fmt: skip
-    )
+    try:
+        code = run_loop(
+            serve(
+                config, logger, config_path=config_path, serve_admin=False, shared_port=True,
+                ready=lambda _server: events.put(("ready", pid)),
+                heartbeat=lambda: events.put(("beat", pid)),
+            )  # fmt: skip
+        )
+    except ConfigError as exc:  # at start (a reload's errors are logged, never raised): no traceback
+        events.put(("failed", pid, exc.key, exc.reason))  # flushed before exit: the queue's thread is joined
+        code = WORKER_START_FAILED
     raise SystemExit(code)
 
 
@@ -68,6 +75,8 @@ class Supervisor:
         self.ready: set[int] = set()
         self.beats: dict[int, float] = {}
         self.stopping = False
+        self.failure: ConfigError | None = None
+        """The first ConfigError a worker reported at start: the supervisor stops with it."""
 
     def spawn(self) -> None:
         process = self.context.Process(
@@ -101,13 +110,16 @@ class Supervisor:
     def drain_events(self) -> None:
         while True:
             try:
-                kind, pid = self.events.get_nowait()
+                kind, pid, *detail = self.events.get_nowait()
             except Exception:  # queue.Empty, or a half-written item from a killed worker
                 return
             if kind in ("ready", "beat"):
                 self.beats[pid] = time.monotonic()
             if kind == "ready":
                 self.ready.add(pid)
+            if kind == "failed":
+                self.logger.log("error", "worker_start_failed", pid=pid, error=f"{detail[0]}: {detail[1]}")
+                self.failure = self.failure or ConfigError(detail[0], detail[1])
 
     def kill_stalled(self) -> None:
         """SIGKILL ready workers whose loop has not beaten for WORKER_STALL; reap() replaces them."""
@@ -124,7 +136,7 @@ class Supervisor:
 
 def supervise(config: Config, logger: Logger, config_path: str | None) -> int:
     """Run the supervisor until SIGTERM/SIGINT; returns the exit code. Raises ConfigError when
-    an edge address is in use."""
+    an edge address is in use, or a worker fails to start (``Supervisor.failure``)."""
     from nextproxy.edge import listener
 
     listener.probe(config)
@@ -169,8 +181,13 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     while not stop.is_set():
         supervisor.drain_events()
         supervisor.kill_stalled()
-        for pid in supervisor.reap():
+        dead = supervisor.reap()
+        for pid in dead:
             metrics.mark_process_dead(pid)
+        supervisor.drain_events()  # a worker's "failed" is queued before it exits: seen by now
+        if supervisor.failure is not None:
+            break
+        for pid in dead:
             await asyncio.sleep(RESTART_DELAY)
             supervisor.spawn()
         state.ready = len(supervisor.ready) >= config.workers
@@ -189,6 +206,8 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     admin.close()
     logger.log("info", "supervisor_stopped")
     logger.close()
+    if supervisor.failure is not None:
+        raise supervisor.failure  # the CLI prints its one line and exits 2
     return 0
 
 

@@ -183,3 +183,23 @@ def test_a_busy_edge_port_is_one_line_and_exit_2(
     assert_free("127.0.0.1", admin)
     if where == "toml-second-of-a-list":
         assert_free("127.0.0.1", other)
+
+
+def test_workers_that_cannot_bind_at_start_end_the_supervisor_without_restarts(
+    tmp_path: Path, pki_files: dict[str, Path]
+) -> None:
+    """Should the port be taken between the supervisor's check and the workers' binds, the
+    workers fail at start: the supervisor reports the first one's line and exits 2 instead of
+    replacing them forever. The race is made certain by turning the supervisor's check off
+    (the spawned workers import a fresh, untouched copy of the module)."""
+    port, admin = free_port(), free_port()
+    env = preset(pki_files, f"127.0.0.1:{port}", f"127.0.0.1:{admin}")
+    argv = [sys.executable, "-c", (
+        "import sys; import nextproxy.edge.listener as listener; listener.probe = lambda config: None\n"
+        "from nextproxy.cli import main; sys.exit(main(['run']))"
+    )]  # fmt: skip
+    with holder("127.0.0.1", port):
+        outcome = run_to_exit(env, 2, tmp_path, argv)
+    assert_one_line(outcome, "NEXTPROXY_LISTEN", f"127.0.0.1:{port}")
+    assert len(outcome.events("worker_started")) == 2, outcome.stdout  # none was replaced
+    assert_free("127.0.0.1", admin)
