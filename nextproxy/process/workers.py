@@ -136,7 +136,7 @@ class Supervisor:
 
 def supervise(config: Config, logger: Logger, config_path: str | None) -> int:
     """Run the supervisor until SIGTERM/SIGINT; returns the exit code. Raises ConfigError when
-    an edge address is in use, or a worker fails to start (``Supervisor.failure``)."""
+    an edge or admin address is in use, or a worker fails to start (``Supervisor.failure``)."""
     from nextproxy.edge import listener
 
     listener.probe(config)
@@ -151,9 +151,8 @@ def supervise(config: Config, logger: Logger, config_path: str | None) -> int:
 async def _supervise(config: Config, logger: Logger, config_path: str | None) -> int:
     from nextproxy import __version__
     from nextproxy.process import metrics
-    from nextproxy.process.admin import AdminState, start_admin
+    from nextproxy.process.admin import AdminState, start_configured_admin
     from nextproxy.process.status import merge_facts, read_facts
-    from nextproxy.edge.tlscontexts import admin_ssl_context
 
     loop = asyncio.get_running_loop()
     supervisor = Supervisor(config, logger, config_path)
@@ -163,8 +162,7 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     _show_config(state, config)
     # Workers write their facts next to their metric files; only live workers' files count.
     state.facts = lambda: merge_facts(read_facts(metrics.multiprocess_dir() or "", list(supervisor.workers)))
-    admin_tls = admin_ssl_context(config.admin_tls) if config.admin_tls else None
-    admin = await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)
+    admin = await start_configured_admin(config, state)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

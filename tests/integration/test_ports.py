@@ -185,6 +185,23 @@ def test_a_busy_edge_port_is_one_line_and_exit_2(
         assert_free("127.0.0.1", other)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("source", ["preset", "toml"])
+def test_a_busy_admin_port_is_one_line_and_exit_2(
+    tmp_path: Path, pki_files: dict[str, Path], source: str, workers: int
+) -> None:
+    port, admin = free_port(), free_port()
+    if source == "preset":
+        key, env = "NEXTPROXY_ADMIN_LISTEN", preset(pki_files, f"127.0.0.1:{port}", f"127.0.0.1:{admin}")
+    else:
+        key, env = "admin_listen", toml(tmp_path, pki_files, f'"127.0.0.1:{port}"', f'"127.0.0.1:{admin}"')
+    with holder("127.0.0.1", admin):
+        outcome = run_to_exit(env, workers, tmp_path)
+    assert_one_line(outcome, key, f"127.0.0.1:{admin}")
+    assert not outcome.events("worker_started")
+    assert_free("127.0.0.1", port)  # the edge port is not left bound
+
+
 def test_workers_that_cannot_bind_at_start_end_the_supervisor_without_restarts(
     tmp_path: Path, pki_files: dict[str, Path]
 ) -> None:
