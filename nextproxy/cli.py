@@ -3,7 +3,8 @@
 and ``demo.commands``.
 
 Exit codes: 0 success, 2 bad configuration (one line on stderr naming the key, printed before
-anything is bound). Never a traceback for a configuration problem.
+anything is bound) or an edge or admin address that cannot be listened on (one line naming
+``listen``/``admin_listen`` or their variables). Never a traceback for either.
 """
 
 from __future__ import annotations

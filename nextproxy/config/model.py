@@ -261,6 +261,12 @@ class Config:
                 return policy
         return ListenerPolicy(address)
 
+    def key_name(self, key: str) -> str:
+        """How the user named the top-level setting ``key`` (``listen``, ``admin_listen``): its
+        ``NEXTPROXY_`` variable under the environment preset, else the TOML key. Errors found
+        after loading (an address in use) must name what the user actually set."""
+        return f"NEXTPROXY_{key.upper()}" if self.source == "environment preset" else key
+
     def upstream(self, name: str) -> Upstream | None:
         """The upstream called ``name``; None if there is none (``validate`` makes sure every
         route's upstream exists, so for a loaded configuration that means a name from elsewhere)."""

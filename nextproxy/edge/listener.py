@@ -1,8 +1,9 @@
 """The edge listener of one process: bind, accept, drain on SIGTERM, reload on SIGHUP.
 
 Binding happens only after the whole configuration (certificates included) has been validated,
-so a bad configuration never holds the port. Sockets use SO_REUSEPORT so that workers (and a
-restarted process) can share the port.
+so a bad configuration never holds the port. A port is this process's alone unless it is one
+of a supervisor's workers (``shared``): SO_REUSEPORT lets any process of the same user join a
+port, and the kernel would then silently split the traffic between two unrelated proxies.
 """
 
 from __future__ import annotations
@@ -80,8 +81,14 @@ class Runtime:
         return False
 
 
-def bind(address: Address, key: str) -> socket.socket:
-    """A listening socket, or ConfigError naming the key (port in use, bad address)."""
+def bind(address: Address, key: str, *, shared: bool = False) -> socket.socket:
+    """A listening socket, or ConfigError naming the key (port in use, bad address).
+
+    ``shared``: SO_REUSEPORT, for a supervisor's workers, which each bind the address so that
+    the kernel spreads connections over them (``process.workers``; their supervisor first
+    ``probe``s the address). Otherwise the bind fails while anyone else listens there. SO_REUSEADDR
+    is always set: it only lets a restarted proxy bind past its old connections in TIME_WAIT.
+    """
     try:
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -90,7 +97,7 @@ def bind(address: Address, key: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
+        if shared and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -101,6 +108,17 @@ def bind(address: Address, key: str) -> socket.socket:
         raise ConfigError(key, f"cannot listen on {address}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
+
+
+def probe(config: Config) -> None:
+    """ConfigError unless every edge address can be bound exclusively now (then freed again).
+
+    A supervisor calls it before spawning workers: their SO_REUSEPORT binds would succeed beside
+    another proxy of the same user on the port, and fail with a plain listener there in every
+    worker at once. Binding without SO_REUSEPORT fails in both cases, once, before anything runs.
+    """
+    for address in (config.listen, *config.listen_also):
+        bind(address, config.key_name("listen")).close()
 
 
 def describe_routes(config: Config) -> list[tuple[str, str, str]]:
@@ -144,14 +162,17 @@ class ProxyServer:
         sockname = self._acceptors[0].sock.getsockname()
         return str(sockname[0]), int(sockname[1])
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    async def start(self, sock: socket.socket | None = None, *, shared: bool = False) -> None:
+        """Bind every edge address (the first may come bound, as ``sock``) and accept.
+        ``shared``: this process is one of a supervisor's workers (see ``bind``)."""
         self._loop = loop = asyncio.get_running_loop()
         config = self.runtime.config
-        sock = sock or bind(config.listen, "listen")
+        key = config.key_name("listen")
+        sock = sock or bind(config.listen, key, shared=shared)
         more: list[socket.socket] = []
         try:
             for address in config.listen_also:
-                more.append(bind(address, "listen"))
+                more.append(bind(address, key, shared=shared))
         except ConfigError:
             for bound in [sock, *more]:  # all bound, or none: nothing half-started stays open
                 bound.close()

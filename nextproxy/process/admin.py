@@ -24,6 +24,9 @@ from typing import Callable, cast
 import h11
 
 from nextproxy import __version__
+from nextproxy.config.model import Config
+from nextproxy.edge.tlscontexts import admin_ssl_context
+from nextproxy.errors import ConfigError
 from nextproxy.process import metrics
 from nextproxy.process.status import SAMPLE_INTERVAL, Facts, Ring, take_sample
 from nextproxy.process.statuspage import render_page
@@ -94,6 +97,19 @@ JSON = "application/json"
 HTML_TYPE = "text/html; charset=utf-8"
 # The status page has no script and no external resource; a CSP makes any injection inert.
 HTML_HEADERS = (("content-security-policy", "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"),)
+
+
+async def start_configured_admin(config: Config, state: AdminState) -> asyncio.Server:
+    """``start_admin`` on ``config``'s address and TLS. An address it cannot listen on (in use,
+    another proxy's included) is a ConfigError naming ``admin_listen``: one line and exit 2 at
+    start, with one process or with workers, never a traceback."""
+    admin_tls = admin_ssl_context(config.admin_tls) if config.admin_tls else None
+    address = config.admin_listen
+    try:
+        return await start_admin(address.host, address.port, state, admin_tls)
+    except OSError as exc:
+        reason = f"cannot listen on {address}: {exc.strerror or exc}"
+        raise ConfigError(config.key_name("admin_listen"), reason) from None
 
 
 async def start_admin(

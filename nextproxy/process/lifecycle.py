@@ -13,14 +13,13 @@ import asyncio
 import os
 import signal
 import socket
-import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from nextproxy import __version__
 from nextproxy.process import metrics
-from nextproxy.process.admin import AdminState, start_admin
+from nextproxy.process.admin import AdminState, start_configured_admin
 from nextproxy.config.model import Config
 from nextproxy.config import load
 from nextproxy.errors import ConfigError
@@ -29,7 +28,7 @@ from nextproxy.process.nofile import fit
 from nextproxy.process.observe import Observer
 from nextproxy.process.status import Facts, route_kinds, write_facts
 from nextproxy.edge.listener import ProxyServer, bind, build_runtime
-from nextproxy.edge.tlscontexts import ServerContexts, admin_ssl_context
+from nextproxy.edge.tlscontexts import ServerContexts
 
 CERT_POLL_INTERVAL = 2.0
 """Seconds between checks of certificate files; a change is reloaded after one quiet interval."""
@@ -105,11 +104,13 @@ async def serve(
     config_path: str | None = None,
     edge_socket: socket.socket | None = None,
     serve_admin: bool = True,
+    shared_port: bool = False,
     ready: Callable[[ProxyServer], None] | None = None,
     heartbeat: Callable[[], None] | None = None,
     contexts: ServerContexts | None = None,
 ) -> int:
-    """Run until a stop signal; returns the exit code. ``contexts``: already built by the CLI."""
+    """Run until a stop signal; returns the exit code. ``contexts``: already built by the CLI.
+    ``shared_port``: this is one of a supervisor's workers, which share the edge port."""
     loop = asyncio.get_running_loop()
     observer = Observer(logger)
     contexts = contexts or ServerContexts.build(config)
@@ -118,11 +119,11 @@ async def serve(
     state = AdminState(version=__version__, config_source=config.source, route_kinds=route_kinds(config))
     state.facts = lambda: observer.facts
     proc.admin_state = state
-    edge = edge_socket or bind(config.listen, "NEXTPROXY_LISTEN" if config.source.startswith("environment") else "listen")
+    edge = edge_socket or bind(config.listen, config.key_name("listen"), shared=shared_port)
     admin_server = await _start_admin(config, state, edge) if serve_admin else None
     server = ProxyServer(runtime)
     proc.server = server
-    await server.start(edge)
+    await server.start(edge, shared=shared_port)
     proc.publish_certificates(contexts)
     state.routes = runtime.routes.describe()
     state.upstreams = runtime.pool.health
@@ -163,13 +164,11 @@ async def serve(
 
 async def _start_admin(config: Config, state: AdminState, edge: socket.socket) -> asyncio.Server:
     """The admin port; if it cannot bind, the edge socket is closed too (nothing half-started)."""
-    admin_tls: ssl.SSLContext | None = admin_ssl_context(config.admin_tls) if config.admin_tls else None
     try:
-        return await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)
-    except OSError as exc:
+        return await start_configured_admin(config, state)
+    except ConfigError:
         edge.close()
-        key = "NEXTPROXY_ADMIN_LISTEN" if config.source.startswith("environment") else "admin_listen"
-        raise ConfigError(key, f"cannot listen on {config.admin_listen}: {exc.strerror or exc}") from None
+        raise
 
 
 async def _reload_loop(proc: Process, state: AdminState) -> None:

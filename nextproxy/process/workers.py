@@ -1,12 +1,16 @@
 """NEXTPROXY_WORKERS=N: a supervisor process and N worker processes sharing the edge port.
 
 Each worker binds the edge address itself with SO_REUSEPORT, so the kernel spreads new
-connections across workers and a worker's death never closes the others' listeners. The
-supervisor serves the admin port once, aggregates metrics from every worker through
-prometheus-client's multiprocess mode, restarts a worker that dies, and forwards SIGTERM and
-SIGHUP. Workers are started with ``spawn`` (never ``fork`` from a process that runs a loop).
-The multiprocess directory must be set before prometheus_client is imported anywhere, which is
-why this module imports the metrics and admin modules only inside functions.
+connections across workers and a worker's death never closes the others' listeners. Since
+SO_REUSEPORT would as well let the workers join a port another proxy serves, the supervisor
+first binds each edge address without it (``edge.listener.probe``): a port in use is one line
+and exit 2 before any worker exists. A worker that still fails to start on a ConfigError (the
+port taken in between) ends the supervisor the same way: replacing it would fail again, forever.
+The supervisor serves the admin port once, aggregates metrics from every worker through
+prometheus-client's multiprocess mode, restarts a worker that dies after it started, and
+forwards SIGTERM and SIGHUP. Workers are started with ``spawn`` (never ``fork`` from a process
+that runs a loop). The multiprocess directory must be set before prometheus_client is imported
+anywhere, which is why this module imports the metrics and admin modules only inside functions.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ WORKER_STALL = 10.0
 """Seconds without a heartbeat (sent every second from each worker's loop) before a worker is
 considered wedged and killed, to be replaced. The supervisor's /livez only proves its own loop
 turns; this is what catches a worker whose loop is stuck."""
+WORKER_START_FAILED = 2
+"""A worker's exit code when its start failed on a ConfigError (the CLI's configuration code)."""
 
 
 def worker_main(config: Config, config_path: str | None, events: Any) -> None:
@@ -44,13 +50,17 @@ def worker_main(config: Config, config_path: str | None, events: Any) -> None:
     logger = Logger(config.log_level, config.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which forwards SIGTERM
     pid = os.getpid()
-    code = run_loop(
-        serve(
-            config, logger, config_path=config_path, serve_admin=False,
-            ready=lambda _server: events.put(("ready", pid)),
-            heartbeat=lambda: events.put(("beat", pid)),
-        )  # fmt: skip
-    )
+    try:
+        code = run_loop(
+            serve(
+                config, logger, config_path=config_path, serve_admin=False, shared_port=True,
+                ready=lambda _server: events.put(("ready", pid)),
+                heartbeat=lambda: events.put(("beat", pid)),
+            )  # fmt: skip
+        )
+    except ConfigError as exc:  # at start (a reload's errors are logged, never raised): no traceback
+        events.put(("failed", pid, exc.key, exc.reason))  # flushed before exit: the queue's thread is joined
+        code = WORKER_START_FAILED
     raise SystemExit(code)
 
 
@@ -65,6 +75,8 @@ class Supervisor:
         self.ready: set[int] = set()
         self.beats: dict[int, float] = {}
         self.stopping = False
+        self.failure: ConfigError | None = None
+        """The first ConfigError a worker reported at start: the supervisor stops with it."""
 
     def spawn(self) -> None:
         process = self.context.Process(
@@ -98,13 +110,16 @@ class Supervisor:
     def drain_events(self) -> None:
         while True:
             try:
-                kind, pid = self.events.get_nowait()
+                kind, pid, *detail = self.events.get_nowait()
             except Exception:  # queue.Empty, or a half-written item from a killed worker
                 return
             if kind in ("ready", "beat"):
                 self.beats[pid] = time.monotonic()
             if kind == "ready":
                 self.ready.add(pid)
+            if kind == "failed":
+                self.logger.log("error", "worker_start_failed", pid=pid, error=f"{detail[0]}: {detail[1]}")
+                self.failure = self.failure or ConfigError(detail[0], detail[1])
 
     def kill_stalled(self) -> None:
         """SIGKILL ready workers whose loop has not beaten for WORKER_STALL; reap() replaces them."""
@@ -120,7 +135,11 @@ class Supervisor:
 
 
 def supervise(config: Config, logger: Logger, config_path: str | None) -> int:
-    """Run the supervisor until SIGTERM/SIGINT; returns the exit code."""
+    """Run the supervisor until SIGTERM/SIGINT; returns the exit code. Raises ConfigError when
+    an edge or admin address is in use, or a worker fails to start (``Supervisor.failure``)."""
+    from nextproxy.edge import listener
+
+    listener.probe(config)
     directory = tempfile.mkdtemp(prefix="nextproxy-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     try:
@@ -132,9 +151,8 @@ def supervise(config: Config, logger: Logger, config_path: str | None) -> int:
 async def _supervise(config: Config, logger: Logger, config_path: str | None) -> int:
     from nextproxy import __version__
     from nextproxy.process import metrics
-    from nextproxy.process.admin import AdminState, start_admin
+    from nextproxy.process.admin import AdminState, start_configured_admin
     from nextproxy.process.status import merge_facts, read_facts
-    from nextproxy.edge.tlscontexts import admin_ssl_context
 
     loop = asyncio.get_running_loop()
     supervisor = Supervisor(config, logger, config_path)
@@ -144,8 +162,7 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     _show_config(state, config)
     # Workers write their facts next to their metric files; only live workers' files count.
     state.facts = lambda: merge_facts(read_facts(metrics.multiprocess_dir() or "", list(supervisor.workers)))
-    admin_tls = admin_ssl_context(config.admin_tls) if config.admin_tls else None
-    admin = await start_admin(config.admin_listen.host, config.admin_listen.port, state, admin_tls)
+    admin = await start_configured_admin(config, state)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -162,8 +179,13 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     while not stop.is_set():
         supervisor.drain_events()
         supervisor.kill_stalled()
-        for pid in supervisor.reap():
+        dead = supervisor.reap()
+        for pid in dead:
             metrics.mark_process_dead(pid)
+        supervisor.drain_events()  # a worker's "failed" is queued before it exits: seen by now
+        if supervisor.failure is not None:
+            break
+        for pid in dead:
             await asyncio.sleep(RESTART_DELAY)
             supervisor.spawn()
         state.ready = len(supervisor.ready) >= config.workers
@@ -182,6 +204,8 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
     admin.close()
     logger.log("info", "supervisor_stopped")
     logger.close()
+    if supervisor.failure is not None:
+        raise supervisor.failure  # the CLI prints its one line and exits 2
     return 0
 
 
