@@ -47,6 +47,7 @@ from nextproxy.config.model import (
     PathRoute,
     PemSource,
     Upstream,
+    WebSocketMode,
 )  # noqa: E402
 from nextproxy.core.headers import websocket_accept  # noqa: E402
 from nextproxy.demo.pki import make_pki  # noqa: E402
@@ -111,7 +112,8 @@ class Bench:
         pki = make_pki(("localhost",))
         pair = CertificateConfig(PemSource(pki.edge.certificate, "edge cert"), PemSource(pki.edge.key, "edge key"))
         upstream = Upstream("web", (Address("127.0.0.1", 18080),))
-        config = Config(Address("127.0.0.1", 18443), Address("127.0.0.1", 19613), (pair,), (upstream,), (PathRoute("web", "/", "web"),))
+        routes = (PathRoute("tunnel", "/tunnel", "web", websocket=WebSocketMode.TUNNEL), PathRoute("web", "/", "web"))
+        config = Config(Address("127.0.0.1", 18443), Address("127.0.0.1", 19613), (pair,), (upstream,), routes)
         self.runtime = build_runtime(config, Observer(Logger("warning")))
         self.runtime.pool._loop = loop  # the pool's timers are not started: nothing here waits
         self.loop = loop
@@ -119,15 +121,20 @@ class Bench:
         self.client_context.load_verify_locations(cadata=pki.ca.certificate.decode())
         self.client_context.check_hostname = False  # no SNI: the Host header is an IP literal
         self.server = upstream.servers[0]
-        self.upstream = UpstreamConnection(upstream, self.server, 65536)
-        self.upstream_transport = MemoryTransport()
-        self.upstream.connection_made(self.upstream_transport)  # type: ignore[arg-type]
+        self._upstream_config = upstream
+        self.upstream, self.upstream_transport = self.new_upstream()
         self.proxy_seconds = 0.0
         self.handshake_seconds = 0.0
 
+    def new_upstream(self) -> tuple[UpstreamConnection, MemoryTransport]:
+        """An upstream connection on an in-memory transport."""
+        upstream, transport = UpstreamConnection(self._upstream_config, self.server, 65536), MemoryTransport()
+        upstream.connection_made(transport)  # type: ignore[arg-type]
+        return upstream, transport
+
     def pool_upstream(self) -> None:
         self.upstream.idle_since = self.loop.time()
-        self.runtime.pool._idle[self.server] = [self.upstream]
+        self.runtime.pool._idle[(self._upstream_config.name, self.server)] = [self.upstream]
 
     def timed(self, step: Callable[[], object]) -> None:
         start = time.perf_counter()
@@ -201,19 +208,22 @@ class OpcodeCount:
         return sum(self.by_function.values()) / n, top
 
 
-def websocket_echo(bench: Bench) -> Callable[[int], float]:
-    """Upgrade one connection to a ``frames`` WebSocket session (the route "/" relays frames);
-    the returned function times n 32-byte echoes (client -> upstream -> client) through it."""
+def websocket_echo(bench: Bench, path: bytes = b"/chat") -> Callable[..., float]:
+    """Upgrade one connection to a WebSocket session on ``path`` ("/chat" relays frames,
+    "/tunnel/chat" is a tunnel) over an upstream connection of its own; the returned function
+    times n echoes (client -> upstream -> client) through it."""
     client, incoming, outgoing, transport = bench.connect()
+    bench.upstream, bench.upstream_transport = upstream, upstream_transport = bench.new_upstream()
     bench.pool_upstream()
     key = b"dGhlIHNhbXBsZSBub25jZQ=="
-    client.write(b"GET /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    client.write(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
     transport.protocol.data_received(outgoing.read())
-    bench.upstream.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                                 b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n\r\n")
+    upstream.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n\r\n")
     incoming.write(transport.take())
     assert client.read(65536).startswith(b"HTTP/1.1 101 ")
+    bench.upstream, bench.upstream_transport = bench.new_upstream()  # the session keeps its own
 
     def echoes(n: int, size: int = 32) -> float:
         """``size``-byte echoes: the client's records reach the proxy in reads of at most
@@ -228,10 +238,10 @@ def websocket_echo(bench: Bench) -> Callable[[int], float]:
             for start in range(0, len(records), READ_SIZE):
                 read = records[start : start + READ_SIZE]
                 bench.timed(lambda: transport.protocol.data_received(read))
-            bench.upstream_transport.out.clear()
+            upstream_transport.out.clear()
             for start in range(0, len(from_upstream), 2 * READ_SIZE):
                 read = from_upstream[start : start + 2 * READ_SIZE]
-                bench.timed(lambda: bench.upstream.data_received(read))
+                bench.timed(lambda: upstream.data_received(read))
             incoming.write(transport.take())
             echoed = bytearray()
             while len(echoed) < len(from_upstream):
@@ -293,6 +303,9 @@ def count_opcodes(bench: Bench) -> None:
     echoes = websocket_echo(bench)
     echoes(20)
     rows.append(("WebSocket echo, frames mode, 32 B", counter.per(n, lambda: echoes(n))))
+    tunnel = websocket_echo(bench, b"/tunnel/chat")
+    tunnel(20)
+    rows.append(("WebSocket echo, tunnel mode, 32 B", counter.per(n, lambda: tunnel(n))))
     sys.settrace(None)
     print(f"Python {sys.version.split()[0]}; bytecode instructions the proxy executes per operation, in-process\n")
     for title, (total, top) in rows:
@@ -358,11 +371,16 @@ async def main() -> None:
         return clock.seconds / n * 1e6
 
     codec_share = best_of(inside_codec)
-    echoes = websocket_echo(bench)  # last: the upgrade takes the bench's upstream connection
+    echoes = websocket_echo(bench)
     echoes(200)
     echo = best_of(lambda: echoes(2000))
     echoes(20, 65536)
     big_echo = best_of(lambda: echoes(200, 65536))
+    tunnel = websocket_echo(bench, b"/tunnel/chat")
+    tunnel(200)
+    tunnel_echo = best_of(lambda: tunnel(2000))
+    tunnel(20, 65536)
+    big_tunnel_echo = best_of(lambda: tunnel(200, 65536))
     print(f"Python {sys.version.split()[0]}; proxy-side µs, best of {BATCHES} batches, in-process\n")
     print(f"  keep-alive request (client record in -> upstream -> response record out) {request:7.1f}")
     print(f"    of which inside the codec (both legs' heads; a pass with timing wrappers) {codec_share:6.1f}")
@@ -370,6 +388,8 @@ async def main() -> None:
     print(f"    of which OpenSSL's handshake (SSL_do_handshake)                       {openssl:7.1f}")
     print(f"  WebSocket echo, frames mode, 32 B (client -> upstream -> client)         {echo:7.1f}")
     print(f"  WebSocket echo, frames mode, 64 KiB (client in 64 KiB reads, upstream 128 KiB) {big_echo:7.1f}")
+    print(f"  WebSocket echo, tunnel mode, 32 B                                       {tunnel_echo:7.1f}")
+    print(f"  WebSocket echo, tunnel mode, 64 KiB (as above)                          {big_tunnel_echo:7.1f}")
 
 
 if __name__ == "__main__":

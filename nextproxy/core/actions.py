@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from nextproxy.config.model import PathRoute
+from nextproxy.config.model import PathRoute, WebSocketMode
 
 
 @dataclass(slots=True)
@@ -156,20 +156,27 @@ class MessageRelayed:
 
 @dataclass(slots=True)
 class SessionClosed:
-    """Both WebSocket legs are finished. Emitted exactly once, before the last Close actions.
+    """A WebSocket session ended: reported exactly once per session, in either mode.
 
+    Frames mode (the relay): both legs are finished; emitted before the last Close actions.
     ``closed_by`` is who started the end (None: the proxy, for drain, timeout, limit or a
     protocol error). ``code`` is the close code that started it; 1006 when a leg vanished
     without a Close frame (EOF, ping timeout, abort). ``bytes_from_*`` count relayed payload.
+
+    Tunnel mode (made by the edge, which reads no frames): ``closed_by`` is the side whose
+    connection ended first (None: the proxy, for the idle timeout or the drain deadline),
+    ``code`` and the message counts are None (unknown, not zero), and ``bytes_from_*`` count
+    every byte of the stream, frame headers included.
     """
 
     closed_by: Side | None
-    code: int
+    code: int | None
     reason: str
-    messages_from_client: int
-    messages_from_upstream: int
+    messages_from_client: int | None
+    messages_from_upstream: int | None
     bytes_from_client: int
     bytes_from_upstream: int
+    mode: WebSocketMode = WebSocketMode.FRAMES
 
 
 Action = (

@@ -126,10 +126,9 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             self.transport = None  # let the phase finish the upstream's side (its closing handshake)
             self._guarded(lambda: self.run(phase.client_data(b"")))
             return
-        http = self.http
-        if http is not None and not self.closed:
-            self.transport = None  # gone: the request in flight is reported, nothing is written
-            self._guarded(lambda: self.run(http.client_gone()))
+        if phase is not None and not self.closed:
+            self.transport = None  # gone: what was in flight is reported, nothing is written
+            self._guarded(lambda: self.run(phase.client_gone()))
         self._close()
 
     def _guarded(self, step: Callable[[], None]) -> None:
@@ -350,7 +349,10 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         self.deadline.close()
         self.release(False)
         websocket = phase is not None and phase.websocket
-        if websocket:
+        if websocket and phase is not None:
+            ended = phase.ended()
+            if ended is not None:  # a tunnel's one report, whichever way it ended
+                HANDLERS[SessionClosed](self, ended)
             self.rt.observer.ws_gone(self.route_name)
         transport, self.transport = self.transport, None
         if transport is not None:
@@ -365,7 +367,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             else:
                 self._writes.close(transport)
         self._handshake_over()
-        if websocket:  # only a WebSocket phase joins that group (``phases.upgrade``)
+        if websocket:  # only a WebSocket phase (either mode) joins that group (``phases.upgrade``)
             self.rt.leave(self, Group.WEBSOCKET)
         if self.rt.leave(self, Group.TERMINATED):
             self.rt.closed(self.peer)

@@ -27,7 +27,8 @@ class Group(enum.Enum):
     """Its ClientHello is still being read."""
     TERMINATED = "terminated"
     WEBSOCKET = "websocket"
-    """A terminated connection relaying WebSocket frames (also counted as TERMINATED)."""
+    """A terminated connection relaying a WebSocket session, frames or tunnel (also counted as
+    TERMINATED)."""
     PASSTHROUGH = "passthrough"
 
     # Members are singletons, so identity hashes them as well as Enum's own __hash__, which is

@@ -14,13 +14,15 @@ import os
 import ssl
 from typing import Protocol
 
-from nextproxy.config.model import PathRoute, SniRoute, Upstream
+from nextproxy.config.model import PathRoute, SniRoute, Upstream, WebSocketMode
 from nextproxy.core.actions import (
     Action,
     CloseClient,
     ConnectUpstream,
     SendToClient,
     SendToUpstream,
+    SessionClosed,
+    Side,
     StartTunnel,
     StartWebSocket,
 )
@@ -28,7 +30,7 @@ from nextproxy.core.headers import ClientInfo
 from nextproxy.core.http1 import HttpSession
 from nextproxy.core.proxyprotocol import Endpoint, build_v2
 from nextproxy.core.tls import PeerCertificate
-from nextproxy.core.websocket import RelayLimits, Side, WebSocketRelay
+from nextproxy.core.websocket import RelayLimits, WebSocketRelay
 from nextproxy.edge.acceptor import out_of_descriptors
 from nextproxy.edge.deadline import Deadline, Timer
 from nextproxy.edge.host import Group, Host, Member
@@ -74,6 +76,7 @@ class Phase(Protocol):
 
     name: str
     websocket: bool
+    """A WebSocket session (either mode): counted in ``websocket_sessions_active`` from the 101."""
     quiet: float
     """Seconds of silence an IDLE or PING deadline is pushed back to by activity."""
 
@@ -99,6 +102,15 @@ class Phase(Protocol):
     def cut(self, reason: str) -> list[Action]:
         """The proxy ends the connection now (the drain deadline): the facts for what was still
         in flight, so that it is logged and counted like every other end."""
+        ...
+    def client_gone(self) -> list[Action]:
+        """The client's connection reset or closed under us (no EOF came first): nothing more
+        can be written to it; report what was in flight."""
+        ...
+    def ended(self) -> SessionClosed | None:
+        """The connection is closing, however it ended (called once, last): the session's end
+        if the phase still owes it. Only a tunnel does: some of its ends (a TLS error, a bug)
+        reach no phase method, and reporting here is what makes it exactly once."""
         ...
 
 
@@ -153,6 +165,9 @@ class HttpPhase:
     def client_gone(self) -> list[Action]:
         """The client's connection reset or closed under us: report the request in flight."""
         return self.session.client_gone()
+
+    def ended(self) -> SessionClosed | None:
+        return None  # every request is reported as it ends (``HttpSession``)
 
     def deadline(self, kind: Timer) -> list[Action]:
         if kind is Timer.RESPONSE:
@@ -225,10 +240,14 @@ class HttpPhase:
 
 
 class TunnelPhase:
-    """After a 101 on a ``tunnel`` route: raw bytes both ways, half-close passed on."""
+    """After a 101 on a ``tunnel`` route: raw bytes both ways, half-close passed on.
+
+    No frame is read, so the session is reported by what the shell sees: the bytes each way,
+    and the first end (either side's EOF or loss, the idle timeout, the drain deadline), kept
+    and logged once by ``ended`` when the connection closes, however that came about."""
 
     name = "tunnel"
-    websocket = False
+    websocket = True
     reading_client = True
     outlives_client = False
     finished = False
@@ -237,11 +256,16 @@ class TunnelPhase:
         self._upstream = upstream
         self.quiet = quiet
         self._shell = shell
+        self.bytes_from_client = 0
+        self.bytes_from_upstream = 0
+        self._ending: tuple[Side | None, str] | None = None
+        """Who ended the session first, and how; None while it runs (the first end is kept)."""
 
     def start(self, action: StartTunnel) -> list[Action]:
         """The 101's leftovers go first: what the client sent after its request, and the
         upstream's bytes after the 101."""
         self._shell.deadline.set(self.quiet, Timer.IDLE)
+        self.bytes_from_client, self.bytes_from_upstream = len(action.to_upstream), len(action.to_client)
         actions: list[Action] = [SendToClient(action.to_client)] if action.to_client else []
         if action.to_upstream:
             actions.append(SendToUpstream(action.to_upstream))
@@ -249,33 +273,61 @@ class TunnelPhase:
 
     def client_data(self, data: bytes) -> list[Action]:
         # Bytes go straight to the other leg (no action to build and dispatch per chunk: a
-        # tunnel relays small messages by the thousand, and a chunk means nothing more here).
+        # tunnel relays small messages by the thousand, and a chunk means nothing more here);
+        # counting them is one addition, reported once at the end.
         up = self._upstream
         if data:
             if up is not None:
+                self.bytes_from_client += len(data)
                 up.write(data)  # a no-op once that connection is gone, as the slot's write
             return []
+        self._end(Side.CLIENT, "client EOF")
         if up is not None:
             up.half_close()  # the upstream may still answer
         return []
 
     def upstream_data(self, data: bytes) -> list[Action]:
         if data:
+            self.bytes_from_upstream += len(data)
             self._shell.send_client(data)  # sealed and written by run()'s flush
             return []
+        self._end(Side.UPSTREAM, "upstream EOF")
         return [CloseClient()]
 
     def upstream_lost(self, exc: Exception | None) -> list[Action]:
+        self._end(Side.UPSTREAM, "upstream EOF" if exc is None else "upstream connection lost")
         return [CloseClient()]
+
+    def client_gone(self) -> list[Action]:
+        self._end(Side.CLIENT, "client connection lost")
+        return []
 
     def drain(self) -> list[Action]:
-        return []  # a tunnel has no message boundary to stop at: the drain timeout ends it
+        # A tunnel has no message boundary to stop at, and a Close frame written into a stream
+        # the proxy does not parse could land inside a frame: the drain deadline ends it.
+        return []
 
     def cut(self, reason: str) -> list[Action]:
-        return []  # a tunnel's request was reported with its 101
+        self._end(None, reason)  # reported by ``ended``, as the connection closes
+        return []
 
     def deadline(self, kind: Timer) -> list[Action]:
+        self._end(None, "idle timeout")  # nothing moved either way for ``passthrough_idle``
         return [CloseClient()]
+
+    def _end(self, side: Side | None, reason: str) -> None:
+        if self._ending is None:
+            self._ending = (side, reason)
+
+    def ended(self) -> SessionClosed:
+        """The session as frames mode reports one, with what a tunnel cannot know left None.
+
+        Without a recorded end the connection closed on an error (a TLS error, a bug), which
+        has its own log line; the session is still reported, as ended by the proxy."""
+        closed_by, reason = self._ending or (None, "closed on an error")
+        return SessionClosed(
+            closed_by, None, reason, None, None, self.bytes_from_client, self.bytes_from_upstream, WebSocketMode.TUNNEL
+        )
 
 
 class WebSocketPhase:
@@ -317,6 +369,13 @@ class WebSocketPhase:
     def upstream_lost(self, exc: Exception | None) -> list[Action]:
         return [] if self.relay.closed else self.relay.upstream_data(b"")
 
+    def client_gone(self) -> list[Action]:
+        # A live relay outlives the client and gets its EOF instead (``outlives_client``).
+        return self.relay.client_data(b"")
+
+    def ended(self) -> SessionClosed | None:
+        return None  # the relay reports its end itself, as an action
+
     def drain(self) -> list[Action]:
         return self.relay.shutdown()
 
@@ -339,11 +398,14 @@ class WebSocketPhase:
 
 
 def upgrade(action: StartTunnel | StartWebSocket, upstream: UpstreamConnection | None, shell: Shell) -> tuple[Phase, list[Action]]:
-    """The phase a 101 switches to, and the actions for the leftovers that came with it."""
+    """The phase a 101 switches to, and the actions for the leftovers that came with it.
+
+    Either mode is a WebSocket session from here on: counted now, and counted out when the
+    connection closes (``TerminatedConnection._close``, which runs once)."""
+    shell.rt.enter(shell, Group.WEBSOCKET)
+    shell.rt.observer.ws_opened(action.route.name)
     if isinstance(action, StartTunnel):
         tunnel = TunnelPhase(upstream, shell.rt.config.timeouts.passthrough_idle, shell)
         return tunnel, tunnel.start(action)
     websocket = WebSocketPhase(action.route, shell)
-    shell.rt.enter(shell, Group.WEBSOCKET)
-    shell.rt.observer.ws_opened(action.route.name)
     return websocket, websocket.start(action)

@@ -191,8 +191,10 @@ class Observer:
         children.websocket_session_duration.observe(duration)
         children.bytes_client_to_upstream.inc(closed.bytes_from_client)
         children.bytes_upstream_to_client.inc(closed.bytes_from_upstream)
+        # One shape for both modes: a tunnel reads no frames, so its code and message counts
+        # are null (unknown), never a made-up 1006 or 0.
         self.log.log(
-            "info", "websocket_session", route=route, client=peer, duration_s=round(duration, 3),
+            "info", "websocket_session", route=route, client=peer, mode=closed.mode.value, duration_s=round(duration, 3),
             closed_by=closed.closed_by.value if closed.closed_by else "proxy", code=closed.code, reason=closed.reason,
             messages_from_client=closed.messages_from_client, messages_from_upstream=closed.messages_from_upstream,
             bytes_from_client=closed.bytes_from_client, bytes_from_upstream=closed.bytes_from_upstream,

@@ -9,7 +9,7 @@ import pytest
 from collections.abc import Callable
 
 from nextproxy.config.model import Address
-from nextproxy.core.actions import RequestCompleted
+from nextproxy.core.actions import RequestCompleted, Side
 from nextproxy.core.clienthello import ClientHelloReader
 from nextproxy.edge.connection import TerminatedConnection
 from nextproxy.edge.deadline import Timer
@@ -305,3 +305,51 @@ def test_a_large_batch_is_sealed_in_pieces_and_written_in_one_call() -> None:
     writes, client, size = run(scenario())
     assert writes == 1
     assert bytes(client.peer.received) == b"a" * (size - 1) + b"b"
+
+
+def _tunnel(rt: Runtime) -> Client:
+    """A connection switched to a tunnel (as a 101 on a ``tunnel`` route does), over an
+    upstream connection on a recording transport."""
+    from nextproxy.config.model import Upstream
+    from nextproxy.core.actions import StartTunnel
+    from nextproxy.edge.upstream import UpstreamConnection
+
+    client = Client(rt)
+    upstream = UpstreamConnection(Upstream("app", (Address("127.0.0.1", 9),)), Address("127.0.0.1", 9), 65536)
+    upstream.connection_made(FakeTransport())
+    upstream.owner = client.conn
+    client.conn.upstream.attach(upstream)
+    client.conn.upgrade(StartTunnel(rt.config.routes[0], to_upstream=b"", to_client=b""))
+    return client
+
+
+@pytest.mark.parametrize("end", ["corrupt record", "client reset", "drain deadline"])
+def test_a_tunnel_session_is_reported_once_however_the_connection_ends(end: str) -> None:
+    """Ends that reach the tunnel through the connection, not a phase method alone: a TLS error,
+    the client's transport lost, the drain deadline's abort. Each closes the connection once,
+    and that close reports the session once and counts it out once."""
+
+    async def scenario() -> tuple[RecordingObserver, Runtime]:
+        rt, observer = runtime()
+        client = _tunnel(rt)
+        client.send(b"through")
+        if end == "corrupt record":
+            client.conn.data_received(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        elif end == "client reset":
+            client.conn.connection_lost(ConnectionResetError())
+        else:
+            client.conn.abort()
+        client.conn.connection_lost(None)  # the transport's own report, after any close
+        return observer, rt
+
+    observer, rt = run(scenario())
+    [(route, closed, peer, _duration)] = observer.named("ws_closed")
+    assert (route, peer, closed.code, closed.bytes_from_client) == ("app", "192.0.2.7", None, len(b"through"))
+    expected = {
+        "corrupt record": (None, "closed on an error"),
+        "client reset": (Side.CLIENT, "client connection lost"),
+        "drain deadline": (None, "the drain deadline ended it"),
+    }
+    assert (closed.closed_by, closed.reason) == expected[end]
+    assert observer.named("ws_opened") == observer.named("ws_gone") == [("app",)]
+    assert not rt.groups[Group.WEBSOCKET] and not rt.connections

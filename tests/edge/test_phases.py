@@ -9,7 +9,7 @@ from typing import get_args
 
 import pytest
 
-from nextproxy.config.model import Address, Upstream
+from nextproxy.config.model import Address, Upstream, WebSocketMode
 from nextproxy.core.actions import (
     Action,
     CloseClient,
@@ -20,11 +20,13 @@ from nextproxy.core.actions import (
     SendToClient,
     SendToUpstream,
     SessionClosed,
+    Side,
     StartTunnel,
     StartWebSocket,
 )
 from nextproxy.core.upstream_leg import new_upstream_leg
 from nextproxy.edge.deadline import Deadline, Timer
+from nextproxy.edge.host import Group
 from nextproxy.edge.dispatch import HANDLERS
 from nextproxy.edge.listener import Runtime
 from nextproxy.edge.phases import HttpPhase, TunnelPhase, WebSocketPhase, upgrade
@@ -98,6 +100,52 @@ def test_the_tunnel_relays_bytes_passes_half_close_and_ends_with_either_side() -
     assert results[4] == results[5] == results[6] == [CloseClient()]
     assert results[7] == []  # no message boundary to stop at: the drain timeout ends a tunnel
     assert kind is Timer.IDLE
+
+
+@pytest.mark.parametrize(
+    ("end", "closed_by", "reason"),
+    [
+        ("client_eof", Side.CLIENT, "client EOF"),
+        ("upstream_eof", Side.UPSTREAM, "upstream EOF"),
+        ("upstream_reset", Side.UPSTREAM, "upstream connection lost"),
+        ("client_reset", Side.CLIENT, "client connection lost"),
+        ("idle", None, "idle timeout"),
+        ("drain_deadline", None, "the drain deadline ended it"),
+        ("error", None, "closed on an error"),  # a TLS error or a bug: no phase method is told
+    ],
+)
+def test_the_tunnel_counts_its_bytes_and_reports_its_first_end(end: str, closed_by: Side | None, reason: str) -> None:
+    """Bytes are counted from the 101's leftovers on; the first end is kept whatever follows
+    (here the upstream's EOF, then the drain deadline), and reported as frames mode's
+    SessionClosed with what a tunnel cannot know (close code, message counts) left None."""
+
+    async def scenario() -> tuple[SessionClosed, list[str], bool]:
+        shell = _shell()
+        conn, _ = _upstream_connection()
+        route = shell.rt.config.routes[0]
+        phase, _ = upgrade(StartTunnel(route, to_upstream=b"early", to_client=b"hi"), conn, shell)
+        assert isinstance(phase, TunnelPhase)
+        phase.client_data(b"abc")
+        phase.upstream_data(b"wxyz")
+        ending = {
+            "client_eof": lambda: phase.client_data(b""),
+            "upstream_eof": lambda: phase.upstream_data(b""),
+            "upstream_reset": lambda: phase.upstream_lost(ConnectionResetError()),
+            "client_reset": phase.client_gone,
+            "idle": lambda: phase.deadline(Timer.IDLE),
+            "drain_deadline": lambda: phase.cut("the drain deadline ended it"),
+            "error": lambda: [],
+        }
+        ending[end]()
+        if end != "error":
+            phase.upstream_data(b"")
+            phase.cut("later")
+        events = [e for e, _ in shell.rt.observer.events]
+        return phase.ended(), events, shell in shell.rt.groups[Group.WEBSOCKET]
+
+    closed, events, grouped = run(scenario())
+    assert closed == SessionClosed(closed_by, None, reason, None, None, 5 + 3, 2 + 4, WebSocketMode.TUNNEL)
+    assert events == ["ws_opened"] and grouped  # counted at the 101; counted out by the close
 
 
 def test_the_websocket_phase_pings_both_legs_then_declares_a_silent_leg_dead() -> None:

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from nextproxy.core.actions import RequestCompleted
+from nextproxy.config.model import WebSocketMode
+from nextproxy.core.actions import RequestCompleted, SessionClosed, Side
 from nextproxy.edge.observer import EdgeObserver
 from nextproxy.process.logs import Logger
 from nextproxy.process.observe import Observer
@@ -34,6 +35,22 @@ def test_a_request_fact_becomes_one_log_line() -> None:
     [line] = stream.getvalue().splitlines()
     record = json.loads(line)
     assert (record["route"], record["status"], record["client"], record["duration_ms"]) == ("observe-test", 204, "192.0.2.9", 1.5)
+
+
+def test_frames_and_tunnel_sessions_share_one_log_line_shape() -> None:
+    """A tunnel reads no frames: its line has every field a frames line has, with the close
+    code and the message counts null (unknown), not invented; and both say their mode."""
+    stream = io.StringIO()
+    observer = Observer(Logger("info", "json", stream=stream, buffered=False))
+    observer.ws_closed("observe-ws", SessionClosed(Side.CLIENT, 1000, "bye", 2, 3, 10, 20), "192.0.2.9", 1.5)
+    tunnel = SessionClosed(None, None, "idle timeout", None, None, 40, 50, WebSocketMode.TUNNEL)
+    observer.ws_closed("observe-ws", tunnel, "192.0.2.9", 2.0)
+    frames, tunneled = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert frames.keys() == tunneled.keys()
+    assert (frames["mode"], frames["closed_by"], frames["code"], frames["messages_from_client"]) == ("frames", "client", 1000, 2)
+    assert (tunneled["mode"], tunneled["closed_by"], tunneled["code"], tunneled["reason"]) == ("tunnel", "proxy", None, "idle timeout")
+    assert tunneled["messages_from_client"] is None and tunneled["messages_from_upstream"] is None
+    assert (tunneled["bytes_from_client"], tunneled["bytes_from_upstream"], tunneled["duration_s"]) == (40, 50, 2.0)
 
 
 def _sample(name: str, **labels: str) -> float:
