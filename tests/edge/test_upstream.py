@@ -122,9 +122,9 @@ def test_a_probe_that_finds_an_upstream_down_says_why_once() -> None:
     status page's last_error, the log)."""
     import socket
 
-    with socket.socket() as closed:  # a loopback port with nothing listening on it
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
+    refusing = socket.socket()  # bound, never listening: connections to it are refused
+    refusing.bind(("127.0.0.1", 0))
+    port = refusing.getsockname()[1]
     dead = Upstream("dead", (Address("127.0.0.1", port),))
     reasons: list[tuple[str, str]] = []
 
@@ -134,7 +134,10 @@ def test_a_probe_that_finds_an_upstream_down_says_why_once() -> None:
             await pool._probe(dead)
         return pool.health
 
-    assert run(scenario()) == {"dead": False}
+    try:
+        assert run(scenario()) == {"dead": False}
+    finally:
+        refusing.close()
     [(name, detail)] = reasons  # the transition, not every probe
     assert name == "dead" and detail.startswith(f"health check: 127.0.0.1:{port}: [Errno 111]"), detail
 

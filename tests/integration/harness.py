@@ -85,11 +85,22 @@ def pem_source(data: bytes, origin: str) -> PemSource:
     return PemSource(data, origin)
 
 
+_REFUSING: list[socket.socket] = []
+
+
+def refusing_port() -> socket.socket:
+    """A loopback port that refuses connections for the rest of the test run: bound, never
+    listening, and kept bound (a port merely closed again can be handed to the next bind(0) of
+    a stand-in in the same run, which then answers)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _REFUSING.append(sock)
+    return sock
+
+
 def dead_server_first(upstream: str) -> Callable[[Config], Config]:
     """A ``mutate`` for ``Edge.start``: ``upstream`` gets a first server that refuses connections."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = Address("127.0.0.1", probe.getsockname()[1])  # closed again: connections are refused
+    dead = Address(*refusing_port().getsockname())
 
     def mutate(config: Config) -> Config:
         upstreams = tuple(replace(u, servers=(dead, *u.servers)) if u.name == upstream else u for u in config.upstreams)
