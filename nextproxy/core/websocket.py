@@ -153,9 +153,11 @@ class WebSocketRelay:
                 leg.send(CloseConnection(code=GOING_AWAY, reason="going away"))
         return self._collect()
 
-    def abort(self) -> list[Action]:
-        """End now without waiting for any reply (drain deadline passed): close what is left."""
-        self._record(None, ABNORMAL_CLOSURE, "aborted")
+    def abort(self, reason: str = "aborted") -> list[Action]:
+        """End now without waiting for any reply (drain deadline passed, or the connection is
+        gone under the session): close what is left. The session's end is reported with the
+        code that began it if there was one, else 1006 and ``reason``."""
+        self._record(None, ABNORMAL_CLOSURE, reason)
         for leg in (self._client, self._upstream):
             if not leg.finished:
                 self._finish(leg, clean=False)

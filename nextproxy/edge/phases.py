@@ -374,7 +374,12 @@ class WebSocketPhase:
         return self.relay.client_data(b"")
 
     def ended(self) -> SessionClosed | None:
-        return None  # the relay reports its end itself, as an action
+        """Normally None: the relay reports its end itself, as an action. A connection closed
+        under a live relay (a TLS error, a bug) ends the session here, so that it still leaves
+        its line, as a tunnel's does."""
+        if self.relay.closed:
+            return None
+        return next((a for a in self.relay.abort("closed on an error") if isinstance(a, SessionClosed)), None)
 
     def drain(self) -> list[Action]:
         return self.relay.shutdown()

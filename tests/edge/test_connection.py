@@ -353,3 +353,41 @@ def test_a_tunnel_session_is_reported_once_however_the_connection_ends(end: str)
     assert (closed.closed_by, closed.reason) == expected[end]
     assert observer.named("ws_opened") == observer.named("ws_gone") == [("app",)]
     assert not rt.groups[Group.WEBSOCKET] and not rt.connections
+
+
+def _frames(rt: Runtime) -> Client:
+    """A connection switched to a frames-mode WebSocket session (a 101 on a ``frames`` route)."""
+    from nextproxy.config.model import Upstream
+    from nextproxy.core.actions import StartWebSocket
+    from nextproxy.edge.upstream import UpstreamConnection
+
+    client = Client(rt)
+    upstream = UpstreamConnection(Upstream("app", (Address("127.0.0.1", 9),)), Address("127.0.0.1", 9), 65536)
+    upstream.connection_made(FakeTransport())
+    upstream.owner = client.conn
+    client.conn.upstream.attach(upstream)
+    client.conn.upgrade(StartWebSocket(rt.config.routes[0], b"", b"", None))
+    return client
+
+
+@pytest.mark.parametrize("end", ["corrupt record", "drain deadline"])
+def test_a_frames_session_is_reported_once_however_the_connection_ends(end: str) -> None:
+    """A TLS error closes the connection under a live relay: its session still leaves one
+    line (1006, "closed on an error"), as the drain deadline's abort does (with its own)."""
+
+    async def scenario() -> tuple[RecordingObserver, Runtime]:
+        rt, observer = runtime()
+        client = _frames(rt)
+        if end == "corrupt record":
+            client.conn.data_received(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        else:
+            client.conn.abort()
+        client.conn.connection_lost(None)
+        return observer, rt
+
+    observer, rt = run(scenario())
+    [(route, closed, _peer, _duration)] = observer.named("ws_closed")
+    assert route == "app" and closed.code == 1006 and closed.closed_by is None
+    assert closed.reason == ("closed on an error" if end == "corrupt record" else "aborted")
+    assert observer.named("ws_opened") == observer.named("ws_gone") == [("app",)]
+    assert not rt.groups[Group.WEBSOCKET] and not rt.connections
