@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nextproxy.config.model import Config, PathRoute, SniRoute
+from nextproxy.config.model import Config, PathRoute, SniAction, SniRoute
 from nextproxy.core.actions import AuthorizationDenied, RateLimited
 from nextproxy.core.headers import ClientInfo
 from nextproxy.core.ratelimit import MAX_KEYS, KeyedRateLimiter, RateLimit
@@ -24,6 +24,33 @@ from nextproxy.core.sources import SourceMatcher
 
 SOURCE = "source"
 """``nextproxy_authorization_denied_total`` reason for an address outside ``allow_sources``."""
+CERTIFICATE_DENIALS = ("no_certificate", "not_allowed", "not_allowed_unverified")
+"""The reasons ``responses.authorize`` gives for a client-certificate allow-list."""
+
+
+def denial_series(config: Config) -> list[tuple[str, str]]:
+    """Every (route, reason) ``config`` can count in ``nextproxy_authorization_denied_total``.
+
+    The process creates them at 0 when it applies the configuration: a counter series that
+    appears with its first increment hides that increment from increase() and rate(), and
+    denials are what an alert watches. Certificate reasons go to every path route reachable
+    through an allow-list (its own, or a terminating SNI route's), source reasons to every
+    route with ``allow_sources``.
+    """
+    terminating = [s for s in config.sni_routes if s.action is SniAction.TERMINATE]
+    any_sni_allow = any(s.allow is not None and s.upstream is None for s in terminating)
+    series: list[tuple[str, str]] = []
+    for route in config.routes:
+        if route.allow is not None or any_sni_allow:
+            series += [(route.name, reason) for reason in CERTIFICATE_DENIALS]
+    for sni in terminating:
+        if sni.allow is not None and sni.upstream is not None:  # its own route (``RouteTable``)
+            series += [(sni.name, reason) for reason in CERTIFICATE_DENIALS]
+    named: list[PathRoute | SniRoute] = [*config.routes, *config.sni_routes]
+    for named_route in named:
+        if named_route.allow_sources is not None:
+            series.append((named_route.name, SOURCE))
+    return series
 
 
 @dataclass(frozen=True, slots=True)

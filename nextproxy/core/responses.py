@@ -105,7 +105,7 @@ def authorize(cert: PeerCertificate | None, route: str, allow: tuple[AllowRule, 
             or (rule.kind == "cn" and rule.value == cert.common_name)
         ):
             return None
-    reason = "not_allowed" if cert.verified else "not_allowed_unverified"
+    reason = "not_allowed" if cert.verified else "not_allowed_unverified"  # admission.CERTIFICATE_DENIALS
     return AuthorizationDenied(route, reason, cert.sha256)
 
 

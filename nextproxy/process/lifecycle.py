@@ -21,6 +21,7 @@ from nextproxy import __version__
 from nextproxy.process import metrics
 from nextproxy.process.admin import AdminState, start_configured_admin
 from nextproxy.config.model import Config
+from nextproxy.core.admission import denial_series
 from nextproxy.config import load
 from nextproxy.errors import ConfigError
 from nextproxy.process.logs import Logger
@@ -68,6 +69,12 @@ class Process:
     reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
     facts: Facts = field(default_factory=Facts)
 
+    def publish_configuration(self, config: Config, contexts: ServerContexts) -> None:
+        """What a newly applied configuration shows on /metrics before any traffic."""
+        self.publish_certificates(contexts)
+        for route, reason in denial_series(config):
+            metrics.route_metrics(route).denied(reason)  # created at 0
+
     def publish_certificates(self, contexts: ServerContexts) -> None:
         for cert in contexts.certificates:
             metrics.set_certificate_expiry(cert.name, cert.not_after)
@@ -90,7 +97,7 @@ class Process:
             self.logger.log("error", "reload_failed", error=str(exc))
             return False
         self.config = config
-        self.publish_certificates(contexts)
+        self.publish_configuration(config, contexts)
         metrics.config_reload(True)
         self.facts.reloaded(time.time(), True, config.source)
         self.logger.log("info", "reloaded", source=config.source)
@@ -124,7 +131,7 @@ async def serve(
     server = ProxyServer(runtime)
     proc.server = server
     await server.start(edge, shared=shared_port)
-    proc.publish_certificates(contexts)
+    proc.publish_configuration(config, contexts)
     state.routes = runtime.routes.describe()
     state.upstreams = runtime.pool.health
     state.ready = True

@@ -132,3 +132,19 @@ def test_session_answers_403_for_a_source_outside_the_route() -> None:
     ok = HttpSession(RouteTable(POLICY), None, client("10.1.1.1"), POLICY.limits)
     assert ConnectUpstream in kinds(feed(ok, 0.0, b"GET /f HTTP/1.1\r\nhost: edge.test\r\n\r\n"))
 
+
+
+def test_every_denial_a_configuration_can_count_is_listed() -> None:
+    """Created at 0 when the configuration is applied, so alerts see the first denial."""
+    from nextproxy.config.model import AllowRule
+    from nextproxy.core.admission import CERTIFICATE_DENIALS, SOURCE, denial_series
+
+    assert set(denial_series(POLICY)) == {("fenced", SOURCE), ("both", SOURCE), ("api", SOURCE)}
+    certified = PathRoute("certified", "/c", "ns", allow=(AllowRule("cn", "x"),))
+    gated = SniRoute("gated", ("gated.test",), SniAction.TERMINATE, "ns", allow=(AllowRule("cn", "x"),))
+    series = set(denial_series(replace(CONFIG, routes=(*CONFIG.routes, certified), sni_routes=(gated,))))
+    assert series == {(name, reason) for name in ("certified", "gated") for reason in CERTIFICATE_DENIALS}
+    # A terminating SNI route without an upstream of its own gates every path route behind it.
+    open_gate = replace(gated, upstream=None)
+    series = set(denial_series(replace(CONFIG, sni_routes=(open_gate,))))
+    assert series == {(route.name, reason) for route in CONFIG.routes for reason in CERTIFICATE_DENIALS}

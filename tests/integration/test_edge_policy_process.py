@@ -89,3 +89,19 @@ backend edge
         assert [e["client"] for e in proxy.events("request")][-3:] == ["127.0.0.3", "127.0.0.3", "127.0.0.4"]
     finally:
         proxy.stop()
+
+
+def test_denial_series_exist_at_zero_before_the_first_denial(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    """increase() and rate() miss a counter's first step when its series appears with it: the
+    series a configuration can count are on /metrics, at 0, from the start."""
+    proxy = Proxy(tmp_path, pki, upstreams, route_options='allow_sources = ["10.0.0.0/8"]')
+    try:
+        key = ("nextproxy_authorization_denied_total", (("reason", "source"), ("route", "app")))
+        series = {k[1]: v for k, v in proxy.metrics().items() if k[0] == key[0]}
+        assert series[key[1]] == 0.0
+        # The process's configuration also has a certificate allow-list (the "guarded" route).
+        assert series[(("reason", "no_certificate"), ("route", "guarded"))] == 0.0 and set(series.values()) == {0.0}
+        assert proxy.https("/app/x")[0] == 403  # 127.0.0.1 is outside 10.0.0.0/8
+        assert proxy.metrics()[key] == 1.0
+    finally:
+        proxy.stop()
