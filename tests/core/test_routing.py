@@ -79,6 +79,14 @@ def test_path_matching(target: bytes, route: str | None) -> None:
         b"/ns/sigmai/a%2F..%2F..%2Fmc/sigmai",  # dot segments between encoded separators
         b"/ns/sigmai/a%5C..%5Cb",
         b"/ns/sigmai/%2e%2E%2fb",
+        # path parameters after the dots: Tomcat, Jetty and Spring resolve them as ".."
+        b"/ns/sigmai/..;/manager/html",
+        b"/ns/sigmai/..;jsessionid=1/x",
+        b"/ns/sigmai/%2e%2e;/x",
+        b"/ns/sigmai/.;/x",
+        b"/ns/sigmai/x/..;",
+        b"/ns/sigmai/..%3b/x",
+        b"/ns/sigmai/..%00/x",  # an encoded NUL ends a C upstream's path
         b"/ns%2fsigmai",  # matches nothing raw, ns-sigmai once decoded
         b"/ns%2Fsigmai/x",
         b"/%6Es/sigmai",  # an encoded letter: the same escape, another route
@@ -98,7 +106,9 @@ def test_unsafe_targets_are_400(target: bytes) -> None:
     assert info.value.status == 400
 
 
-@pytest.mark.parametrize("target", [b"/ns/sigmai/.well-known", b"/ns/sigmai/a.b/..c", b"/ns/sigmai/...", b"/ns/sigmai/%41"])
+@pytest.mark.parametrize(
+    "target", [b"/ns/sigmai/.well-known", b"/ns/sigmai/a.b/..c", b"/ns/sigmai/...", b"/ns/sigmai/%41", b"/ns/sigmai/a;b/c", b"/ns/sigmai/x;v=1"]
+)
 def test_dots_inside_names_are_fine(target: bytes) -> None:
     assert check_path(target) == target.split(b"?")[0]
 
