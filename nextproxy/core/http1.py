@@ -229,7 +229,15 @@ class HttpSession(ResponseSide):
     def _pump_client(self) -> list[Action]:
         """Take the next request head from the buffer, if it is all there."""
         actions: list[Action] = []
+        after_refusal = False
         while self._exchange is None and not self._closed and not self._connecting:
+            if after_refusal:
+                if not self._buffer.skip_empty_lines():
+                    break
+                # The next pipelined request behind a refusal that kept the connection starts
+                # now: its own timers (head, body) and duration, not the quiet timer's.
+                actions.append(RequestStarted())
+            after_refusal = True
             try:
                 raw = self._buffer.take_head(self._limits.max_header_size, request=True)
             except HttpError as exc:

@@ -375,6 +375,16 @@ def test_an_empty_line_after_a_request_starts_no_request() -> None:
     assert parse_request(to_upstream(actions))[0].target == b"/ns/sigmai/x?y=1"
 
 
+def test_a_request_pipelined_behind_a_kept_refusal_starts_its_own_clock() -> None:
+    """Without its RequestStarted the shell would leave the refusal's quiet timer running, which
+    every trickled body byte pushes back: the request_body bound would never apply."""
+    s = session()
+    post = b"POST /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 10\r\n\r\nab"
+    actions = s.client_data(b"GET /nowhere HTTP/1.1\r\nHost: edge.test\r\n\r\n" + post)
+    assert kinds(actions) == [RequestStarted, RequestCompleted, RequestStarted, ConnectUpstream]
+    assert status_of(to_client(actions)) == 404
+
+
 def test_read_until_close_response_becomes_chunked_for_the_client() -> None:
     s = session()
     connect(s, GET)

@@ -175,6 +175,28 @@ def test_trickled_body_gets_408_and_frees_the_upstream_connection(pki: DemoPki) 
         edge.close()
 
 
+def test_a_trickled_body_behind_a_refused_request_still_gets_408(pki: DemoPki) -> None:
+    """A request pipelined behind one the proxy answers itself and keeps the connection for
+    (404) must start its own clock: else the refusal's quiet timer, pushed back by every body
+    byte, lets the body trickle for as long as the client likes."""
+    edge = Edge.start(pki, timeouts=Timeouts(request_body=1.5, connect=2, upstream_response=10, client_idle=30))
+    try:
+        upstream_port = edge.standins["ns-sigmai"].address[1]
+        sock = edge.tls_socket()
+        sock.sendall(
+            b"GET /nowhere HTTP/1.1\r\nhost: localhost\r\n\r\n"
+            b"POST /ns/sigmai/upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1000\r\n\r\n"
+        )
+        answer, elapsed, connected = _trickle(sock, upstream_port)
+        assert connected
+        assert answer.startswith(b"HTTP/1.1 404 ") and b"HTTP/1.1 408 Request Timeout\r\n" in answer, answer
+        assert 1.3 < elapsed < 4, elapsed
+        assert _upstream_legs_closed(upstream_port)
+        sock.close()
+    finally:
+        edge.close()
+
+
 def test_a_trickled_body_is_cut_at_its_deadline_even_once_the_response_has_started(pki: DemoPki) -> None:
     """The echo stand-in answers at once and streams the body back as it comes: every byte
     then moves both ways, so only the body's own fixed bound can end the request. It is cut
