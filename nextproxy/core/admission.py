@@ -5,7 +5,7 @@ starts with fresh buckets): its token buckets must be shared by every connection
 or a client would get a new burst per connection. Time is an argument (the shell passes its
 monotonic loop clock); nothing here reads a clock, a socket or a log.
 
-Keys: a client that presented a certificate is limited by its fingerprint (``cert:<sha256>``),
+Keys: a client that presented a verified certificate is limited by its fingerprint (``cert:<sha256>``),
 since many clients may share one address behind a NAT while a certificate names one client;
 anyone else by address (``ip:<address>``), which is the PROXY protocol header's source when the
 listener trusts its balancer. Each worker keeps its own buckets (no shared memory), so with N
@@ -74,9 +74,13 @@ def source_allowed(matcher: SourceMatcher, address: str) -> bool:
 
 
 def rate_key(client: ClientInfo) -> tuple[str, str]:
-    """(label, key) to limit ``client`` by: its certificate's fingerprint, else its address."""
-    if client.certificate is not None:
-        return "cert", "cert:" + client.certificate.sha256
+    """(label, key) to limit ``client`` by: its certificate's fingerprint if the chain was
+    verified, else its address. An unverified certificate (``optional``/``require-any``) costs
+    nothing to mint, so a fresh one per connection would be a fresh bucket, and a flood of them
+    would push real clients out of the limiter's memory."""
+    cert = client.certificate
+    if cert is not None and cert.verified:
+        return "cert", "cert:" + cert.sha256
     return "ip", "ip:" + client.address
 
 

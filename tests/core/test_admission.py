@@ -23,11 +23,11 @@ SNI = SniRoute("api", ("api.test",), SniAction.TERMINATE, "ns", allow_sources=("
 POLICY = replace(CONFIG, routes=(*CONFIG.routes, LIMITED, FENCED, BOTH), sni_routes=(SNI,))
 
 
-def client(address: str, fingerprint: str | None = None) -> ClientInfo:
+def client(address: str, fingerprint: str | None = None, *, verified: bool = True) -> ClientInfo:
     cert = None
     if fingerprint is not None:
         cert = PeerCertificate(
-            der=b"", chain=(), verified=False, verify_error=None, sha256=fingerprint, spki_sha256="00",
+            der=b"", chain=(), verified=verified, verify_error=None, sha256=fingerprint, spki_sha256="00",
             subject="CN=x", common_name="x", dns_names=(), uris=(),
         )  # fmt: skip
     return ClientInfo(address=address, server_name="edge.test", certificate=cert)
@@ -64,6 +64,16 @@ def test_certificate_clients_are_keyed_by_fingerprint_not_address() -> None:
     refused = admission.check(LIMITED, client("198.51.100.1", "ab" * 32), 0.0)  # same certificate, new address
     assert refused is not None and refused.fact == RateLimited("limited", "cert", 1)
     assert admission.check(LIMITED, client("192.0.2.1"), 0.0) is None  # that address without it: separate
+
+
+def test_unverified_certificates_are_limited_by_address() -> None:
+    """A self-signed certificate per connection (optional / require-any) buys no fresh bucket."""
+    admission = Admission(POLICY)
+    assert rate_key(client("192.0.2.1", "ab" * 32, verified=False)) == ("ip", "ip:192.0.2.1")
+    for i in range(3):
+        assert admission.check(LIMITED, client("192.0.2.1", f"{i:064x}", verified=False), 0.0) is None
+    refused = admission.check(LIMITED, client("192.0.2.1", "ff" * 32, verified=False), 0.0)
+    assert refused is not None and refused.fact == RateLimited("limited", "ip", 1)
 
 
 def test_a_refused_source_does_not_spend_a_token() -> None:

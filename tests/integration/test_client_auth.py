@@ -667,3 +667,26 @@ def test_resumption_never_skips_the_client_certificate(edges: Edges, clients: di
         assert delta(before)["ok"] == 1
         if server_name == TERMINATED_API_NAME:
             check_identity_headers(upstream_headers(body), client, "SUCCESS")
+
+
+def test_a_fresh_self_signed_certificate_per_request_buys_no_fresh_rate_limit(pki: DemoPki, pki_files: dict[str, Path]) -> None:
+    """Found by black-box testing: the rate limit was keyed by any presented certificate, so a
+    client minting one per connection was never limited. Unverified ones now count by address;
+    a verified certificate still has a bucket of its own."""
+    from nextproxy.config.model import RateLimitConfig
+
+    def limited(config: Config) -> Config:
+        sni = tuple(replace(r, rate_limit=RateLimitConfig(0.01, 2)) if r.name == "mc-api" else r for r in config.sni_routes)
+        return replace(config, sni_routes=sni)
+
+    edge = Edge.start(pki, client_auth=ClientAuth.OPTIONAL, client_ca_file=str(pki_files["ca.pem"]), mutate=limited)
+    try:
+        statuses = []
+        for i in range(4):
+            minted = as_pem(make_leaf(None, f"throwaway {i}", client=True))
+            statuses.append(stdlib_attempt(edge, Client(f"minted-{i}", minted, None)).status)
+        assert statuses == [200, 200, 429, 429]
+        assert stdlib_attempt(edge, Client("trusted", pki.client, None)).status == 200  # its own bucket
+        assert counter("nextproxy_rate_limited_total", {"route": "mc-api", "key": "ip"}) >= 2
+    finally:
+        edge.close()
