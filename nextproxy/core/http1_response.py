@@ -119,7 +119,9 @@ class ResponseSide:
     def _start_response(self, leg: UpstreamLeg, exchange: Exchange, head: ResponseHead) -> list[Action]:
         exchange.response_status = head.status
         leg.keep_alive = head.keep_alive
-        close = not exchange.head.keep_alive or self.draining or self._client_eof
+        # An answer before the request body has ended closes the connection (the rest of the
+        # body would have to be read to find the next request): say so (RFC 9112 section 9.6).
+        close = not exchange.head.keep_alive or self.draining or self._client_eof or self._body.open
         response = client_response(head, exchange.head, close=close)
         exchange.client_chunked, exchange.client_close = response.chunked, response.close
         actions: list[Action] = [ResponseStarted(head.status, self._body.open), SendToClient(response.data)]

@@ -329,14 +329,25 @@ def test_a_response_that_starts_before_the_request_body_ends_says_so() -> None:
     connect(s, head + b"ab")
     out = s.upstream_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n")
     assert out[0] == ResponseStarted(200, uploading=True)
+    assert b"\r\nconnection: close\r\n" in to_client(out)  # an early answer ends the connection
     out = s.client_data(b"cd")
     assert kinds(out) == [BodyReceived] and to_upstream(out) == b"cd"
     out = s.upstream_data(b"2\r\ncd\r\n0\r\n\r\n")
-    assert kinds(out) == [ReleaseUpstream, RequestCompleted]
+    assert kinds(out) == [ReleaseUpstream, RequestCompleted, CloseClient]
     # A whole request answered: no upload in progress, no BodyReceived.
     s = session()
     connect(s, GET)
     assert s.upstream_data(b"HTTP/1.1 204 No Content\r\n\r\n")[0] == ResponseStarted(204, uploading=False)
+
+
+def test_an_early_answer_says_connection_close_before_closing() -> None:
+    """An upstream refusing a body it has not read (413) ends the connection: the client is
+    told in the head, not only by the close that follows (RFC 9112 section 9.6)."""
+    s = session()
+    connect(s, b"POST /ns/sigmai HTTP/1.1\r\nHost: edge.test\r\nContent-Length: 100\r\n\r\nab")
+    out = s.upstream_data(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert to_client(out).startswith(b"HTTP/1.1 413 ") and b"\r\nconnection: close\r\n" in to_client(out)
+    assert kinds(out)[-1] is CloseClient
 
 
 def test_a_body_timeout_is_a_408_before_the_response_and_a_cut_after_it() -> None:
