@@ -191,7 +191,9 @@ async def _connect(host: Host, splice: Splice, route: SniRoute, initial: bytes, 
                 host.observer.descriptors_exhausted("upstream", str(exc))
             else:
                 host.pool.mark(upstream.name, False)
-                host.observer.upstream_error(route.name, f"passthrough connect failed: {exc!r}", peer)
+                # Filed under the upstream, as an HTTP route's failure is: its status-page row
+                # and its health are the upstream's; the route is in the detail.
+                host.observer.upstream_error(upstream.name, f"passthrough connect failed ({route.name}): {exc!r}", peer)
             splice.close()
             return
         host.pool.mark(upstream.name, True)

@@ -157,7 +157,8 @@ def _upstream_rows(configured: dict[str, bool], live: Sample, facts: Facts, now:
         opened, idle = facts.pool.get(name, (0, 0))
         up = live.upstream_up.get(name, configured.get(name, True))
         rows.append({"name": name, "up": up, "open": opened, "idle": idle, "last_error": _last_error(facts, name, now)})
-    # Errors under names that are no pooled upstream (passthrough routes name their route).
+    # Errors under names that are no configured upstream (a reload removed it, or a route named
+    # an upstream that does not exist).
     for name in sorted(set(facts.errors) - set(r["name"] for r in rows)):
         rows.append({"name": name, "up": None, "open": None, "idle": None, "last_error": _last_error(facts, name, now)})
     return rows

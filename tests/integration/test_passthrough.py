@@ -219,3 +219,36 @@ def test_a_dead_passthrough_server_is_skipped(pki: DemoPki) -> None:
             sock.close()
     finally:
         edge.close()
+
+
+def test_a_failed_passthrough_connect_is_filed_under_the_upstream(pki: DemoPki) -> None:
+    """As an HTTP route's failure is: the status page's row and the health are the upstream's
+    (it was filed under the SNI route's name, a row of its own with nothing else in it)."""
+    from dataclasses import replace
+
+    from tests.integration.harness import refusing_port
+
+    from nextproxy.config.model import Address, Upstream
+
+    dead = Address(*refusing_port().getsockname())
+
+    def renamed(config: Config) -> Config:
+        sni = tuple(replace(r, upstream="api-servers") if r.name == "ns-api" else r for r in config.sni_routes)
+        return replace(config, upstreams=(*config.upstreams, Upstream("api-servers", (dead,))), sni_routes=sni)
+
+    edge = Edge.start(pki, mutate=renamed)
+    try:
+        raw = socket.create_connection(("127.0.0.1", edge.port), timeout=10)
+        try:
+            api_context(edge, with_client_cert=False).wrap_socket(raw, server_hostname=API_NAME)
+        except (ssl.SSLError, OSError):
+            pass  # the client is closed: nothing answered the hello
+        finally:
+            raw.close()
+        deadline = time.monotonic() + 5
+        while "passthrough connect failed" not in edge.logs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [line] = [json.loads(line) for line in edge.logs().splitlines() if "passthrough connect failed" in line]
+        assert line["upstream"] == "api-servers" and "passthrough connect failed (ns-api)" in line["detail"], line
+    finally:
+        edge.close()
