@@ -52,6 +52,10 @@ _FIELD = TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n"
 _REQUEST_HEAD = re.compile(rb"(" + TOKEN + rb") (" + TARGET_CHAR + rb"++) " + VERSION + rb"\r\n(?:" + _FIELD + rb")*+\r\n")
 _RESPONSE_HEAD = re.compile(VERSION + rb" ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*+))?\r\n(?:" + _FIELD + rb")*+\r\n")
 _SUPPORTED = (b"1.1", b"1.0")
+_PROTOCOL_LIST = re.compile(rb"[ \t,]*" + TOKEN + rb"(?:[ \t]*,[ \t,]*" + TOKEN + rb")*[ \t,]*")
+"""Sec-WebSocket-Protocol is 1#token (RFC 6455 section 4.1; empty list elements are ignored,
+RFC 9110 section 5.6.1.2): an empty or malformed offer is the client's error (400), not an
+upstream's 101 to blame later (a 502)."""
 MAX_LENGTH_DIGITS = 18
 """Content-Length digits: 10^18 fits in 63 bits, so no parser on either side can overflow."""
 
@@ -240,6 +244,8 @@ class RequestParser:
             # 6455 section 4.1 asks for HTTP/1.1): such a request is plain, its Upgrade dropped.
             upgradable = method == b"GET" and version == b"1.1"
             forward, keep_alive, is_upgrade = _connection(upgradable, forward, keep_alive, connection, upgrade, extensions)
+            if is_upgrade and not all(_PROTOCOL_LIST.fullmatch(offer) for offer in protocols):
+                raise HttpError(400, "invalid Sec-WebSocket-Protocol")
         forward += self._edge + (b"x-forwarded-host: " + host + b"\r\n" if host is not None else b"") + self._cert + b"\r\n"
         return RequestHead(
             method, target, version, head, body, keep_alive, expect and version == b"1.1", is_upgrade, key,

@@ -396,6 +396,24 @@ def test_a_request_pipelined_behind_a_kept_refusal_starts_its_own_clock() -> Non
     assert status_of(to_client(actions)) == 404
 
 
+@pytest.mark.parametrize("offer, status", [
+    (b"", 400), (b",", 400), (b"a b", 400), (b"chat/1", 400),
+    (b"chat", 0), (b"chat, superchat", 0), (b" a ,b", 0), (b"a,,b", 0),
+])  # fmt: skip
+def test_a_websocket_subprotocol_offer_must_be_a_token_list(offer: bytes, status: int) -> None:
+    """An empty or malformed offer is the client's 400, before any upstream is asked (it was
+    forwarded, and the upstream's answer then judged an invalid 101: a 502 on the route)."""
+    s = session()
+    out = s.client_data(
+        b"GET /ns/sigmai/ws HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: " + offer + b"\r\n\r\n"
+    )
+    if status:
+        assert status_of(to_client(out)) == 400 and ConnectUpstream not in kinds(out)
+    else:
+        assert isinstance(out[-1], ConnectUpstream)
+
+
 def test_read_until_close_response_becomes_chunked_for_the_client() -> None:
     s = session()
     connect(s, GET)
