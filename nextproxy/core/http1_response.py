@@ -27,7 +27,7 @@ from nextproxy.core.actions import (
 )
 from nextproxy.core.buffer import ByteBuffer
 from nextproxy.core.chunked import LAST_CHUNK, encode_chunk
-from nextproxy.core.codec import UNTIL_CLOSE, RequestHead, ResponseHead, invalid_switch, trailer_lines
+from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE, RequestHead, ResponseHead, invalid_switch, trailer_lines
 from nextproxy.core.request_body import RequestBody
 from nextproxy.core.responses import CONTINUE, client_response, switching_protocols
 from nextproxy.core.upstream_leg import UpstreamLeg
@@ -118,7 +118,9 @@ class ResponseSide:
 
     def _start_response(self, leg: UpstreamLeg, exchange: Exchange, head: ResponseHead) -> list[Action]:
         exchange.response_status = head.status
-        leg.keep_alive = head.keep_alive
+        # A 204 that declares a body (RFC 9110 section 15.3.5 forbids one) may send it anyway:
+        # those bytes would be read as the next client's response. Such a connection is closed.
+        leg.keep_alive = head.keep_alive and not (head.status == 204 and (head.length > 0 or head.length == CHUNKED))
         # An answer before the request body has ended closes the connection (the rest of the
         # body would have to be read to find the next request): say so (RFC 9112 section 9.6).
         close = not exchange.head.keep_alive or self.draining or self._client_eof or self._body.open

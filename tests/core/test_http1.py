@@ -414,6 +414,18 @@ def test_a_websocket_subprotocol_offer_must_be_a_token_list(offer: bytes, status
         assert isinstance(out[-1], ConnectUpstream)
 
 
+@pytest.mark.parametrize("framing, reusable", [
+    (b"", True), (b"Content-Length: 0\r\n", True), (b"Content-Length: 5\r\n", False), (b"Transfer-Encoding: chunked\r\n", False),
+])  # fmt: skip
+def test_a_204_that_declares_a_body_is_not_pooled(framing: bytes, reusable: bool) -> None:
+    """Its body, if the upstream sends it after all, would be the next client's response."""
+    s = session()
+    connect(s, GET)
+    out = s.upstream_data(b"HTTP/1.1 204 No Content\r\n" + framing + b"\r\n")
+    assert ReleaseUpstream(reusable=reusable) in out
+    assert to_client(out) == b"HTTP/1.1 204 No Content\r\n\r\n"  # no framing fields: there is no body
+
+
 def test_read_until_close_response_becomes_chunked_for_the_client() -> None:
     s = session()
     connect(s, GET)
