@@ -40,7 +40,7 @@ from nextproxy.core.headers import ClientInfo
 from nextproxy.core.http1_response import IDEMPOTENT_METHODS, NO_BODY, Exchange, ResponseSide
 from nextproxy.core.request_body import RequestBody
 from nextproxy.core.responses import authorize, refusal, request_line
-from nextproxy.core.routing import RouteTable
+from nextproxy.core.routing import RouteTable, origin_form
 from nextproxy.core.upstream_leg import UpstreamLeg
 from nextproxy.errors import HttpError
 
@@ -263,6 +263,10 @@ class HttpSession(ResponseSide):
             method, target = request_line(raw)
             return self._refuse(method, target, exc.status, exc.reason)
         method, target = head.method, head.target
+        if target[0] != 47:  # not "/": absolute-form becomes origin-form, its authority the Host
+            rewritten = origin_form(raw, target)
+            if rewritten is not None:
+                return self._start_exchange(rewritten)
         self._set_request_body(head.length)  # known now, so a refusal can skip the body
         keep = head.keep_alive  # a refusal keeps the connection only if the request would
         if head.misdirected:

@@ -47,10 +47,33 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
     return target[:index], target[index:]
 
 
+_ABSOLUTE_FORM = re.compile(rb"[hH][tT][tT][pP][sS]?://([^/?#@]+)([/?].*)?")
+"""``http(s)://authority[path][?query]``; an authority with userinfo (``@``) is not matched."""
+
+
+def origin_form(head: bytes, target: bytes) -> bytes | None:
+    """``head`` rewritten to origin-form if its ``target`` is absolute-form, else None.
+
+    RFC 9112 section 3.2.2: a server MUST accept the absolute-form, and then use its authority
+    as the Host, ignoring any Host field sent. The rare path: the session tries it only for a
+    target that does not start with "/", and then parses the rewritten head as any other.
+    """
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        return None
+    authority, rest = match.group(1), match.group(2) or b""
+    path = rest if rest.startswith(b"/") else b"/" + rest  # "http://a" and "http://a?q" alike
+    lines = head[:-4].split(b"\r\n")
+    method, _, version = lines[0].split(b" ")
+    fields = b"".join(line + b"\r\n" for line in lines[1:] if line[:5].lower() != b"host:")
+    return method + b" " + path + b" " + version + b"\r\nhost: " + authority + b"\r\n" + fields + b"\r\n"
+
+
 def check_path(target: bytes) -> bytes:
     """Return the path of a safe origin-form target, or raise HttpError(400)."""
     if not target.startswith(b"/"):
-        # absolute-form and asterisk-form are for forward proxies and OPTIONS *; not us.
+        # asterisk-form (OPTIONS *) and a target absolute-form could not turn into a path
+        # (the session rewrites the absolute-form first: ``origin_form``).
         raise HttpError(400, "request target must be an absolute path")
     path, _ = split_target(target)
     if b"\\" in path:

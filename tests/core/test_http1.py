@@ -426,6 +426,32 @@ def test_a_204_that_declares_a_body_is_not_pooled(framing: bytes, reusable: bool
     assert to_client(out) == b"HTTP/1.1 204 No Content\r\n\r\n"  # no framing fields: there is no body
 
 
+@pytest.mark.parametrize("target, forwarded", [
+    (b"http://edge.test/ns/sigmai/x?y=1", b"/ns/sigmai/x?y=1"),
+    (b"HTTPS://edge.test:443/ns/sigmai?q", b"/ns/sigmai?q"),
+])  # fmt: skip
+def test_absolute_form_is_accepted_and_its_authority_is_the_host(target: bytes, forwarded: bytes) -> None:
+    """RFC 9112 section 3.2.2: a server MUST accept absolute-form, and use its authority as the
+    Host, ignoring the Host field sent (which here names another server)."""
+    s = session()
+    leg, actions = connect(s, b"GET " + target + b" HTTP/1.1\r\nHost: other.test\r\nX-A: 1\r\n\r\n")
+    request, _ = parse_request(to_upstream(actions))
+    assert request.target == forwarded
+    assert dict(request.headers)[b"host"] == target.split(b"/")[2] and dict(request.headers)[b"x-a"] == b"1"
+
+
+@pytest.mark.parametrize("target, status", [
+    (b"https://other.test/ns/sigmai", 421),  # the authority, not Host, must match the SNI
+    (b"https://edge.test", 404),  # path "/"
+    (b"http://user@edge.test/ns/sigmai", 400),  # userinfo: refused, as RFC 9110 section 4.2.4 asks
+    (b"ftp://edge.test/ns/sigmai", 400),
+])  # fmt: skip
+def test_absolute_form_refusals(target: bytes, status: int) -> None:
+    s = session()
+    out = s.client_data(b"GET " + target + b" HTTP/1.1\r\nHost: edge.test\r\n\r\n")
+    assert status_of(to_client(out)) == status and ConnectUpstream not in kinds(out)
+
+
 def test_read_until_close_response_becomes_chunked_for_the_client() -> None:
     s = session()
     connect(s, GET)

@@ -153,6 +153,24 @@ def test_curl_through_the_proxy(edge: Edge, pki_files: dict[str, object]) -> Non
     assert json.loads(body)["service"] == "mc-sigmai"
 
 
+def test_curl_with_an_absolute_form_target(edge: Edge, pki_files: dict[str, object]) -> None:
+    """RFC 9112 section 3.2.2: a server must accept the absolute-form (a client configured with
+    a proxy sends it); the upstream gets the origin-form and the authority as Host."""
+    curl = shutil.which("curl")
+    assert curl, "curl is installed by .ci/run"
+    origin = f"https://localhost:{edge.port}"
+    result = subprocess.run(
+        [curl, "-sS", "--max-time", "10", "--cacert", str(pki_files["ca.pem"]),
+         "--resolve", f"localhost:{edge.port}:127.0.0.1", "-H", "Host: elsewhere.example",
+         "--request-target", f"{origin}/mc/sigmai/absolute?x=1", f"{origin}/"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["path"] == "/mc/sigmai/absolute?x=1"
+    assert dict(report["headers"])["host"] == f"localhost:{edge.port}"
+
+
 def test_tls_1_2_is_refused_with_protocol_version(edge: Edge) -> None:
     context = ssl.create_default_context(cadata=edge.pki.ca.certificate.decode())
     context.maximum_version = ssl.TLSVersion.TLSv1_2
