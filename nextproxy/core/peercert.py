@@ -41,8 +41,8 @@ class PeerCertificate:
     verified: bool
     """The chain leads to a configured client CA at the verification time."""
     verify_error: str | None
-    """Why not verified: unknown_ca, expired, not_yet_valid, no_ca_configured, unparsable,
-    no_verification_time or invalid (anything else the policy refuses, e.g. a wrong EKU)."""
+    """Why not verified: unknown_ca, expired, not_yet_valid, self_signed, no_ca_configured,
+    unparsable, no_verification_time or invalid (anything else the policy refuses, e.g. a wrong EKU)."""
     sha256: str
     """Hex SHA-256 of ``der``."""
     spki_sha256: str
@@ -127,4 +127,6 @@ def _verify_error(message: str, leaf: x509.Certificate, now: datetime) -> str:
         return "expired"
     if "candidates exhausted" in message:
         return "unknown_ca"
+    if leaf.issuer == leaf.subject:
+        return "self_signed"  # nginx says the same ("self-signed certificate"); rather than "invalid"
     return "invalid"

@@ -483,3 +483,24 @@ def test_unparsable_certificate_is_reported_unverified(tpki: TestPki, server_cer
     assert cert.sha256 == hashlib.sha256(b"\x30\x03\x02\x01\x00").hexdigest()
     good = describe_certificate(tpki.client.der, (), ctx, NOW)
     assert good.verified and good.spki_sha256 == tpki.client.spki_sha256
+
+
+def test_a_self_signed_client_certificate_is_named_as_such() -> None:
+    """`openssl req -x509` makes a self-signed certificate with CA:TRUE, which the end-entity
+    policy refuses before any chain is sought: named self_signed (nginx's reason), not the
+    catch-all "invalid"."""
+    from cryptography import x509
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    from nextproxy.core import peercert
+    from nextproxy.demo.pki import make_ca
+
+    trusted, stranger = make_ca("trusted"), make_ca("self-signed client")
+    leaf = x509.load_pem_x509_certificate(stranger.cert_pem)
+    verifier = (
+        PolicyBuilder().store(Store([x509.load_pem_x509_certificate(trusted.cert_pem)])).time(NOW)
+        .extension_policies(ca_policy=peercert._CA_POLICY, ee_policy=peercert._EE_POLICY).build_client_verifier()
+    )  # fmt: skip
+    with pytest.raises(VerificationError) as failure:
+        verifier.verify(leaf, [])
+    assert peercert._verify_error(str(failure.value), leaf, NOW) == "self_signed"
