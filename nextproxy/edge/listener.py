@@ -15,6 +15,7 @@ from functools import partial
 from typing import Callable
 
 from nextproxy.config.model import Address, Config
+from nextproxy.core import admission as core_admission
 from nextproxy.core.routing import RouteTable
 from nextproxy.edge.accept import Accepted
 from nextproxy.edge.acceptor import Acceptor
@@ -124,6 +125,12 @@ def probe(config: Config) -> None:
 def describe_routes(config: Config) -> list[tuple[str, str, str]]:
     """(match, action, target) rows of the routing table, for ``check`` and the status page."""
     return RouteTable(config).describe()
+
+
+def denial_series(config: Config) -> list[tuple[str, str]]:
+    """The (route, reason) pairs ``config`` can count as denied, for the process to create at 0
+    (``core.admission.denial_series``; the process layer reaches the core through the edge)."""
+    return core_admission.denial_series(config)
 
 
 def build_runtime(

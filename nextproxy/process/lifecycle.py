@@ -21,14 +21,13 @@ from nextproxy import __version__
 from nextproxy.process import metrics
 from nextproxy.process.admin import AdminState, start_configured_admin
 from nextproxy.config.model import Config
-from nextproxy.core.admission import denial_series
 from nextproxy.config import load
 from nextproxy.errors import ConfigError
 from nextproxy.process.logs import Logger
 from nextproxy.process.nofile import fit
 from nextproxy.process.observe import Observer
 from nextproxy.process.status import Facts, route_kinds, write_facts
-from nextproxy.edge.listener import ProxyServer, bind, build_runtime
+from nextproxy.edge.listener import ProxyServer, bind, build_runtime, denial_series
 from nextproxy.edge.tlscontexts import ServerContexts
 
 CERT_POLL_INTERVAL = 2.0
