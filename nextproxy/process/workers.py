@@ -43,11 +43,13 @@ WORKER_START_FAILED = 2
 """A worker's exit code when its start failed on a ConfigError (the CLI's configuration code)."""
 
 
-def worker_main(config: Config, config_path: str | None, events: Any) -> None:
+def worker_main(config: Config, config_path: str | None, events: Any, replacement: bool = False) -> None:
     """Entry point of one worker process (spawned: imports happen here, after the env is set)."""
     from nextproxy.process.lifecycle import serve
 
     logger = Logger(config.log_level, config.log_format)
+    if replacement:
+        config = _current(config, config_path, logger)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which forwards SIGTERM
     pid = os.getpid()
     try:
@@ -64,6 +66,24 @@ def worker_main(config: Config, config_path: str | None, events: Any) -> None:
     raise SystemExit(code)
 
 
+def _current(config: Config, config_path: str | None, logger: Logger) -> Config:
+    """A replacement worker's configuration: what the others serve now (the file and the
+    certificates as reloaded since start-up, by SIGHUP or a certificate file's change), not the
+    start-up one the supervisor holds. If that no longer loads, the supervisor's: a broken file
+    must not keep a dead worker from being replaced (the others keep their last good one too)."""
+    from nextproxy.config import load
+    from nextproxy.edge.tlscontexts import ServerContexts
+    from nextproxy.process.nofile import fit
+
+    try:
+        current, _ = fit(load(os.environ, config_path))
+        ServerContexts.build(current)
+    except ConfigError as exc:
+        logger.log("warning", "worker_config_kept", error=str(exc))
+        return config
+    return current
+
+
 class Supervisor:
     def __init__(self, config: Config, logger: Logger, config_path: str | None) -> None:
         self.config = config
@@ -78,10 +98,12 @@ class Supervisor:
         self.failure: ConfigError | None = None
         """The first ConfigError a worker reported at start: the supervisor stops with it."""
 
-    def spawn(self) -> None:
+    def spawn(self, replacement: bool = False) -> None:
+        """Start a worker; a ``replacement`` loads the configuration afresh (``_current``)."""
         process = self.context.Process(
-            target=worker_main, args=(self.config, self.config_path, self.events), name="nextproxy-worker", daemon=False
-        )
+            target=worker_main, args=(self.config, self.config_path, self.events, replacement),
+            name="nextproxy-worker", daemon=False,
+        )  # fmt: skip
         process.start()
         assert process.pid is not None
         self.workers[process.pid] = process
@@ -187,7 +209,7 @@ async def _supervise(config: Config, logger: Logger, config_path: str | None) ->
             break
         for pid in dead:
             await asyncio.sleep(RESTART_DELAY)
-            supervisor.spawn()
+            supervisor.spawn(replacement=True)
         state.ready = len(supervisor.ready) >= config.workers
         state.not_ready_reason = "" if state.ready else "starting workers"
         if ticks % 4 == 0:  # the status numbers once a second; collecting reads every file

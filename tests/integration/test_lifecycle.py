@@ -162,6 +162,35 @@ def test_two_workers_serve_aggregate_and_survive_a_death(tmp_path: Path, pki: De
         proxy.stop()
 
 
+def test_a_replacement_worker_serves_the_reloaded_configuration(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    """A worker that dies after a SIGHUP is replaced with the configuration the others serve
+    now, not the start-up one the supervisor was given (it 404'd the new route)."""
+    proxy = Proxy(tmp_path, pki, upstreams, workers=2)
+    try:
+        text = proxy.config_file.read_text()
+        proxy.config_file.write_text(text + '\n[[routes]]\nname = "extra"\npath = "/extra"\nupstream = "app"\n')
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.wait_for(lambda: len(proxy.events("reloaded")) >= 2, 15, "both workers reloaded")
+        pids = worker_pids(proxy.process.pid)
+        assert len(pids) == 2, pids
+        os.kill(pids[0], signal.SIGKILL)
+        proxy.wait_for(lambda: len(proxy.events("worker_started")) >= 3, 15, "replacement worker")
+        proxy.wait_for(lambda: len(worker_pids(proxy.process.pid)) == 2, 15, "two workers again")
+        proxy.wait_for(lambda: proxy.get("/readyz")[0] == 200, 15, "ready again")
+        statuses = [proxy.https(f"/extra/{i}")[0] for i in range(16)]  # a new connection each: both workers
+        assert statuses == [200] * 16, statuses
+        # A file broken since then does not keep a dead worker from being replaced.
+        proxy.config_file.write_text("this is not TOML [")
+        os.kill(worker_pids(proxy.process.pid)[0], signal.SIGKILL)
+        proxy.wait_for(lambda: len(proxy.events("worker_started")) >= 4, 15, "second replacement")
+        proxy.wait_for(lambda: proxy.events("worker_config_kept"), 15, "the kept configuration's line")
+        proxy.wait_for(lambda: proxy.get("/readyz")[0] == 200, 15, "ready again")
+        assert proxy.https("/app/still")[0] == 200
+        assert proxy.stop() == 0
+    finally:
+        proxy.stop()
+
+
 def test_admin_port_over_tls_and_the_healthcheck_command(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
     import sys
 
