@@ -95,7 +95,10 @@ class WebSocketRelay:
         self._client = Leg(Side.CLIENT, ConnectionType.SERVER)
         self._upstream = Leg(Side.UPSTREAM, ConnectionType.CLIENT)
         self._facts: list[MessageRelayed] = []
-        self._ending: tuple[Side | None, int, str] | None = None  # the first cause, kept
+        self.ending: tuple[Side | None, int, str] | None = None
+        """The first cause of the session's end, kept; set once its end has begun (a Close, an
+        EOF, a failure, a timeout), which the shell reads to bound the rest (a plain attribute:
+        it is read after every relayed message)."""
         self._session_closed: SessionClosed | None = None
         self._closed = False
         self._pings_sent = 0
@@ -103,6 +106,7 @@ class WebSocketRelay:
     @property
     def closed(self) -> bool:
         return self._closed
+
 
     # ------------------------------------------------------------------ inputs
 
@@ -354,9 +358,9 @@ class WebSocketRelay:
             other.send(event)
 
     def _record(self, closed_by: Side | None, code: int, reason: str) -> None:
-        if self._ending is None:
+        if self.ending is None:
             # int(): wsproto hands out CloseReason members; logs and metrics want plain numbers.
-            self._ending = (closed_by, int(code), reason)
+            self.ending = (closed_by, int(code), reason)
 
     def _finish(self, leg: Leg, *, clean: bool) -> None:
         if leg.finished:
@@ -376,7 +380,7 @@ class WebSocketRelay:
         if self._client.finished and self._upstream.finished and not self._closed:
             self._closed = True
             self._client.close_due = self._upstream.close_due = True
-            closed_by, code, reason = self._ending or (None, ABNORMAL_CLOSURE, "")
+            closed_by, code, reason = self.ending or (None, ABNORMAL_CLOSURE, "")
             c, u = self._client, self._upstream
             self._session_closed = SessionClosed(
                 closed_by, code, reason, c.messages, u.messages, c.bytes, u.bytes

@@ -31,6 +31,9 @@ class Timer(enum.Enum):
     PING = "ping"
     """WebSocket quiet: ping both legs when it passes."""
     PONG = "pong"
+    CLOSING = "closing"
+    """A WebSocket session's end has begun: the legs owe their Close replies within this fixed
+    bound (``ping_timeout``), which traffic does not push back; then the session is cut."""
 
 
 class Deadline:

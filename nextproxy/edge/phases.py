@@ -343,6 +343,16 @@ class WebSocketPhase:
         self.route = route
         self.quiet = route.ping_interval
         self._shell = shell
+        self._closing = False
+        """The CLOSING deadline is set (once): a peer that never answers our Close, or keeps
+        sending without closing, cannot hold the session, its slots and its upstream forever."""
+
+    def _bounded(self, actions: list[Action]) -> list[Action]:
+        """Once the session's end has begun, the rest of it gets a fixed deadline."""
+        if self.relay.ending is not None and not self._closing and not self.relay.closed:
+            self._closing = True
+            self._shell.deadline.set(self.route.ping_timeout, Timer.CLOSING)
+        return actions
 
     def start(self, action: StartWebSocket) -> list[Action]:
         """Frames that arrived with the upgrade (either side) are relayed first."""
@@ -361,17 +371,21 @@ class WebSocketPhase:
         return self.relay.closed
 
     def client_data(self, data: bytes) -> list[Action]:
-        return self.relay.client_data(data)
+        relay = self.relay
+        actions = relay.client_data(data)
+        return actions if relay.ending is None else self._bounded(actions)  # one test per message
 
     def upstream_data(self, data: bytes) -> list[Action]:
-        return self.relay.upstream_data(data)
+        relay = self.relay
+        actions = relay.upstream_data(data)
+        return actions if relay.ending is None else self._bounded(actions)
 
     def upstream_lost(self, exc: Exception | None) -> list[Action]:
-        return [] if self.relay.closed else self.relay.upstream_data(b"")
+        return [] if self.relay.closed else self._bounded(self.relay.upstream_data(b""))
 
     def client_gone(self) -> list[Action]:
         # A live relay outlives the client and gets its EOF instead (``outlives_client``).
-        return self.relay.client_data(b"")
+        return self._bounded(self.relay.client_data(b""))
 
     def ended(self) -> SessionClosed | None:
         """Normally None: the relay reports its end itself, as an action. A connection closed
@@ -382,19 +396,22 @@ class WebSocketPhase:
         return next((a for a in self.relay.abort("closed on an error") if isinstance(a, SessionClosed)), None)
 
     def drain(self) -> list[Action]:
-        return self.relay.shutdown()
+        return self._bounded(self.relay.shutdown())
 
     def cut(self, reason: str) -> list[Action]:
         return self.relay.abort()  # the session's end, with the code that began it (the drain's 1001)
 
     def deadline(self, kind: Timer) -> list[Action]:
-        """After ping_interval of silence ping both legs; a leg that misses ping_timeout is dead."""
+        """After ping_interval of silence ping both legs; a leg that misses ping_timeout is dead.
+        A closing handshake still unfinished at its deadline is cut (both legs, reported)."""
+        if kind is Timer.CLOSING:
+            return self.relay.abort("closing handshake timed out")
         if kind is not Timer.PING and kind is not Timer.PONG:
             return [CloseClient()]
         relay = self.relay
         for side in (Side.CLIENT, Side.UPSTREAM):
             if relay.pong_outstanding(side):
-                return relay.peer_timed_out(side)
+                return self._bounded(relay.peer_timed_out(side))
         if kind is Timer.PONG:  # both answered: back to watching for silence
             self._shell.deadline.set(self.route.ping_interval, Timer.PING)
             return []

@@ -164,6 +164,57 @@ class DeflatingUpstream(RawUpstream):
         conn.recv(1024)  # until the proxy lets go
 
 
+class HungUpstream(RawUpstream):
+    """Accepts the upgrade, then never reads or writes again: no pong, no Close reply."""
+
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        key = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"sec-websocket-key:"))
+        conn.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n\r\n"
+        )
+        deadline = time.monotonic() + 10
+        while not self.stopped and time.monotonic() < deadline:  # held open, silent
+            time.sleep(0.05)
+
+
+def test_a_closing_handshake_nobody_finishes_is_cut_at_its_deadline(pki: DemoPki) -> None:
+    """Found by black-box testing: a client that vanished (no pongs) got its leg dropped and the
+    upstream a Close 1001, and then the session waited for the upstream's Close reply with no
+    timer at all: a hung upstream held the session, its connection slots and its upstream
+    socket until the process stopped. The closing handshake now has ping_timeout to finish."""
+    upstream = HungUpstream()
+    edge = Edge.start(pki, route_options={"ping_interval": 0.3, "ping_timeout": 0.3}, mutate=point_route_at(upstream.address))
+    try:
+        sock = edge.tls_socket()
+        sock.settimeout(5)
+        sock.sendall(
+            b"GET /sfs/sigmai/ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+        started = time.monotonic()  # from here neither side answers anything
+        deadline = started + 6
+        while "websocket_session" not in edge.logs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        [line] = [json.loads(line) for line in edge.logs().splitlines() if '"websocket_session"' in line]
+        assert (line["code"], line["reason"]) == (1006, "client ping timeout"), line
+        assert elapsed < 0.3 + 0.3 + 0.3 + 1.0, elapsed  # ping, pong wait, closing handshake
+        while edge.thread.call(_count(edge)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert edge.thread.call(_count(edge)) == 0  # the connection (and its slots) are gone
+        sock.close()
+    finally:
+        edge.close()
+        upstream.close()
+
+
+async def _count(edge: Edge) -> int:
+    return len(edge.server.runtime.connections)
+
+
 @pytest.mark.parametrize("mode", [WebSocketMode.FRAMES, WebSocketMode.TUNNEL], ids=["frames", "tunnel"])
 def test_an_upstream_101_with_an_extension_never_offered_is_a_502(pki: DemoPki, mode: WebSocketMode) -> None:
     """RFC 6455 section 4.1: the proxy, the upstream's client, offered no extension (it strips
