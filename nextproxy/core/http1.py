@@ -75,7 +75,10 @@ class HttpSession(ResponseSide):
         self._connecting = False
         self._closed = False
         self.draining = False
-        """Set by the shell on shutdown: no new upgrades (503), close after the current exchange."""
+        """Close after the current exchange (its response says so): shutdown, or a reload that
+        replaced this connection's configuration."""
+        self.refusing_upgrades = False
+        """Shutdown only: a new WebSocket session would be cut at once (503 instead)."""
         self.awaiting_head = False
         """Part of a request head is buffered (reported as HeadStarted, then HeadReceived)."""
         self.now = 0.0
@@ -216,9 +219,13 @@ class HttpSession(ResponseSide):
         like any refused head, and the connection closes (RFC 9110 section 15.5.9)."""
         return self._refuse(b"", b"", 408, "request head timed out")
 
-    def drain(self) -> list[Action]:
-        """Shutdown: close now if idle, else after the exchange in flight."""
+    def drain(self, *, reload: bool = False) -> list[Action]:
+        """Shutdown: close now if idle, else after the exchange in flight. A ``reload`` does the
+        same (keep-alive must not keep a replaced configuration, an allow-list revoked by it
+        included, alive forever), but still serves upgrades: a WebSocket session keeps the
+        configuration it started with, as nginx's old workers keep theirs."""
         self.draining = True
+        self.refusing_upgrades = self.refusing_upgrades or not reload
         if self.idle and not self._connecting:
             self._closed = True
             return [CloseClient()]
@@ -282,7 +289,7 @@ class HttpSession(ResponseSide):
             denied = authorize(self._client_info.certificate, route.name, allow)
             if denied is not None:
                 return [denied] + self._refuse(method, target, 403, denied.reason, route.name, keep_alive=keep)
-        if head.upgrade and self.draining:
+        if head.upgrade and self.refusing_upgrades:
             return self._refuse(method, target, 503, "shutting down", route.name, retry_after=True, keep_alive=keep)
         refused = self._routes.admission.check(route, self._client_info, self.now)
         if refused is not None:  # allow_sources (403) and rate_limit (429), upgrades included

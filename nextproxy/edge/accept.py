@@ -290,5 +290,9 @@ class Accepted(asyncio.Protocol):
         """Shutdown: a connection that has not even said hello yet is simply closed."""
         self.close()
 
+    def retire(self) -> None:
+        """A reload: nothing to do yet; once terminated, its runtime's ``retired`` has it serve
+        one request (the handshake's end reads it)."""
+
     def abort(self) -> None:
         self.close(abort=True)

@@ -331,6 +331,14 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         else:
             self.run(self._phase.drain())
 
+    def retire(self) -> None:
+        """A reload: an HTTP connection closes after its exchange in flight (or now, if idle).
+        Still in the handshake, it serves one request (``HttpPhase.after_handshake``); after an
+        upgrade it keeps going, on the configuration it started with."""
+        http = self.http
+        if http is not None and not self.closed:
+            self.run(http.retire())
+
     def abort(self) -> None:
         """The drain deadline passed: what was still in flight is reported (logged and counted
         as every other end), then the connection is reset."""

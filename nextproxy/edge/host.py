@@ -45,6 +45,10 @@ class Member(Protocol):
     def abort(self) -> None:
         """The drain timeout passed: cut it now."""
 
+    def retire(self) -> None:
+        """A reload replaced this member's configuration: an HTTP connection closes after its
+        exchange in flight (no more keep-alive on it); anything else goes on as it is."""
+
 
 class Host(Protocol):
     """The listener's shared facts and its connection registry."""
@@ -61,6 +65,9 @@ class Host(Protocol):
     def observer(self) -> EdgeObserver: ...
     @property
     def draining(self) -> bool: ...
+    @property
+    def retired(self) -> bool:
+        """A reload replaced this runtime: connections it still admits serve one request."""
 
     @property
     def writes(self) -> TurnWrites:

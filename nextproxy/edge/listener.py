@@ -45,6 +45,8 @@ class Runtime:
     gates: dict[Address, ListenerGate] = field(default_factory=dict)
     """Each listen address's accept-time policy (PROXY protocol trust, connection rate)."""
     draining: bool = False
+    retired: bool = False
+    """A reload replaced this runtime (``ProxyServer.reload``)."""
     groups: dict[Group, set[Member]] = field(default_factory=lambda: {group: set() for group in Group})
     writes: TurnWrites = field(default_factory=TurnWrites)
     """This process's writes of the current loop turn (``edge.writes``), shared by every runtime
@@ -219,6 +221,12 @@ class ProxyServer:
         new.pool.start()
         old, self.runtime = self.runtime, new
         self._old.append(old)
+        # Keep-alive must not keep a replaced configuration (a revoked allow-list, a removed
+        # route) alive forever: HTTP connections close after their exchange in flight, as
+        # nginx's old workers close theirs. WebSocket sessions and splices keep theirs.
+        old.retired = True
+        for conn in list(old.connections):
+            conn.retire()
         asyncio.get_running_loop().call_later(max(config.timeouts.pool_idle, 1.0) + 1, self._retire, old)
 
     def _retire(self, old: Runtime) -> None:

@@ -145,6 +145,9 @@ class Splice:
     def drain(self) -> None:
         """Shutdown: a splice has no message boundary to stop at; the drain timeout ends it."""
 
+    def retire(self) -> None:
+        """A reload: a splice keeps the upstream it was routed to until it ends."""
+
     def abort(self) -> None:
         """Drain timeout: cut both sides now."""
         for side in (self.client, self.upstream):

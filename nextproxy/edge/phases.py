@@ -138,7 +138,8 @@ class HttpPhase:
             forward_chain=route.forward_client_cert_chain if route else False,
         )  # fmt: skip
         session = HttpSession(shell.rt.routes, route, info, shell.rt.config.limits)
-        session.draining = shell.rt.draining
+        session.draining = shell.rt.draining or shell.rt.retired  # answer one request, then close
+        session.refusing_upgrades = shell.rt.draining
         return cls(session, shell)
 
     @property
@@ -161,6 +162,10 @@ class HttpPhase:
 
     def drain(self) -> list[Action]:
         return self.session.drain()
+
+    def retire(self) -> list[Action]:
+        """A reload replaced the configuration: finish the exchange in flight, then close."""
+        return self.session.drain(reload=True)
 
     def client_gone(self) -> list[Action]:
         """The client's connection reset or closed under us: report the request in flight."""

@@ -545,9 +545,24 @@ def test_tunnel_route_and_bad_accept() -> None:
 
 def test_upgrade_refused_during_drain_with_503() -> None:
     s = session()
-    s.draining = True
+    s.draining = s.refusing_upgrades = True  # as the shell sets them on a draining runtime
     data = to_client(s.client_data(UPGRADE))
     assert status_of(data) == 503 and b"retry-after" in data.lower()
+
+
+def test_a_reload_ends_keep_alive_after_the_exchange_but_still_upgrades() -> None:
+    """A replaced configuration (a revoked allow-list...) must not live on in a kept-alive
+    connection: idle, it closes; busy, its response says close. Upgrades are still served."""
+    s = session()
+    assert s.drain(reload=True) == [CloseClient()]  # idle: closed now
+    s = session()
+    connect(s, GET)
+    assert s.drain(reload=True) == []  # busy: after this exchange
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert b"\r\nconnection: close\r\n" in to_client(out) and kinds(out)[-1] is CloseClient
+    s = session()
+    s.draining = True  # a connection whose handshake ended on a retired runtime
+    assert isinstance(s.client_data(UPGRADE)[-1], ConnectUpstream)
 
 
 def test_drain_closes_idle_and_marks_busy_responses_close() -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from nextproxy.demo.pki import DemoPki, make_pki
 
-from tests.integration.process import API, DENIED, Proxy, Upstreams
+from tests.integration.process import API, DENIED, NAME, Proxy, Upstreams
 
 
 def der(pem: bytes) -> bytes:
@@ -186,6 +188,33 @@ def test_a_replacement_worker_serves_the_reloaded_configuration(tmp_path: Path, 
         proxy.wait_for(lambda: proxy.events("worker_config_kept"), 15, "the kept configuration's line")
         proxy.wait_for(lambda: proxy.get("/readyz")[0] == 200, 15, "ready again")
         assert proxy.https("/app/still")[0] == 200
+        assert proxy.stop() == 0
+    finally:
+        proxy.stop()
+
+
+def test_a_reload_ends_keep_alive_on_the_replaced_configuration(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    """Found by black-box testing (security): a reload that fenced a route (allow_sources) left
+    a kept-alive connection on the old configuration for as long as it stayed busy. Now its
+    connections close after their exchange in flight (now, if idle), as nginx's old workers do."""
+    proxy = Proxy(tmp_path, pki, upstreams)
+    try:
+        sock = proxy.context.wrap_socket(socket.create_connection(("127.0.0.1", proxy.port), timeout=10), server_hostname=NAME)
+        sock.sendall(f"GET /app/before HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode())
+        response = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+        response.begin()
+        assert response.status == 200 and not response.will_close  # kept alive
+        response.read()
+        text = proxy.config_file.read_text()
+        fenced = text.replace('path = "/app"', 'path = "/app"\nallow_sources = ["10.0.0.0/8"]', 1)
+        assert fenced != text
+        proxy.config_file.write_text(fenced)
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.wait_for(lambda: proxy.events("reloaded"), 10, "reload")
+        sock.settimeout(5)
+        assert sock.recv(65536) == b""  # the idle kept-alive connection was closed
+        sock.close()
+        assert proxy.https("/app/after")[0] == 403  # 127.0.0.1 is outside 10.0.0.0/8
         assert proxy.stop() == 0
     finally:
         proxy.stop()
