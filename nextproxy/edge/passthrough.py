@@ -98,6 +98,8 @@ class Splice:
         self._deadline: Deadline | None = None
         self._last_total = 0
         self.closed = False
+        self.replayed = 0
+        """Bytes replayed to the upstream before the splice began (the PROXY header, the hello)."""
         client.pause_reading()
         client.set_protocol(self.client)
 
@@ -112,6 +114,7 @@ class Splice:
             return
         assert self.upstream.transport is not None and self.client.transport is not None
         self.upstream.transport.write(initial)
+        self.replayed = len(initial)
         self.client.transport.resume_reading()
         self._deadline = Deadline(loop, self._check_idle)
         self._deadline.set(self._idle_timeout, Timer.IDLE)
@@ -168,7 +171,10 @@ def start_passthrough(
 
     def closed(splice: Splice) -> None:
         host.leave(splice, Group.PASSTHROUGH)
-        host.observer.passthrough_closed(route.name, splice.client.bytes, splice.upstream.bytes, peer, loop.time() - started)
+        # The client's bytes include its ClientHello, replayed before the splice (not the PROXY
+        # header, which is ours): as nginx's $bytes_received counts it.
+        from_client = splice.client.bytes + max(0, splice.replayed - len(preamble))
+        host.observer.passthrough_closed(route.name, from_client, splice.upstream.bytes, peer, loop.time() - started)
         host.closed(peer)
 
     splice = Splice(transport, host.config.timeouts.passthrough_idle, closed)

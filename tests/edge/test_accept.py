@@ -109,11 +109,15 @@ def test_a_passthrough_hello_is_replayed_to_the_first_server_that_answers() -> N
         got = await asyncio.wait_for(received, 5)
         server.close()
         assert got == hello
+        for splice in list(rt.passthroughs):
+            splice.abort()  # ended (as a drain deadline would): the session is reported
         return got, rt, observer
 
-    _, rt, observer = run(scenario())
+    hello, rt, observer = run(scenario())
     assert observer.named("passthrough_opened") == [("pt",)]
     assert rt.pool.health["pt"] is True
+    # The replayed hello counts as the client's bytes to the upstream (it was 0 before).
+    assert observer.named("passthrough_closed")[0][:3] == ("pt", len(hello), 0)
 
 
 def test_an_unreachable_passthrough_upstream_closes_the_client_and_marks_it_down() -> None:
