@@ -178,9 +178,10 @@ class HttpSession(ResponseSide):
             done = self._completed(exchange, 408, reason)
         return [SendToClient(refusal(408, reason, keep=False)), done, CloseUpstream(), CloseClient()]
 
-    def upstream_timeout(self) -> list[Action]:
-        """The response head did not arrive within the response timeout."""
-        return self._drop_upstream() + self._upstream_error(504, "upstream timed out")
+    def upstream_timeout(self, reason: str = "upstream timed out") -> list[Action]:
+        """The response head did not arrive within the response timeout (or the upstream stopped
+        reading the request body, which then could not arrive within its own)."""
+        return self._drop_upstream() + self._upstream_error(504, reason)
 
     def upstream_data(self, data: bytes) -> list[Action]:
         """Bytes from the upstream; ``b""`` is a clean EOF."""

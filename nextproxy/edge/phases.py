@@ -180,7 +180,15 @@ class HttpPhase:
             self._shell.deadline.set(self.quiet, Timer.IDLE)
             return self.session.upstream_timeout()
         if kind is Timer.BODY:
-            return self.session.body_timed_out(self._shell.route_name)
+            shell = self._shell
+            conn = shell.upstream.conn
+            if shell.upstream.paused and conn is not None:
+                # The body could not be sent because the upstream stopped reading it (its write
+                # buffer stayed full): the upstream's stall, not the client's, a 504 as nginx's.
+                reason = "upstream stopped reading the request body"
+                shell.rt.observer.upstream_error(conn.upstream.name, reason, shell.peer)
+                return self.session.upstream_timeout(reason)
+            return self.session.body_timed_out(shell.route_name)
         if kind is Timer.HEAD:
             return self.session.head_timed_out()
         # Idle: a keep-alive connection between requests closes quietly. A response in flight

@@ -175,6 +175,43 @@ def test_trickled_body_gets_408_and_frees_the_upstream_connection(pki: DemoPki) 
         edge.close()
 
 
+def test_an_upstream_that_stops_reading_the_body_is_a_504_not_the_clients_408(pki: DemoPki) -> None:
+    """Found by black-box testing: a client pushing its body as fast as it could was answered
+    408 (its fault) when the upstream had stopped reading it; backpressure held the client back,
+    and the body deadline then blamed it. Now 504 and an upstream_error line, as nginx's."""
+    from tests.integration.harness import RawUpstream, point_route_at
+
+    class Deaf(RawUpstream):
+        def answer(self, conn: socket.socket, head: bytes) -> None:
+            deadline = time.monotonic() + 10
+            while not self.stopped and time.monotonic() < deadline:  # reads nothing more
+                time.sleep(0.05)
+
+    upstream = Deaf()
+    edge = Edge.start(pki, timeouts=Timeouts(request_body=1.5, connect=2, upstream_response=10, client_idle=30),
+                      mutate=point_route_at(upstream.address))  # fmt: skip
+    try:
+        sock = edge.tls_socket()
+        size = 64 * 1024 * 1024
+        sock.sendall(b"POST /sfs/sigmai/upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: %d\r\n\r\n" % size)
+        sock.settimeout(1)
+        chunk = b"x" * 65536
+        try:  # as fast as the proxy takes it, until it stops taking it (one thread: TLS)
+            for _ in range(size // len(chunk)):
+                sock.sendall(chunk)
+        except (OSError, ssl.SSLError):
+            pass
+        sock.settimeout(5)
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 504 "), answer
+        line = next(json.loads(line) for line in edge.logs().splitlines() if '"upstream_error"' in line)
+        assert line["detail"] == "upstream stopped reading the request body", line
+        sock.close()
+    finally:
+        edge.close()
+        upstream.close()
+
+
 def test_a_trickled_body_behind_a_refused_request_still_gets_408(pki: DemoPki) -> None:
     """A request pipelined behind one the proxy answers itself and keeps the connection for
     (404) must start its own clock: else the refusal's quiet timer, pushed back by every body
