@@ -225,6 +225,7 @@ class ProxyServer:
         # route) alive forever: HTTP connections close after their exchange in flight, as
         # nginx's old workers close theirs. WebSocket sessions and splices keep theirs.
         old.retired = True
+        old.pool.retire()
         for conn in list(old.connections):
             conn.retire()
         asyncio.get_running_loop().call_later(max(config.timeouts.pool_idle, 1.0) + 1, self._retire, old)

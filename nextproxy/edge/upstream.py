@@ -262,6 +262,16 @@ class UpstreamPool:
             loop = self._loop = asyncio.get_running_loop()
         return loop.time()
 
+    def retire(self) -> None:
+        """A reload replaced this pool: its idle connections still serve the old runtime's
+        connections, but upstream health is the new pool's to report (a removed upstream must
+        not be reported again, nor a kept one twice)."""
+        if self._prober is not None:
+            self._prober.cancel()
+            self._prober = None
+        self._on_health = lambda name, up: None
+        self._on_probe_down = lambda name, detail: None
+
     def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -69,7 +69,12 @@ class Process:
     facts: Facts = field(default_factory=Facts)
 
     def publish_configuration(self, config: Config, contexts: ServerContexts) -> None:
-        """What a newly applied configuration shows on /metrics before any traffic."""
+        """What a newly applied configuration shows on /metrics before any traffic (and what it
+        no longer has, gone)."""
+        upstreams = {u.name for u in config.upstreams}
+        metrics.forget_removed(upstreams, {c.name for c in contexts.certificates})
+        for name in set(self.facts.errors) - upstreams:  # the status page's row of a removed one
+            del self.facts.errors[name]
         self.publish_certificates(contexts)
         for route, reason in denial_series(config):
             metrics.route_metrics(route).denied(reason)  # created at 0

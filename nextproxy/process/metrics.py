@@ -188,12 +188,34 @@ def config_reload(ok: bool) -> None:
     CONFIG_RELOAD_BY_RESULT["ok" if ok else "error"].inc()
 
 
+_UPSTREAMS: set[str] = set()
+_CERTIFICATES: set[str] = set()
+"""The label values these gauges were given, so that a reload can forget the ones it removed."""
+
+
 def set_upstream_up(upstream: str, up: bool) -> None:
+    _UPSTREAMS.add(upstream)
     UPSTREAM_UP.labels(upstream=upstream).set(1 if up else 0)
 
 
 def set_certificate_expiry(name: str, not_after: float) -> None:
+    _CERTIFICATES.add(name)
     CERTIFICATE_EXPIRY.labels(name=name).set(not_after)
+
+
+def forget_removed(upstreams: set[str], certificates: set[str]) -> None:
+    """After a reload: the series of upstreams and certificates the configuration no longer has
+    go. A removed upstream's ``up 0`` would alert forever, and a replaced certificate's old
+    expiry would page for a renewal already done.
+
+    With workers (multiprocess mode) prometheus-client keeps every value a process wrote in its
+    file: such series stay until the worker restarts (README, "Metrics")."""
+    for name in _UPSTREAMS - upstreams:
+        UPSTREAM_UP.remove(name)
+    for name in _CERTIFICATES - certificates:
+        CERTIFICATE_EXPIRY.remove(name)
+    _UPSTREAMS.intersection_update(upstreams)
+    _CERTIFICATES.intersection_update(certificates)
 
 
 @dataclass(slots=True, eq=False)

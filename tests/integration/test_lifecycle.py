@@ -130,6 +130,33 @@ def test_certificate_file_change_is_picked_up_without_a_signal(proxy: Proxy) -> 
     proxy.wait_for(lambda: proxy.peer_certificate() == der(fresh.edge.certificate), 15, "polled reload")
 
 
+def test_a_reload_forgets_the_series_of_what_it_removed(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    """Found by black-box testing: a removed upstream kept ``up 0`` (an alert forever, and a row
+    on the status page), a replaced certificate its old expiry (a page after every renewal)."""
+    gone = '\n[upstreams.gone]\nservers = ["127.0.0.1:1"]\n'
+    proxy = Proxy(tmp_path, pki, upstreams, extra=gone)
+    try:
+        def names(metric: str, label: str) -> set[str]:
+            return {dict(labels)[label] for (name, labels), _ in proxy.metrics().items() if name == metric}
+
+        proxy.wait_for(lambda: "gone" in names("nextproxy_upstream_up", "upstream"), 10, "the probe's verdict")
+        before = names("nextproxy_certificate_expiry_timestamp_seconds", "name")
+        renamed = make_pki(("renamed.example",))
+        proxy.cert.write_bytes(renamed.edge.certificate)
+        proxy.key.write_bytes(renamed.edge.key)
+        proxy.config_file.write_text(proxy.config_file.read_text().replace(gone, "\n"))
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.wait_for(lambda: proxy.events("reloaded"), 10, "reload")
+        time.sleep(1)  # the old runtime's prober must not bring the series back
+        assert names("nextproxy_upstream_up", "upstream") == {"app", "api"}
+        assert names("nextproxy_certificate_expiry_timestamp_seconds", "name") == {"renamed.example"} != before
+        status = json.loads(proxy.get("/status.json")[1])
+        assert "gone" not in {row["name"] for row in status["upstreams"]}
+        assert proxy.stop() == 0
+    finally:
+        proxy.stop()
+
+
 def worker_pids(parent: int) -> list[int]:
     """Children of the supervisor that are spawned workers (not multiprocessing's resource tracker)."""
     pids = []
