@@ -218,6 +218,11 @@ class ProxyServer:
         admission = self.runtime.admission
         new = build_runtime(config, observer, contexts, admission, self.runtime.writes)
         admission.limits = config.limits  # the counts carry over: the caps cover every runtime
+        # What is known of upstreams that stay carries over too: one still down is not reported
+        # down again (a line per reload), nor shown up until its first probe.
+        for name, up in self.runtime.pool.health.items():
+            if name in new.pool.health:
+                new.pool.health[name] = up
         new.pool.start()
         old, self.runtime = self.runtime, new
         self._old.append(old)

@@ -157,6 +157,21 @@ def test_a_reload_forgets_the_series_of_what_it_removed(tmp_path: Path, pki: Dem
         proxy.stop()
 
 
+def test_an_upstream_still_down_is_not_reported_again_by_each_reload(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    proxy = Proxy(tmp_path, pki, upstreams, extra='\n[upstreams.dead]\nservers = ["127.0.0.1:1"]\n')
+    try:
+        down = lambda: [e for e in proxy.events("upstream_error") if e["upstream"] == "dead"]  # noqa: E731
+        proxy.wait_for(lambda: down(), 10, "the first probe's report")
+        for count in (1, 2):
+            proxy.process.send_signal(signal.SIGHUP)
+            proxy.wait_for(lambda: len(proxy.events("reloaded")) == count, 10, "reload")
+        time.sleep(0.5)  # the new pools' first probes
+        assert len(down()) == 1, down()
+        assert proxy.stop() == 0
+    finally:
+        proxy.stop()
+
+
 def worker_pids(parent: int) -> list[int]:
     """Children of the supervisor that are spawned workers (not multiprocessing's resource tracker)."""
     pids = []
