@@ -123,6 +123,14 @@ def test_healthcheck_follows_the_configured_admin_port(preset: dict[str, str]) -
         while run(["healthcheck"], preset).returncode != 0:
             assert time.monotonic() < deadline and proxy.poll() is None
             time.sleep(0.2)
+        # Found by black-box testing: healthcheck loaded the whole configuration, so a
+        # certificate file rotated away under the running proxy (which serves on the one it
+        # loaded) made it "unhealthy", with exit 2, which Docker reserves. Only the admin
+        # address is read now, and any failure is 1.
+        moved = {**preset, "NEXTPROXY_TLS_CERTIFICATE_FILE": preset["NEXTPROXY_TLS_CERTIFICATE_FILE"] + ".gone"}
+        assert run(["healthcheck"], moved).returncode == 0
+        bad = run(["healthcheck"], {**preset, "NEXTPROXY_ADMIN_LISTEN": "not an address"})
+        assert bad.returncode == 1 and bad.stderr.startswith("nextproxy healthcheck: NEXTPROXY_ADMIN_LISTEN: ")
     finally:
         proxy.terminate()
         assert proxy.wait(15) == 0

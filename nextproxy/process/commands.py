@@ -12,10 +12,11 @@ import os
 import ssl
 import sys
 
-from nextproxy.config import load, unknown_variables
+from nextproxy.config import admin_endpoint, load, unknown_variables
 from nextproxy.config.model import Config
 from nextproxy.edge.listener import describe_routes
 from nextproxy.edge.tlscontexts import ServerContexts, admin_ssl_context, upstream_ssl_context
+from nextproxy.errors import ConfigError
 from nextproxy.process.loop import run_loop
 
 
@@ -92,12 +93,19 @@ def run(path: str | None) -> int:
 
 
 def healthcheck(path: str | None) -> int:
-    """GET /readyz on the configured admin address (a wildcard address means this host)."""
-    config = load(os.environ, path)
-    address = config.admin_listen
+    """GET /readyz on the configured admin address (a wildcard address means this host).
+
+    Exit 0 healthy, else 1, even for a configuration it cannot read (Docker reserves 2): only
+    the admin address is read (``config.admin_endpoint``), so a certificate file rotated away
+    under a proxy still serving on the one it loaded does not make a healthy proxy unhealthy."""
+    try:
+        address, tls = admin_endpoint(os.environ, path)
+    except ConfigError as exc:
+        print(f"nextproxy healthcheck: {exc}", file=sys.stderr)
+        return 1
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
     conn: http.client.HTTPConnection
-    if config.admin_tls is not None:
+    if tls:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE  # our own process on this host; only liveness matters
