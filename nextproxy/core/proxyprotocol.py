@@ -206,10 +206,13 @@ class ProxyHeaderReader:
             return None
         header, trailing = bytes(buf[:end]), bytes(buf[end:])
         if command is ProxyCommand.LOCAL:
-            # The family is ignored and no address is sent ("it sets this field to zero"),
-            # so the block is TLVs only: HAProxy reads it so, and its health checks put a
-            # CRC32c there, which is verified like any other.
-            tlvs = _parse_tlvs(header, V2_HEADER_SIZE)
+            # The family is ignored and addresses are usually not sent ("it sets this field to
+            # zero"), so the block is TLVs: HAProxy reads it so, and its health checks put a
+            # CRC32c there, verified like any other. A sender that fills in a family's addresses
+            # anyway (the block is long enough for them) has them skipped, not read as TLVs:
+            # "discard the protocol block including the family", as HAProxy accepts it.
+            size = _V2_ADDRESS_SIZES.get(family, 0)
+            tlvs = _parse_tlvs(header, V2_HEADER_SIZE + (size if length >= size else 0))
             authority, alpn = _known_tlvs(tlvs)
             return ProxyHeader(2, command, None, None, tlvs, authority, alpn, trailing)
         return _decode_v2(header, family, trailing)

@@ -153,6 +153,15 @@ def test_v2_local_means_the_connection_address() -> None:
     assert header.source is None and header.destination is None and header.trailing == b"x"
 
 
+def test_v2_local_with_an_address_family_is_accepted_and_its_block_discarded() -> None:
+    """Section 2.2: for LOCAL the receiver "must discard the protocol block including the family"
+    (HAProxy does; a balancer filling in addresses on its health checks was refused as malformed)."""
+    block = bytes([127, 0, 0, 1, 127, 0, 0, 2, 0x30, 0x39, 0x01, 0xBB])  # TCP4 addresses, no TLVs
+    header = read([SIG + bytes.fromhex("20 11 000c") + block + b"x"])
+    assert header.command is ProxyCommand.LOCAL and header.uses_connection_address
+    assert header.tlvs == () and header.trailing == b"x"
+
+
 def test_v2_local_from_haproxy_with_its_checksum() -> None:
     header = read([HAPROXY_LOCAL_CRC32C])
     assert header.command is ProxyCommand.LOCAL and header.uses_connection_address
@@ -174,7 +183,9 @@ def test_v2_local_ignores_the_family_but_not_the_tlvs() -> None:
     # with LOCAL, so the block is TLVs, as HAProxy reads it.
     header = read([v2(0x20, 0xFF, b"\x02\x00\x01a")])
     assert header.command is ProxyCommand.LOCAL and header.authority == "a"
-    assert error_of(v2(0x20, 0x11, TCP4_ADDRESSES)).reason == MALFORMED
+    # A family's addresses sent anyway are skipped (they were read as TLVs and refused).
+    header = read([v2(0x20, 0x11, TCP4_ADDRESSES + b"\x02\x00\x01b")])
+    assert header.command is ProxyCommand.LOCAL and header.uses_connection_address and header.authority == "b"
 
 
 def test_v2_tlvs_decoded_and_kept() -> None:
