@@ -192,3 +192,32 @@ def test_check_into_a_closed_pipe_is_quiet(preset: dict[str, str]) -> None:
     err = check.stderr.read()
     assert check.wait(30) == 1
     assert b"Traceback" not in err and err == b"", err
+
+
+def test_the_started_line_names_every_listen_address(pki_files: dict[str, Path], tmp_path: Path) -> None:
+    """Found by black-box testing: it named the first address only, an IPv6 one unbracketed."""
+    import json
+
+    edge, admin = free_port(), free_port()
+    config = tmp_path / "nextproxy.toml"
+    config.write_text(
+        f'listen = ["[::1]:{edge}", "127.0.0.1:{edge}"]\nadmin_listen = "127.0.0.1:{admin}"\n'
+        f'[tls]\ncertificates = [{{certificate_file = "{pki_files["edge.pem"]}", key_file = "{pki_files["edge.key"]}"}}]\n'
+        '[upstreams.app]\nservers = ["127.0.0.1:9"]\n[[routes]]\nname = "app"\npath = "/app"\nupstream = "app"\n'
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NEXTPROXY_")}
+    proxy = subprocess.Popen([sys.executable, "-m", "nextproxy", "run", "--config", str(config)], env={**clean, "NEXTPROXY_LOG_FORMAT": "json"},
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert proxy.stdout is not None
+        started = None
+        for _ in range(20):  # bounded: the line comes within the first few
+            event = json.loads(proxy.stdout.readline())
+            if event["event"] == "started":
+                started = event
+                break
+        assert started is not None
+        assert started["listen"] == f"[::1]:{edge}, 127.0.0.1:{edge}" and started["admin"] == f"127.0.0.1:{admin}"
+    finally:
+        proxy.terminate()
+        proxy.wait(15)

@@ -171,6 +171,11 @@ class ProxyServer:
         sockname = self._acceptors[0].sock.getsockname()
         return str(sockname[0]), int(sockname[1])
 
+    def bound(self) -> str:
+        """Every edge address as bound (ports chosen by the kernel included), for the log:
+        ``127.0.0.1:8443, [::1]:8443``."""
+        return ", ".join(str(Address(str(a.sock.getsockname()[0]), int(a.sock.getsockname()[1]))) for a in self._acceptors)
+
     async def start(self, sock: socket.socket | None = None, *, shared: bool = False) -> None:
         """Bind every edge address (the first may come bound, as ``sock``) and accept.
         ``shared``: this process is one of a supervisor's workers (see ``bind``)."""

@@ -20,7 +20,7 @@ from typing import Callable
 from nextproxy import __version__
 from nextproxy.process import metrics
 from nextproxy.process.admin import AdminState, start_configured_admin
-from nextproxy.config.model import Config
+from nextproxy.config.model import Address, Config
 from nextproxy.config import load
 from nextproxy.errors import ConfigError
 from nextproxy.process.logs import Logger
@@ -140,9 +140,9 @@ async def serve(
     state.upstreams = runtime.pool.health
     state.ready = True
     state.not_ready_reason = ""
-    admin_address = admin_server.sockets[0].getsockname()[:2] if admin_server is not None else None
+    admin = admin_server.sockets[0].getsockname() if admin_server is not None else None
     logger.log(
-        "info", "started", listen="%s:%d" % server.address, admin="%s:%d" % admin_address if admin_address else "-",
+        "info", "started", listen=server.bound(), admin=str(Address(str(admin[0]), int(admin[1]))) if admin else "-",
         pid=os.getpid(), source=config.source, version=__version__,
     )  # fmt: skip
     if ready is not None:
