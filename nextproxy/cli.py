@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -66,6 +67,16 @@ def demo(port: int, admin_port: int, keep_pki: str | None) -> int:
     from nextproxy.process.lifecycle import serve
     from nextproxy.process.logs import Logger
 
+    for option, number in (("--port", port), ("--admin-port", admin_port)):
+        # Before the banner and its copy-paste commands, and named as the user typed it (the
+        # ports become NEXTPROXY_LISTEN / NEXTPROXY_ADMIN_LISTEN, which they never set).
+        try:
+            with socket.create_server(("127.0.0.1", number)):
+                pass
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            print(f"nextproxy demo: {option} {number}: cannot listen on 127.0.0.1:{number}: {reason}", file=sys.stderr)
+            return EXIT_CONFIG
     with demo_pki_folder(keep_pki) as folder:
         setup = prepare_demo(port, admin_port, folder, kept=keep_pki is not None)
         try:

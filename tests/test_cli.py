@@ -109,7 +109,17 @@ def test_admin_port_in_use_is_a_clean_error(preset: dict[str, str]) -> None:
         holder.listen()
         result = run(["run"], preset)
     assert result.returncode == 2
-    assert "NEXTPROXY_ADMIN_LISTEN: cannot listen on" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr == f"nextproxy: NEXTPROXY_ADMIN_LISTEN: cannot listen on {host}:{port}: Address already in use\n"
+
+
+def test_demo_on_a_busy_port_names_the_option_before_any_banner() -> None:
+    """Found by black-box testing: the demo printed its whole 'try this' banner, then failed
+    naming NEXTPROXY_LISTEN, a variable the user never set."""
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        result = run(["demo", "--port", str(port), "--admin-port", str(free_port())], {})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"nextproxy demo: --port {port}: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 
 def test_healthcheck_follows_the_configured_admin_port(preset: dict[str, str]) -> None:

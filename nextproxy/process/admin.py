@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import logging
 import ssl
 import time
@@ -108,7 +109,8 @@ async def start_configured_admin(config: Config, state: AdminState) -> asyncio.S
     try:
         return await start_admin(address.host, address.port, state, admin_tls)
     except OSError as exc:
-        reason = f"cannot listen on {address}: {exc.strerror or exc}"
+        # asyncio's own message repeats the address: the errno's text says it once.
+        reason = f"cannot listen on {address}: {os.strerror(exc.errno) if exc.errno else exc}"
         raise ConfigError(config.key_name("admin_listen"), reason) from None
 
 
