@@ -31,6 +31,16 @@ class Endpoint:
     ip: IPv4Address | IPv6Address
     port: int
 
+    @property
+    def host(self) -> str:
+        """The address as text for X-Forwarded-For and logs: an IPv4-mapped one in the dotted
+        form RFC 5952 section 5 asks for (``::ffff:10.1.2.3``), as a dual-stack socket reports
+        it; Python 3.11 writes ``::ffff:a01:203``, which upstreams' IPv4 checks miss."""
+        ip = self.ip
+        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+            return f"::ffff:{ip.ipv4_mapped}"
+        return str(ip)
+
 
 def build_v2(source: Endpoint, destination: Endpoint, authority: str | None = None,
              alpn: bytes | None = None, *, checksum: bool = False) -> bytes:

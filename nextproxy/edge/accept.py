@@ -115,7 +115,7 @@ class Accepted(asyncio.Protocol):
         cap; LOCAL keeps the connection's own address. False: over the cap, closed."""
         self.rt.observer.proxy_header(self._gate.name, header.version, header.command.value)
         if header.source is not None and header.destination is not None:
-            client = str(header.source.ip)
+            client = header.source.host
             refusal = self.rt.admission.rekey(self.peer, client)
             if refusal is not None:
                 self.rt.observer.connection_refused(refusal.value)

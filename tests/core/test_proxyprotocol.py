@@ -493,3 +493,11 @@ def test_bounded_fuzz_raises_only_our_error() -> None:
             assert exc.reason in (NOT_PROXY_PROTOCOL, MALFORMED, TOO_LONG, BAD_CHECKSUM)
             outcomes["error"] += 1
     assert min(outcomes.values()) > 500, outcomes  # the fuzz reached every outcome
+
+
+def test_an_ipv4_mapped_client_is_written_in_dotted_form() -> None:
+    """RFC 5952 section 5 and what a dual-stack socket reports; Python 3.11's str() gives
+    '::ffff:a01:203', which an upstream's IPv4 allow-list or log search misses."""
+    header = read([b"PROXY TCP6 ::ffff:10.1.2.3 2001:db8::11 56324 443\r\n"])
+    assert header.source is not None and header.source.host == "::ffff:10.1.2.3"
+    assert read([V2_TCP6]).source.host == "2001:db8::1"  # type: ignore[union-attr]
