@@ -231,3 +231,15 @@ def test_the_started_line_names_every_listen_address(pki_files: dict[str, Path],
     finally:
         proxy.terminate()
         proxy.wait(15)
+
+
+def test_check_names_preset_variables_and_warns_about_unknown_ones(preset: dict[str, str], tmp_path: Path) -> None:
+    """Found by black-box testing: a CA bundle OpenSSL refuses was named by its TOML key under
+    the preset, and `check` said nothing of a misspelt variable (only `run` logged it)."""
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate\n")
+    result = run(["check"], {**preset, "NEXTPROXY_UPSTREAM_TLS": "true", "NEXTPROXY_UPSTREAM_CA_FILE": str(not_pem)})
+    assert result.returncode == 2 and result.stderr.startswith("nextproxy: NEXTPROXY_UPSTREAM_CA_FILE: "), result.stderr
+    result = run(["check"], {**preset, "NEXTPROXY_NS_API_SNl": "typo.example"})
+    assert result.returncode == 0
+    assert result.stderr == "nextproxy check: warning: NEXTPROXY_NS_API_SNl is no nextproxy variable (a typo?)\n"

@@ -100,6 +100,9 @@ class UpstreamTls:
     """Presented to upstreams that ask for a client certificate."""
     server_name: str | None = None
     """SNI and verified name; defaults to the server's host."""
+    ca_file_key: str = "upstream_tls.ca_file"
+    """The setting that named ``ca_file`` (a TOML key or NEXTPROXY_UPSTREAM_CA_FILE), so that a
+    bundle OpenSSL refuses when the contexts are built is reported under the user's name for it."""
 
 
 @dataclass(frozen=True, slots=True)

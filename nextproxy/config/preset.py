@@ -154,6 +154,7 @@ def _upstream_tls(env: Mapping[str, str]) -> UpstreamTls | None:
         return UpstreamTls(
             ca_file=check_file("NEXTPROXY_UPSTREAM_CA_FILE", ca) if ca else None,
             client_certificate=_pair(env, "NEXTPROXY_UPSTREAM_TLS", required=False),
+            ca_file_key="NEXTPROXY_UPSTREAM_CA_FILE",
         )
     for name in ("NEXTPROXY_UPSTREAM_CA_FILE", "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE",
                  "NEXTPROXY_UPSTREAM_TLS_CERTIFICATE_FILE", "NEXTPROXY_UPSTREAM_TLS_KEY",

@@ -119,6 +119,7 @@ def _toml_upstream_tls(table: _Table) -> UpstreamTls:
         ca_file=check_file(table.key("ca_file"), ca) if ca else None,
         client_certificate=CertificateConfig(cert, key) if cert and key else None,
         server_name=parse_server_name(table.key("server_name"), server_name) if server_name else None,
+        ca_file_key=table.key("ca_file"),
     )
 
 

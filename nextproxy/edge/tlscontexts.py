@@ -325,11 +325,11 @@ def upstream_ssl_context(tls: UpstreamTls) -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_REQUIRED
     context.check_hostname = True
     if tls.ca_file:
-        load_ca_file("upstream_tls.ca_file", tls.ca_file)  # readable, PEM, not empty
+        load_ca_file(tls.ca_file_key, tls.ca_file)  # readable, PEM, not empty
         try:
             context.load_verify_locations(cafile=tls.ca_file)
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError("upstream_tls.ca_file", f"OpenSSL refused {tls.ca_file!r}: {exc}") from None
+            raise ConfigError(tls.ca_file_key, f"OpenSSL refused {tls.ca_file!r}: {exc}") from None
     else:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if tls.client_certificate is not None:

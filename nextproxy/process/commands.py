@@ -38,6 +38,8 @@ def check(path: str | None) -> int:
 
     config, contexts = load_checked(path)
     config, files = plan(config)  # run would refuse a cap the open-file limit cannot hold
+    for name in unknown_variables(os.environ):  # run logs these as unknown_variable
+        print(f"nextproxy check: warning: {name} is no nextproxy variable (a typo?)", file=sys.stderr)
     print(f"configuration: {config.source}")
     listen = ", ".join(str(a) for a in (config.listen, *config.listen_also))
     print(f"listen: {listen}   admin: {config.admin_listen}   workers: {config.workers}")
