@@ -243,3 +243,14 @@ def test_check_names_preset_variables_and_warns_about_unknown_ones(preset: dict[
     result = run(["check"], {**preset, "NEXTPROXY_NS_API_SNl": "typo.example"})
     assert result.returncode == 0
     assert result.stderr == "nextproxy check: warning: NEXTPROXY_NS_API_SNl is no nextproxy variable (a typo?)\n"
+
+
+def test_check_warns_about_an_allow_list_nobody_can_pass(pki_files: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / "nextproxy.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:0"\n[tls]\ncertificates = [{{certificate_file = "{pki_files["edge.pem"]}", key_file = "{pki_files["edge.key"]}"}}]\n'
+        '[upstreams.app]\nservers = ["127.0.0.1:9"]\n[[routes]]\nname = "app"\npath = "/app"\nupstream = "app"\nallow = ["cn:x"]\n'
+    )
+    result = run(["check", "--config", str(config)], {})
+    assert result.returncode == 0
+    assert result.stderr.startswith("nextproxy check: warning: routes.app.allow: no connection reaching this route is asked")

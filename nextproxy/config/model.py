@@ -279,21 +279,25 @@ class Config:
         return None
 
 
-def _check_allow_lists(config: Config) -> None:
-    """A client-certificate allow-list where no certificate is ever asked for refuses every
-    request (403 no_certificate): refused at load, as a setting with no effect but that."""
+def allow_list_warnings(config: Config) -> list[str]:
+    """Client-certificate allow-lists where no certificate is ever asked for: every request
+    gets 403 no_certificate. Legal (a name closed to everyone), but more often a forgotten
+    client_auth: ``check`` prints these and ``run`` logs them (``config_warning``)."""
     asking = [s for s in config.sni_routes if s.action is SniAction.TERMINATE and s.client_auth is not ClientAuth.NONE]
-    for sni in config.sni_routes:
-        if sni.allow is not None and sni.action is SniAction.TERMINATE and sni.client_auth is ClientAuth.NONE:
-            raise ConfigError(f"sni_routes.{sni.name}.allow", "no client certificate is requested on this name: set client_auth")
+    warnings = [
+        f"sni_routes.{sni.name}.allow: no client certificate is requested on this name (client_auth is none): "
+        "every request is refused"
+        for sni in config.sni_routes
+        if sni.allow is not None and sni.action is SniAction.TERMINATE and sni.client_auth is ClientAuth.NONE
+    ]
     if not any(s.upstream is None for s in asking):  # path routes are reached by such names only
-        for route in config.routes:
-            if route.allow is not None:
-                raise ConfigError(
-                    f"routes.{route.name}.allow",
-                    "no connection reaching this route is asked for a client certificate: set client_auth on a "
-                    "terminating sni_route that serves the path routes",
-                )
+        warnings += [
+            f"routes.{route.name}.allow: no connection reaching this route is asked for a client certificate "
+            "(set client_auth on a terminating sni_route that serves the path routes): every request is refused"
+            for route in config.routes
+            if route.allow is not None
+        ]
+    return warnings
 
 
 def validate(config: Config) -> None:
@@ -323,7 +327,6 @@ def validate(config: Config) -> None:
             if name in server_names:
                 raise ConfigError(f"sni_routes.{sni.name}.server_names", f"{name!r} is already routed")
             server_names.add(name)
-    _check_allow_lists(config)
     edges = (config.listen, *config.listen_also)
     if config.admin_listen in edges and config.admin_listen.port != 0:
         raise ConfigError("admin_listen", f"same address as listen ({config.admin_listen})")

@@ -13,7 +13,7 @@ import ssl
 import sys
 
 from nextproxy.config import admin_endpoint, load, unknown_variables
-from nextproxy.config.model import Config
+from nextproxy.config.model import Config, allow_list_warnings
 from nextproxy.edge.listener import describe_routes
 from nextproxy.edge.tlscontexts import ServerContexts, admin_ssl_context, upstream_ssl_context
 from nextproxy.errors import ConfigError
@@ -40,6 +40,8 @@ def check(path: str | None) -> int:
     config, files = plan(config)  # run would refuse a cap the open-file limit cannot hold
     for name in unknown_variables(os.environ):  # run logs these as unknown_variable
         print(f"nextproxy check: warning: {name} is no nextproxy variable (a typo?)", file=sys.stderr)
+    for warning in allow_list_warnings(config):  # run logs these as config_warning
+        print(f"nextproxy check: warning: {warning}", file=sys.stderr)
     print(f"configuration: {config.source}")
     listen = ", ".join(str(a) for a in (config.listen, *config.listen_also))
     print(f"listen: {listen}   admin: {config.admin_listen}   workers: {config.workers}")
@@ -85,6 +87,8 @@ def run(path: str | None) -> int:
     logger.log("info", "open_files", **files.describe())
     for name in unknown_variables(os.environ):
         logger.log("warning", "unknown_variable", variable=name)
+    for warning in allow_list_warnings(config):
+        logger.log("warning", "config_warning", detail=warning)
     if config.workers > 1:
         from nextproxy.process.workers import supervise
 
