@@ -32,6 +32,7 @@ from nextproxy.config.model import (
     UpstreamTls,
     WebSocketMode,
 )
+from nextproxy.core.headers import websocket_accept
 from nextproxy.demo.pki import DemoPki, Pem, server_ssl_context
 from nextproxy.process.logs import Logger
 from nextproxy.process.observe import Observer
@@ -138,6 +139,16 @@ class RawUpstream:
     def answer(self, conn: socket.socket, head: bytes) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def websocket_101(head: bytes, fields: bytes = b"") -> bytes:
+        """A valid 101 for the WebSocket upgrade ``head`` (``fields``: more header lines)."""
+        lines = head.split(b"\r\n")
+        key = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"sec-websocket-key:"))
+        return (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n" + fields + b"\r\n"
+        )
+
     def _serve(self) -> None:
         while not self.stopped:
             try:
@@ -156,7 +167,10 @@ class RawUpstream:
                     data += chunk
                 if b"\r\n\r\n" in data:
                     self.requests.append(data)
-                    self.answer(conn, data)
+                    try:
+                        self.answer(conn, data)
+                    except OSError:  # the proxy hung up, or a timeout: on to the next connection
+                        pass
 
     def close(self) -> None:
         self.stopped = True

@@ -10,7 +10,6 @@ import time
 import pytest
 
 from nextproxy.config.model import WebSocketMode
-from nextproxy.core.headers import websocket_accept
 from nextproxy.demo.pki import DemoPki
 from nextproxy.demo.wsclient import WsClient, connect
 from tests.integration.harness import PATH_ROUTES, SERVER_NAME, Edge, RawUpstream, point_route_at
@@ -154,13 +153,8 @@ class DeflatingUpstream(RawUpstream):
     correct Sec-WebSocket-Accept, then a compressed frame."""
 
     def answer(self, conn: socket.socket, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        key = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"sec-websocket-key:"))
-        conn.sendall(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n"
-            b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n\xc1\x07\xf2H\xcd\xc9\xc9\x07\x00"
-        )
+        fields = b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
+        conn.sendall(self.websocket_101(head, fields) + b"\xc1\x07\xf2H\xcd\xc9\xc9\x07\x00")
         conn.recv(1024)  # until the proxy lets go
 
 
@@ -168,12 +162,7 @@ class HungUpstream(RawUpstream):
     """Accepts the upgrade, then never reads or writes again: no pong, no Close reply."""
 
     def answer(self, conn: socket.socket, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        key = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"sec-websocket-key:"))
-        conn.sendall(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n\r\n"
-        )
+        conn.sendall(self.websocket_101(head))
         deadline = time.monotonic() + 10
         while not self.stopped and time.monotonic() < deadline:  # held open, silent
             time.sleep(0.05)

@@ -22,11 +22,10 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, TextMessage
 
 from nextproxy.config.model import Timeouts, WebSocketMode
-from nextproxy.core.headers import websocket_accept
 from nextproxy.demo.pki import DemoPki
 from nextproxy.process import metrics
-from tests.integration.harness import SERVER_NAME, Edge
-from tests.integration.test_upstream_cut import ROUTE, point_route_at
+from tests.integration.harness import SERVER_NAME, Edge, RawUpstream, point_route_at
+from tests.integration.test_upstream_cut import ROUTE
 from tests.integration.test_websocket import open_ws
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -244,56 +243,21 @@ def test_the_drain_deadline_cuts_a_tunnel_session_without_a_close_frame_and_logs
     client.sock.close()
 
 
-class ResettingUpstream:
+class ResettingUpstream(RawUpstream):
     """Answers one WebSocket upgrade with a valid 101, reads one chunk, then resets (RST)."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.address = self.listener.getsockname()
-        self.stopped = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(timeout=WAIT)
 
-    def _serve(self) -> None:
-        while not self.stopped:  # the proxy's health probes connect too, and send nothing
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                try:
-                    self._answer(conn)
-                except OSError:  # a probe that hung up, or a timeout: the next connection
-                    pass
-
-    def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(WAIT)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            data += chunk
-        key = next(line.split(b":", 1)[1].strip() for line in data.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key:"))
-        conn.sendall(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + websocket_accept(key) + b"\r\n\r\n"
-        )
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        conn.sendall(self.websocket_101(head))
         conn.recv(65536)  # the client's first message, relayed
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # then a RST
-
-    def close(self) -> None:
-        self.stopped = True
-        self.listener.close()
-        self._thread.join(WAIT)
 
 
 def test_an_upstream_reset_ends_a_tunnel_session_once(pki: DemoPki) -> None:
     upstream = ResettingUpstream()
-    edge = Edge.start(pki, websocket=WebSocketMode.TUNNEL, mutate=point_route_at(upstream.address))  # type: ignore[arg-type]
+    edge = Edge.start(pki, websocket=WebSocketMode.TUNNEL, mutate=point_route_at(upstream.address))
     try:
         before = RouteNumbers.now()
         client = TunnelClient(edge)
