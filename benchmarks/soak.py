@@ -73,15 +73,23 @@ class Tally:
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """Status and body of one response framed by Content-Length (what the stand-ins send)."""
+    status, body, _ = await read_kept_response(reader)
+    return status, body
+
+
+async def read_kept_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """``read_response``, and whether the response closes the connection (``connection: close``)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
-    length = 0
+    length, close = 0, False
     for line in lines[1:]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-length":
             length = int(value)
-    return status, await reader.readexactly(length)
+        elif name.strip().lower() == "connection":
+            close = "close" in value.lower()
+    return status, await reader.readexactly(length), close
 
 
 def request(path: str, *, close: bool = False, host: str = NAME, body: bytes = b"") -> bytes:
@@ -148,15 +156,33 @@ handshake = 2
 
     # traffic: each loop runs until the end, every step bounded by STEP_TIMEOUT
     async def keep_alive(self) -> None:
-        reader, writer = await self.tls()
+        """As an HTTP client keeps a connection: a new one after a response that says close (a
+        reload ends keep-alive on the replaced configuration), and one retry on a new one when a
+        kept connection closes before any byte of the answer, the race every keep-alive client
+        meets at a server's idle close (RFC 9112 section 9.3.1; browsers and curl do it)."""
+        writer: asyncio.StreamWriter | None = None
         try:
             while time.monotonic() < self.end:
+                fresh = writer is None
+                if writer is None:
+                    reader, writer = await self.tls()
                 writer.write(request("/app/keepalive"))
-                status, _ = await asyncio.wait_for(read_response(reader), STEP_TIMEOUT)
+                try:
+                    status, _, close = await asyncio.wait_for(read_kept_response(reader), STEP_TIMEOUT)
+                except asyncio.IncompleteReadError as exc:
+                    if fresh or exc.partial:
+                        raise
+                    writer.close()
+                    writer = None  # closed while idle: the request goes again, on a new one
+                    continue
                 self._check("keep-alive", status == 200, f"status {status}")
+                if close:
+                    writer.close()
+                    writer = None
                 await asyncio.sleep(0.01)
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
 
     async def loop_of(self, kind: str, step: object, pause: float) -> None:
         while time.monotonic() < self.end:
