@@ -78,7 +78,8 @@ class HttpSession(ResponseSide):
         """Close after the current exchange (its response says so): shutdown, or a reload that
         replaced this connection's configuration."""
         self.refusing_upgrades = False
-        """Shutdown only: a new WebSocket session would be cut at once (503 instead)."""
+        """New upgrades get 503: at shutdown the session would be cut at once, after a reload it
+        would live on the replaced configuration."""
         self.awaiting_head = False
         """Part of a request head is buffered (reported as HeadStarted, then HeadReceived)."""
         self.now = 0.0
@@ -125,7 +126,12 @@ class HttpSession(ResponseSide):
             starts = not self._buffer
             self._buffer.add(data)
             if starts and data[0] == 13 and not self._buffer.skip_empty_lines():
-                return []  # only empty lines: no request has started
+                # Only empty lines (ignored, RFC 9112 section 2.2): they start the head's fixed
+                # clock all the same, or a CRLF per client_idle would hold the connection forever.
+                if self.awaiting_head:
+                    return []
+                self.awaiting_head = True
+                return [RequestStarted(), HeadStarted()]
             # A request's duration is counted from its first byte, not from its complete head.
             return [RequestStarted(), *self._pump_client()] if starts else self._pump_client()
         self._buffer.add(data)
@@ -220,13 +226,13 @@ class HttpSession(ResponseSide):
         like any refused head, and the connection closes (RFC 9110 section 15.5.9)."""
         return self._refuse(b"", b"", 408, "request head timed out")
 
-    def drain(self, *, reload: bool = False) -> list[Action]:
-        """Shutdown: close now if idle, else after the exchange in flight. A ``reload`` does the
-        same (keep-alive must not keep a replaced configuration, an allow-list revoked by it
-        included, alive forever), but still serves upgrades: a WebSocket session keeps the
-        configuration it started with, as nginx's old workers keep theirs."""
+    def drain(self) -> list[Action]:
+        """Shutdown, or a reload that replaced this connection's configuration: close now if
+        idle, else after the exchange in flight. New upgrades get 503: a WebSocket session
+        started now would keep the replaced configuration (an allow-list revoked by the reload
+        included) for as long as it lives."""
         self.draining = True
-        self.refusing_upgrades = self.refusing_upgrades or not reload
+        self.refusing_upgrades = True
         if self.idle and not self._connecting:
             self._closed = True
             return [CloseClient()]

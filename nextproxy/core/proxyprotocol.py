@@ -208,11 +208,16 @@ class ProxyHeaderReader:
         if command is ProxyCommand.LOCAL:
             # The family is ignored and addresses are usually not sent ("it sets this field to
             # zero"), so the block is TLVs: HAProxy reads it so, and its health checks put a
-            # CRC32c there, verified like any other. A sender that fills in a family's addresses
-            # anyway (the block is long enough for them) has them skipped, not read as TLVs:
-            # "discard the protocol block including the family", as HAProxy accepts it.
-            size = _V2_ADDRESS_SIZES.get(family, 0)
-            tlvs = _parse_tlvs(header, V2_HEADER_SIZE + (size if length >= size else 0))
+            # CRC32c there, verified like any other. A block that does not read as TLVs but does
+            # after a family's addresses is a sender that filled them in anyway: they are
+            # skipped ("discard the protocol block including the family"; HAProxy accepts it).
+            try:
+                tlvs = _parse_tlvs(header, V2_HEADER_SIZE)
+            except ProxyProtocolError:
+                size = _V2_ADDRESS_SIZES.get(family, 0)
+                if not size or length < size:
+                    raise
+                tlvs = _parse_tlvs(header, V2_HEADER_SIZE + size)
             authority, alpn = _known_tlvs(tlvs)
             return ProxyHeader(2, command, None, None, tlvs, authority, alpn, trailing)
         return _decode_v2(header, family, trailing)

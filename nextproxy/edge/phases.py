@@ -138,7 +138,9 @@ class HttpPhase:
             forward_chain=route.forward_client_cert_chain if route else False,
         )  # fmt: skip
         session = HttpSession(shell.rt.routes, route, info, shell.rt.config.limits)
-        session.draining = shell.rt.draining or shell.rt.retired  # answer one request, then close
+        # A handshake that ended on a runtime a reload replaced serves one request, upgrades
+        # included (a client that connected as the reload ran must not get 503s for it).
+        session.draining = shell.rt.draining or shell.rt.retired
         session.refusing_upgrades = shell.rt.draining
         return cls(session, shell)
 
@@ -165,7 +167,7 @@ class HttpPhase:
 
     def retire(self) -> list[Action]:
         """A reload replaced the configuration: finish the exchange in flight, then close."""
-        return self.session.drain(reload=True)
+        return self.session.drain()
 
     def client_gone(self) -> list[Action]:
         """The client's connection reset or closed under us: report the request in flight."""
@@ -182,9 +184,10 @@ class HttpPhase:
         if kind is Timer.BODY:
             shell = self._shell
             conn = shell.upstream.conn
-            if shell.upstream.paused and conn is not None:
+            if shell.upstream.paused and conn is not None and not shell.upstream.client_paused:
                 # The body could not be sent because the upstream stopped reading it (its write
-                # buffer stayed full): the upstream's stall, not the client's, a 504 as nginx's.
+                # buffer stayed full): the upstream's stall, not the client's, a 504 as nginx's;
+                # unless the client stopped reading the response, which can hold the upstream.
                 reason = "upstream stopped reading the request body"
                 shell.rt.observer.upstream_error(conn.upstream.name, reason, shell.peer)
                 return self.session.upstream_timeout(reason)
@@ -373,7 +376,7 @@ class WebSocketPhase:
         actions = self.relay.client_data(action.from_client) if action.from_client else []
         if action.from_upstream:
             actions += self.relay.upstream_data(action.from_upstream)
-        return actions
+        return self._bounded(actions)  # a Close may have come with the upgrade
 
     @property
     def outlives_client(self) -> bool:

@@ -22,6 +22,7 @@ import shutil
 import signal
 import tempfile
 import time
+from dataclasses import replace
 from multiprocessing.context import SpawnProcess
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +82,11 @@ def _current(config: Config, config_path: str | None, logger: Logger) -> Config:
     except ConfigError as exc:
         logger.log("warning", "worker_config_kept", error=str(exc))
         return config
-    return current
+    # Addresses and the worker count change only on restart, as a reload keeps them: a
+    # replacement must not serve another port than its siblings (found by review).
+    return replace(
+        current, listen=config.listen, listen_also=config.listen_also, admin_listen=config.admin_listen, workers=config.workers
+    )
 
 
 class Supervisor:

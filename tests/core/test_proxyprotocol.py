@@ -186,6 +186,9 @@ def test_v2_local_ignores_the_family_but_not_the_tlvs() -> None:
     # A family's addresses sent anyway are skipped (they were read as TLVs and refused).
     header = read([v2(0x20, 0x11, TCP4_ADDRESSES + b"\x02\x00\x01b")])
     assert header.command is ProxyCommand.LOCAL and header.uses_connection_address and header.authority == "b"
+    # With a family set but only TLVs (12 bytes or more of them), the TLVs are read as TLVs.
+    header = read([v2(0x20, 0x11, b"\x02\x00\x01c" + b"\x05\x00\x0a" + b"u" * 10)])
+    assert header.authority == "c"
 
 
 def test_v2_tlvs_decoded_and_kept() -> None:
