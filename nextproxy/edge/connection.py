@@ -337,7 +337,9 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         upgrade it keeps going, on the configuration it started with."""
         http = self.http
         if http is not None and not self.closed:
-            self._guarded(lambda: self.run(http.retire()))  # one connection's bug must not stop a reload
+            # As a drain: finish the exchange in flight, then close; refuse new upgrades. Guarded:
+            # one connection's bug must not stop a reload.
+            self._guarded(lambda: self.run(http.drain()))
 
     def abort(self) -> None:
         """The drain deadline passed: what was still in flight is reported (logged and counted

@@ -165,10 +165,6 @@ class HttpPhase:
     def drain(self) -> list[Action]:
         return self.session.drain()
 
-    def retire(self) -> list[Action]:
-        """A reload replaced the configuration: finish the exchange in flight, then close."""
-        return self.session.drain()
-
     def client_gone(self) -> list[Action]:
         """The client's connection reset or closed under us: report the request in flight."""
         return self.session.client_gone()
