@@ -223,7 +223,15 @@ class HttpSession(ResponseSide):
 
     def head_timed_out(self) -> list[Action]:
         """A request head did not arrive whole within its deadline (a slowloris): 408, logged
-        like any refused head, and the connection closes (RFC 9110 section 15.5.9)."""
+        like any refused head, and the connection closes (RFC 9110 section 15.5.9).
+
+        Only empty lines (an extra CRLF after a POST body, or its CR and LF in two reads) are
+        no request: the connection was idle in all but name, and closes quietly as at the end
+        of ``client_idle`` (nginx and HAProxy send nothing either). An unsolicited 408 there
+        could be read as the answer to a request the client sends as it arrives."""
+        if not self._buffer.skip_empty_lines():
+            self._closed = True
+            return [CloseClient()]
         return self._refuse(b"", b"", 408, "request head timed out")
 
     def drain(self) -> list[Action]:
@@ -258,7 +266,8 @@ class HttpSession(ResponseSide):
                 actions += self._refuse(b"", b"", exc.status, exc.reason)
                 break
             if raw is None:
-                self._await_head(bool(self._buffer), actions)
+                if self._buffer:  # else only empty lines came (a CR, then its LF): no head yet
+                    self._await_head(True, actions)
                 break
             self._await_head(False, actions)
             actions += self._start_exchange(raw)

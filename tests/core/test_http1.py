@@ -392,6 +392,25 @@ def test_an_empty_line_after_a_request_starts_no_request() -> None:
     assert parse_request(to_upstream(actions))[0].target == b"/ns/sigmai/x?y=1"
 
 
+def test_empty_lines_that_time_out_close_quietly() -> None:
+    """Empty lines alone run the head's clock (above), but its end is no 408: no request came,
+    and a 408 sent then could meet the client's next request on the wire. A CR and its LF in two
+    reads (two TLS records) are the same empty line (found by review: it became a 408)."""
+    for reads in ([b"\r\n"], [b"\r", b"\n"], [b"\r\n\r", b"\n"]):
+        s = session()
+        actions = [action for data in reads for action in s.client_data(data)]
+        assert kinds(actions) == [RequestStarted, HeadStarted]
+        out = s.head_timed_out()
+        assert kinds(out) == [CloseClient] and to_client(out) == b""
+    s = session()
+    s.client_data(b"\r\nGET /ns/sig")  # a request began after the empty line: a slowloris's 408
+    out = s.head_timed_out()
+    assert status_of(to_client(out)) == 408 and kinds(out)[-1] is CloseClient
+    s = session()
+    s.client_data(b"\r")  # a bare CR, never completed, is no empty line either
+    assert status_of(to_client(s.head_timed_out())) == 408
+
+
 def test_a_request_pipelined_behind_a_kept_refusal_starts_its_own_clock() -> None:
     """Without its RequestStarted the shell would leave the refusal's quiet timer running, which
     every trickled body byte pushes back: the request_body bound would never apply."""

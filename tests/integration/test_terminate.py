@@ -353,6 +353,30 @@ def test_a_trickled_head_gets_408_and_a_log_line(pki: DemoPki) -> None:
         edge.close()
 
 
+def test_an_empty_line_split_over_two_records_ends_in_a_quiet_close(pki: DemoPki) -> None:
+    """A client's extra CRLF after a POST body, its CR and LF in two TLS records: no request
+    came, so the head's clock ends in a quiet close as at the keep-alive timeout, not a 408
+    logged against nobody (the LF had switched the clock to the body's, which then sent one)."""
+    edge = Edge.start(pki, timeouts=Timeouts(request_head=0.5, request_body=1.0, client_idle=10, connect=2, upstream_response=10))
+    try:
+        conn = edge.https()
+        conn.request("POST", "/ns/sigmai/form", body=b"a=1")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read()
+        sock = conn.sock
+        sock.sendall(b"\r")
+        sock.sendall(b"\n")  # two TLS records
+        started = time.monotonic()
+        answer = b""
+        while chunk := sock.recv(4096):  # the socket's 10 s timeout bounds it
+            answer += chunk
+        conn.close()
+        assert answer == b"" and 0.4 < time.monotonic() - started < 5
+        assert [r["status"] for r in _request_lines(edge)] == [200]
+    finally:
+        edge.close()
+
+
 def test_a_response_the_client_stops_reading_is_cut_at_the_idle_timeout_and_logged(pki: DemoPki) -> None:
     """The client asks for 64 MiB and reads nothing: the response is cut after client_idle
     without progress, and logged with the status that went out and why (it had left no line)."""
