@@ -324,12 +324,14 @@ class TerminatedConnection(asyncio.BufferedProtocol):
 
     def drain(self) -> None:
         """Graceful shutdown: finish what is in flight, refuse what is new."""
+        phase = self._phase
         if self.closed:
             return
-        if self._phase is None:
-            self._close()  # still in the handshake
+        # Guarded: one connection's bug must not stop the shutdown (nor the others' drains).
+        if phase is None:
+            self._guarded(self._close)  # still in the handshake
         else:
-            self.run(self._phase.drain())
+            self._guarded(lambda: self.run(phase.drain()))
 
     def retire(self) -> None:
         """A reload: an HTTP connection closes after its exchange in flight (or now, if idle).
@@ -356,28 +358,36 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             return
         self.closed = True
         phase, self._phase, self.http = self._phase, None, None
-        self.deadline.close()
-        self.release(False)
         websocket = phase is not None and phase.websocket
-        if websocket and phase is not None:
-            ended = phase.ended()
-            if ended is not None:  # a tunnel's one report, whichever way it ended
-                HANDLERS[SessionClosed](self, ended)
-            self.rt.observer.ws_gone(self.route_name)
         transport, self.transport = self.transport, None
-        if transport is not None:
-            if abort:
-                self._writes.flush()  # what this turn wrote still goes first, as before an abort
-                transport.abort()
-            elif linger:
-                self._writes.flush()  # the alert before the half-close
-                linger_close(transport, self.loop)
-            elif self._engine is not None:
-                write_goodbye(self._engine, transport, self._plaintext, self._writes, established=phase is not None)
-            else:
-                self._writes.close(transport)
-        self._handshake_over()
-        if websocket:  # only a WebSocket phase (either mode) joins that group (``phases.upgrade``)
-            self.rt.leave(self, Group.WEBSOCKET)
-        if self.rt.leave(self, Group.TERMINATED):
-            self.rt.closed(self.peer)
+        try:
+            self.deadline.close()
+            self.release(False)
+            if websocket and phase is not None:
+                ended = phase.ended()
+                if ended is not None:  # a tunnel's one report, whichever way it ended
+                    HANDLERS[SessionClosed](self, ended)
+                self.rt.observer.ws_gone(self.route_name)
+            if transport is not None:
+                if abort:
+                    self._writes.flush()  # what this turn wrote still goes first, as before an abort
+                    transport.abort()
+                elif linger:
+                    self._writes.flush()  # the alert before the half-close
+                    linger_close(transport, self.loop)
+                elif self._engine is not None:
+                    write_goodbye(self._engine, transport, self._plaintext, self._writes, established=phase is not None)
+                else:
+                    self._writes.close(transport)
+        except BaseException:
+            if transport is not None:
+                transport.abort()  # nor its socket
+            raise
+        finally:
+            # Whatever failed above (a bug; none is known), the connection's slots are given
+            # back: ``closed`` is already set, so nothing would ever come back to free them.
+            self._handshake_over()
+            if websocket:  # only a WebSocket phase (either mode) joins that group (``phases.upgrade``)
+                self.rt.leave(self, Group.WEBSOCKET)
+            if self.rt.leave(self, Group.TERMINATED):
+                self.rt.closed(self.peer)

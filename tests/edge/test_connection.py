@@ -285,6 +285,23 @@ def test_a_bug_closes_this_connection_only_and_is_reported() -> None:
     assert isinstance(exc, AttributeError) and peer == "192.0.2.7"
 
 
+def test_a_bug_while_closing_still_gives_the_slots_back() -> None:
+    """``closed`` is set first, so nothing would come back to free the connection's slots if
+    its close raised half-way: they are freed whatever happens, and its socket is aborted."""
+    async def scenario() -> tuple[Client, Runtime, RecordingObserver]:
+        rt, observer = runtime()
+        client = Client(rt)
+        assert rt.connections
+        client.conn._writes = None  # type: ignore[assignment]  # a planted bug in the goodbye
+        client.conn.drain()
+        return client, rt, observer
+
+    client, rt, observer = run(scenario())
+    assert not rt.connections and not rt.groups[Group.TERMINATED] and client.transport.aborted
+    [(exc, _)] = observer.named("bug")
+    assert isinstance(exc, AttributeError)
+
+
 def test_a_large_batch_is_sealed_in_pieces_and_written_in_one_call() -> None:
     """OpenSSL's BIO is kept small (SEAL_PIECE of plaintext at a time), but the pieces' records
     reach the transport together (one writelines: one writev under uvloop), not a write each."""
