@@ -238,10 +238,14 @@ class HttpSession(ResponseSide):
         """Shutdown, or a reload that replaced this connection's configuration: close now if
         idle, else after the exchange in flight. New upgrades get 503: a WebSocket session
         started now would keep the replaced configuration (an allow-list revoked by the reload
-        included) for as long as it lives."""
+        included) for as long as it lives.
+
+        A request whose head has begun to arrive is in flight too: it is answered (with
+        ``connection: close``) as nginx's old workers answer one, its head's clock bounding it;
+        closing under it would lose a request the client has sent part of."""
         self.draining = True
         self.refusing_upgrades = True
-        if self.idle and not self._connecting:
+        if self.idle and not self._connecting and not self._buffer.skip_empty_lines():
             self._closed = True
             return [CloseClient()]
         return []

@@ -600,6 +600,21 @@ def test_drain_closes_idle_and_marks_busy_responses_close() -> None:
     assert b"connection: close" in to_client(out).lower() and CloseClient in kinds(out)
 
 
+def test_a_drain_answers_a_request_whose_head_is_arriving() -> None:
+    """A head half-received is a request in flight: closing under it lost it (found by review:
+    a reload closed such a connection as idle, without a line). Empty lines are no head."""
+    s = session()
+    s.client_data(GET[:10])
+    assert s.drain() == []
+    assert kinds(s.client_data(GET[10:])) == [HeadReceived, ConnectUpstream]
+    s.upstream_connected(UpstreamLeg("127.0.0.1:9", 65536))
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert b"\r\nconnection: close\r\n" in to_client(out) and kinds(out)[-1] is CloseClient
+    s = session()
+    s.client_data(b"\r\n\r\n")
+    assert kinds(s.drain()) == [CloseClient]
+
+
 def test_client_eof_while_idle_closes() -> None:
     s = session()
     assert kinds(s.client_data(b"")) == [CloseClient]

@@ -262,6 +262,28 @@ def test_a_reload_ends_keep_alive_on_the_replaced_configuration(tmp_path: Path, 
         proxy.stop()
 
 
+def test_a_request_arriving_during_a_reload_is_answered_not_cut(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
+    """A head half-sent when the reload ran was closed under the client as an idle connection,
+    with no answer and no line (found by review). It is answered, with connection: close."""
+    proxy = Proxy(tmp_path, pki, upstreams)
+    try:
+        sock = proxy.context.wrap_socket(socket.create_connection(("127.0.0.1", proxy.port), timeout=10), server_hostname=NAME)
+        sock.sendall(b"GET /app/during-reload HTTP/1.1\r\n")
+        time.sleep(0.2)  # the head's first record is in
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.wait_for(lambda: proxy.events("reloaded"), 10, "reload")
+        sock.sendall(f"Host: {NAME}\r\n\r\n".encode())
+        response = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+        response.begin()
+        assert response.status == 200 and response.will_close
+        response.read()
+        assert sock.recv(65536) == b""
+        sock.close()
+        proxy.wait_for(lambda: any(r["path"] == "/app/during-reload" for r in proxy.events("request")), 5, "its line")
+    finally:
+        assert proxy.stop() == 0
+
+
 def test_admin_port_over_tls_and_the_healthcheck_command(tmp_path: Path, pki: DemoPki, upstreams: Upstreams) -> None:
     import sys
 
