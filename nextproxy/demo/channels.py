@@ -57,6 +57,7 @@ def tls_facts(tls: ssl.SSLObject) -> dict[str, Any]:
         "version": tls.version(),
         "alpn": tls.selected_alpn_protocol(),
         "cipher": cipher[0] if cipher else None,
+        "resumed": tls.session_reused,
     }
 
 

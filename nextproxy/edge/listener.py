@@ -142,7 +142,8 @@ def build_runtime(
     """Everything derived from one Config; raises ConfigError before anything is bound.
     ``admission`` and ``writes``: the process's, carried over on reload (else new ones)."""
     contexts = contexts or ServerContexts.build(config)
-    tls = {u.name: upstream_ssl_context(u.tls) for u in config.upstreams if u.tls is not None}
+    # A context per upstream server: each keeps that server's TLS session to resume.
+    tls = {(u.name, server): upstream_ssl_context(u.tls) for u in config.upstreams if u.tls is not None for server in u.servers}
     writes = writes or TurnWrites()
     pool = UpstreamPool(
         config, tls, on_health=observer.upstream_health, writes=writes,

@@ -30,6 +30,7 @@ from OpenSSL import SSL, crypto
 
 from nextproxy.config.model import CertificateConfig, ClientAuth, Config, SniAction, SniRoute, UpstreamTls
 from nextproxy.core.tls import ALPN_HTTP1, TlsServerContext, note_verify_error, serve_http1_only
+from nextproxy.edge.resumption import ResumingContext
 from nextproxy.errors import ConfigError
 
 __all__ = [
@@ -318,8 +319,9 @@ def _load_chain(context: ssl.SSLContext, cert: CertificateConfig) -> None:
 
 
 def upstream_ssl_context(tls: UpstreamTls) -> ssl.SSLContext:
-    """Client side of re-encryption: TLS 1.3, certificate and host name verified, ALPN http/1.1."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
+    """Client side of re-encryption: TLS 1.3, certificate and host name verified, ALPN http/1.1;
+    for one upstream server, whose last session it offers (``edge.resumption``)."""
+    context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.verify_mode = ssl.CERT_REQUIRED

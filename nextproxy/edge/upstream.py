@@ -22,6 +22,7 @@ from nextproxy.core.upstream_leg import UpstreamLeg, new_upstream_leg
 from nextproxy.core.proxyprotocol import V2_SIGNATURE
 from nextproxy.edge.acceptor import out_of_descriptors
 from nextproxy.edge.reads import READ_SIZE, read_buffer
+from nextproxy.edge.resumption import keep_session
 from nextproxy.edge.writes import TurnWrites
 
 LOCAL_V2 = V2_SIGNATURE + bytes((0x20, 0x00, 0x00, 0x00))
@@ -116,12 +117,17 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.idle_since = 0.0
         self.private = False
         """It began with a PROXY header naming one client: never pooled, never reused by another."""
+        self._tls: ssl.SSLObject | None = None
+        """Its TLS until the first bytes arrive, when its session is kept for the next
+        connection to this server (``edge.resumption``): the tickets come before them."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only look-alikes.
         self.transport = cast(asyncio.Transport, transport)
         self.alive = True
         OPEN_CONNECTIONS[self.upstream.name] += 1
+        if self.upstream.tls is not None:
+            self._tls = transport.get_extra_info("ssl_object")
 
     def get_buffer(self, sizehint: int) -> memoryview:
         owner = self.owner
@@ -131,6 +137,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.data_received(bytes(read_buffer(nbytes)))
 
     def data_received(self, data: bytes) -> None:
+        if self._tls is not None:
+            keep_session(self._tls)
+            self._tls = None
         if self.owner is not None:
             self.owner.upstream_data(data)
         else:
@@ -227,7 +236,7 @@ class UpstreamPool:
     def __init__(
         self,
         config: Config,
-        tls_contexts: dict[str, ssl.SSLContext],
+        tls_contexts: dict[tuple[str, Address], ssl.SSLContext],
         on_health: Callable[[str, bool], None] = lambda name, up: None,
         writes: TurnWrites | None = None,
         on_probe_down: Callable[[str, str], None] = lambda name, detail: None,
@@ -327,7 +336,7 @@ class UpstreamPool:
 
     async def _connect(self, upstream: Upstream, server: Address, preamble: bytes = b"") -> UpstreamConnection:
         loop = asyncio.get_running_loop()
-        tls = self._tls.get(upstream.name)
+        tls = self._tls.get((upstream.name, server))
         server_hostname = None
         if tls is not None:
             server_hostname = (upstream.tls.server_name if upstream.tls else None) or server.host

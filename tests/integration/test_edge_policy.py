@@ -489,7 +489,7 @@ def test_tls_upstream_gets_the_header_before_its_handshake(tmp_path: Path, pki: 
         tls = UpstreamTls(ca_file=str(pki_files["ca.pem"]), server_name="localhost")
         upstream = Upstream("api", (Address("127.0.0.1", front),), tls, "v2")
         config = Config(Address("127.0.0.1", 0), Address("127.0.0.1", 1), (), (upstream,), ())
-        pool = UpstreamPool(config, {"api": upstream_ssl_context(tls)})
+        pool = UpstreamPool(config, {("api", upstream.servers[0]): upstream_ssl_context(tls)})
         owner = Owner()
         header = build_v2(Endpoint(ip_address(source), 4444), Endpoint(ip_address("127.0.0.1"), 443), authority="api.example")
         try:

@@ -91,6 +91,44 @@ def test_pooled_tls_connections_are_reused(verified_edge: Edge) -> None:
     assert standin.connections == before_connections  # every request rode the pooled TLS connection
 
 
+def test_new_upstream_connections_resume_the_servers_last_session(verified_edge: Edge, pki: DemoPki) -> None:
+    """Every new upstream TLS connection was a full handshake (nginx, HAProxy and Envoy resume).
+    The stand-in closes after each answer (``close=1``), so each request needs a new upstream
+    connection: after the first, each resumes, with the client certificate still the one the
+    full handshake presented."""
+    reports = []
+    for i in range(4):
+        status, report = get(verified_edge, f"/sfs/sigmai/resume-{i}?close=1")
+        assert status == 200 and isinstance(report, dict), report
+        reports.append(report["tls"])
+    assert [tls["resumed"] for tls in reports[1:]] == [True, True, True]
+    assert {tls["version"] for tls in reports} == {"TLSv1.3"}
+    assert {tls["client_cert_sha256"] for tls in reports} == {client_sha256(pki)}
+
+
+def test_each_server_of_an_upstream_resumes_its_own_session(pki: DemoPki, pki_files: dict[str, Path]) -> None:
+    """Sessions are kept per server, as nginx keeps them per peer: one slot per upstream would
+    offer each server the other's session on every turn of the round robin (both are
+    ``127.0.0.1`` to TLS), and never resume."""
+
+    def one_upstream_two_servers(config: Config) -> Config:
+        servers = tuple(next(u for u in config.upstreams if u.name == name).servers[0] for name in ("ns-sigmai", "ns-api"))
+        pair = Upstream("pair", servers, UpstreamTls(ca_file=str(pki_files["ca.pem"])))
+        return replace(config, upstreams=config.upstreams + (pair,), routes=config.routes + (PathRoute("pair", "/pair", "pair"),))
+
+    edge = Edge.start(pki, upstream_tls=UpstreamTls(ca_file=str(pki_files["ca.pem"])), upstream_reports_tls=True, mutate=one_upstream_two_servers)
+    try:
+        answers = []
+        for i in range(6):
+            status, report = get(edge, f"/pair/{i}?close=1")
+            assert status == 200 and isinstance(report, dict), report
+            answers.append((report["service"], report["tls"]["resumed"]))  # type: ignore[index]
+        assert {service for service, _ in answers} == {"ns-sigmai", "ns-api"}  # both served (two TLS contexts: two ticket keys)
+        assert all(resumed for _, resumed in answers[2:]), answers
+    finally:
+        edge.close()
+
+
 def test_curl_through_a_re_encrypting_proxy(verified_edge: Edge, pki_files: dict[str, Path]) -> None:
     curl = shutil.which("curl")
     assert curl, "curl is installed by .ci/run"
