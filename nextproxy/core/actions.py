@@ -44,6 +44,12 @@ class ReleaseUpstream:
 class CloseClient:
     """Flush what was sent, then close the client connection (TLS close_notify first)."""
 
+    linger: bool = False
+    """The client may still be sending (a request body answered before it ended, requests
+    behind a refused one): closing with its bytes unread makes the kernel reset the connection,
+    and the client loses the answer. The shell half-closes and drops what still comes first
+    (nginx's lingering close)."""
+
 
 @dataclass(slots=True)
 class CloseUpstream:

@@ -232,7 +232,7 @@ class HttpSession(ResponseSide):
         if not self._buffer.skip_empty_lines():
             self._closed = True
             return [CloseClient()]
-        return self._refuse(b"", b"", 408, "request head timed out")
+        return self._refuse(b"", b"", 408, "request head timed out", linger=False)
 
     def drain(self) -> list[Action]:
         """Shutdown, or a reload that replaced this connection's configuration: close now if
@@ -383,11 +383,17 @@ class HttpSession(ResponseSide):
         *,
         retry_after: int = 0,
         keep_alive: bool = False,
+        linger: bool = True,
     ) -> list[Action]:
         """The proxy's own short answer, in one write; keeps the connection when it safely can
-        and the request asked for it (``keep_alive``: HTTP/1.1 without Connection: close)."""
+        and the request asked for it (``keep_alive``: HTTP/1.1 without Connection: close).
+
+        Closing, it lingers (``CloseClient.linger``) if the client may still be sending: a body
+        not read, or bytes behind the refused request; unless ``linger`` is False (a timeout:
+        a client that slow gets no more time)."""
         self._exchange = None
         self._connecting = False
+        unread = self._body.open or bool(self._buffer)
         keep = (
             keep_alive and status in (403, 404, 421, 429, 503) and not self.draining and not self._client_eof
             and self._skip_request_body()
@@ -396,7 +402,7 @@ class HttpSession(ResponseSide):
         actions: list[Action] = [SendToClient(refusal(status, reason, keep=keep, retry_after=retry_after)), completed]
         if not keep:  # when kept, the caller (_pump_client's loop) reads the next request
             self._closed = True
-            actions.append(CloseClient())
+            actions.append(CloseClient(linger=linger and (unread or bool(self._buffer))))
         return actions
 
     def _skip_request_body(self) -> bool:

@@ -161,7 +161,7 @@ class ResponseSide:
             self._closed = True
             self._upstream = None
             self._exchange = None
-            return actions + [ReleaseUpstream(reusable=False), self._completed(exchange, exchange.response_status), CloseClient()]
+            return actions + [ReleaseUpstream(reusable=False), self._completed(exchange, exchange.response_status), CloseClient(linger=True)]
         return actions + self._finish_exchange(leg, exchange)
 
     def _finish_exchange(self, leg: UpstreamLeg, exchange: Exchange) -> list[Action]:

@@ -25,7 +25,7 @@ from nextproxy.edge.gate import socket_endpoints
 from nextproxy.edge.host import Group, Host
 from nextproxy.edge.phases import HttpPhase, Phase, upgrade
 from nextproxy.edge.reads import READ_CHUNK_LIMIT, read_buffer, read_room
-from nextproxy.edge.records import linger_close, peer_port, write_goodbye, write_records
+from nextproxy.edge.records import Linger, linger_close, peer_port, write_goodbye, write_records
 from nextproxy.edge.upstream import UpstreamSlot
 from nextproxy.errors import TlsError
 
@@ -70,6 +70,9 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=READ_CHUNK_LIMIT)
         self._handshaking = True
         """Counted in ``host.admission.handshakes`` (taken over from ``accept``) until it ends."""
+        self._linger: Linger | None = None
+        """Closed, but still dropping what the client sends (``records.Linger``): the connection
+        keeps its slot until its socket closes."""
         host.enter(self, Group.TERMINATED)
 
     def start(self) -> None:
@@ -104,13 +107,21 @@ class TerminatedConnection(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self.closed:
-            return  # lingering after an alert: the bytes are only read so the kernel does not reset
+            # Lingering (after an alert, or an answer the client's body is still coming to): the
+            # bytes are only read so that the kernel does not reset the connection.
+            if self._linger is not None:
+                self._linger.heard()
+            return
         try:
             self._tls_data(data)
         except Exception as exc:  # the one catch-all: a bug; log it, close this connection only
             self.bug(exc)
 
     def eof_received(self) -> bool:
+        if self.closed:  # lingering: the client is done sending, so are we
+            if self._linger is not None:
+                self._linger.close()
+            return False
         if self._engine is None:
             self._close()
             return False
@@ -118,6 +129,10 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:  # the lingering close is over: the slot is free now
+            self._linger = None
+            self._leave()
+            return
         if self._phase is None and not self.closed and self._engine is not None:
             # A reset (no EOF first) in the middle of the handshake.
             self._handshake_failed("eof_during_handshake", f"connection lost: {exc}" if exc else "connection lost")
@@ -275,7 +290,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         if data:
             self._plaintext.append(data)
 
-    def close_client(self) -> bool:
+    def close_client(self, linger: bool = False) -> bool:
         phase = self._phase
         if phase is not None and phase.outlives_client:
             self._flush()
@@ -283,7 +298,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             if transport is not None and not transport.is_closing():
                 self._writes.close(transport)  # the session ends when the phase says it is finished
             return False
-        self._close()  # the last records and our close_notify leave in one write
+        self._close(lingering=linger)  # the last records and our close_notify leave in one write
         return True
 
     def release(self, reusable: bool) -> None:
@@ -346,6 +361,9 @@ class TerminatedConnection(asyncio.BufferedProtocol):
     def abort(self) -> None:
         """The drain deadline passed: what was still in flight is reported (logged and counted
         as every other end), then the connection is reset."""
+        if self._linger is not None:
+            self._linger.abort()  # its slot is freed by connection_lost
+            return
         phase = self._phase
         if phase is not None and not self.closed:
             for action in phase.cut("the drain deadline ended it"):
@@ -353,7 +371,9 @@ class TerminatedConnection(asyncio.BufferedProtocol):
                     HANDLERS[type(action)](self, action)  # the facts only: the reset follows
         self._close(abort=True)
 
-    def _close(self, *, abort: bool = False, linger: bool = False) -> None:
+    def _close(self, *, abort: bool = False, linger: bool = False, lingering: bool = False) -> None:
+        """``linger``: an alert is out, half-close and wait ``LINGER``; ``lingering``: the goodbye
+        as always, then a ``Linger`` while the client may still be sending."""
         if self.closed:
             return
         self.closed = True
@@ -376,10 +396,14 @@ class TerminatedConnection(asyncio.BufferedProtocol):
                     self._writes.flush()  # the alert before the half-close
                     linger_close(transport, self.loop)
                 elif self._engine is not None:
-                    write_goodbye(self._engine, transport, self._plaintext, self._writes, established=phase is not None)
+                    write_goodbye(self._engine, transport, self._plaintext, self._writes, established=phase is not None, close=not lingering)
+                    if lingering and not transport.is_closing():
+                        self._writes.flush()  # the answer and close_notify before the half-close
+                        self._linger = Linger(transport, self.loop)
                 else:
                     self._writes.close(transport)
         except BaseException:
+            self._linger = None
             if transport is not None:
                 transport.abort()  # nor its socket
             raise
@@ -389,5 +413,9 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             self._handshake_over()
             if websocket:  # only a WebSocket phase (either mode) joins that group (``phases.upgrade``)
                 self.rt.leave(self, Group.WEBSOCKET)
-            if self.rt.leave(self, Group.TERMINATED):
-                self.rt.closed(self.peer)
+            if self._linger is None:
+                self._leave()
+
+    def _leave(self) -> None:
+        if self.rt.leave(self, Group.TERMINATED):
+            self.rt.closed(self.peer)

@@ -64,7 +64,7 @@ HANDLERS: dict[type, Handler] = {
     act.ConnectUpstream: _connect,
     act.ReleaseUpstream: lambda c, a: c.release(a.reusable),
     act.CloseUpstream: lambda c, a: c.release(False),
-    act.CloseClient: lambda c, a: c.close_client(),
+    act.CloseClient: lambda c, a: c.close_client(a.linger),
     act.StartTunnel: lambda c, a: c.upgrade(a),
     act.StartWebSocket: lambda c, a: c.upgrade(a),
     # timer facts: the only way the core's state reaches the connection's deadline

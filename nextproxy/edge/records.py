@@ -18,6 +18,9 @@ from nextproxy.edge.writes import TurnWrites
 LINGER = 0.5
 """After a refusal or a failed handshake, keep reading (and dropping) this long before closing:
 closing at once makes the kernel reset in-flight client bytes, and the answer is lost."""
+LINGER_QUIET = 5.0
+LINGER_MOST = 30.0
+"""A ``Linger``'s bounds: nginx's ``lingering_timeout`` and ``lingering_time`` defaults."""
 SEAL_PIECE = 32 * 1024
 """Largest plaintext given to one SSL_write: two full TLS records."""
 
@@ -62,16 +65,20 @@ def _write_in_pieces(engine: TlsEngine, transport: asyncio.Transport, data: byte
     writes.write(transport, [records for records in out if records])
 
 
-def write_goodbye(engine: TlsEngine, transport: asyncio.Transport, pending: list[bytes], writes: TurnWrites, *, established: bool) -> None:
+def write_goodbye(
+    engine: TlsEngine, transport: asyncio.Transport, pending: list[bytes], writes: TurnWrites, *, established: bool,
+    close: bool = True,
+) -> None:  # fmt: skip
     """The last records and, after a finished handshake, our close_notify: one write, then the
-    close, both at the end of the turn."""
+    close (unless ``close`` is False: a ``Linger`` closes), both at the end of the turn."""
     if established:
         seal(engine, pending)
         engine.close()
     out = engine.data_to_send()
     if out and not transport.is_closing():
         writes.write(transport, out)
-    writes.close(transport)
+    if close:
+        writes.close(transport)
 
 
 def peer_port(transport: asyncio.Transport | None) -> int | None:
@@ -86,3 +93,47 @@ def linger_close(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) 
         loop.call_later(LINGER, transport.close)
     else:
         transport.close()
+
+
+class Linger:
+    """nginx's lingering close, for a client still sending when we are done (a body answered
+    before it ended): half-close after the answer, drop what still comes, and close once the
+    client hangs up, falls quiet for ``quiet`` seconds, or ``most`` seconds have passed.
+
+    Closing at once with the client's bytes unread makes the kernel reset the connection, and
+    the client, still writing its body, loses the answer already on its way (Python's
+    http.client, Java's HttpClient and curl were seen to). The connection keeps its slot until
+    the socket closes: lingering sockets count against ``max_connections`` as nginx's do."""
+
+    __slots__ = ("_transport", "_loop", "_quiet", "_end", "_heard", "_timer")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, quiet: float = LINGER_QUIET, most: float = LINGER_MOST) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._quiet = quiet
+        self._end = loop.time() + most
+        self._heard = False
+        if transport.can_write_eof():
+            transport.write_eof()  # after what is buffered: the answer and our close_notify
+        self._timer = loop.call_later(min(quiet, most), self._check)
+
+    def heard(self) -> None:
+        """Bytes came (and were dropped): the client is still sending."""
+        self._heard = True
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self._heard and now < self._end and not self._transport.is_closing():
+            self._heard = False
+            self._timer = self._loop.call_later(min(self._quiet, self._end - now), self._check)
+        else:
+            self._transport.close()
+
+    def close(self) -> None:
+        """The client hung up (its EOF), or the connection is being cut: close now."""
+        self._timer.cancel()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._timer.cancel()
+        self._transport.abort()
