@@ -424,8 +424,12 @@ class WebSocketPhase:
         for side in (Side.CLIENT, Side.UPSTREAM):
             if relay.pong_outstanding(side):
                 return self._bounded(relay.peer_timed_out(side))
-        if kind is Timer.PONG:  # both answered: back to watching for silence
-            self._shell.deadline.set(self.route.ping_interval, Timer.PING)
+        if kind is Timer.PONG:
+            # Both answered: the next ping ping_interval after this one (this deadline was set
+            # ping_timeout after it), not ping_interval from now: an idle session is pinged every
+            # ping_interval, as documented, where it was every ping_interval + ping_timeout (40 s
+            # by default: long enough for a NAT or balancer idle timeout of 30 s to cut it).
+            self._shell.deadline.set(max(0.0, self.route.ping_interval - self.route.ping_timeout), Timer.PING)
             return []
         self._shell.deadline.set(self.route.ping_timeout, Timer.PONG)
         return relay.ping(Side.CLIENT) + relay.ping(Side.UPSTREAM)

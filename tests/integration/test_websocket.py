@@ -148,6 +148,39 @@ def test_silent_client_is_detected_by_ping(pki: DemoPki) -> None:
         edge.close()
 
 
+def test_an_idle_session_is_pinged_every_ping_interval(pki: DemoPki) -> None:
+    """Found by interop testing (node ws, Python websockets): with the defaults an idle client
+    saw pings at 20 s and 60 s, every ping_interval + ping_timeout, not every ping_interval as
+    the README says; a NAT or balancer idle timeout of 30-45 s would cut such a session."""
+    from wsproto.events import Ping
+
+    edge = Edge.start(pki, route_options={"ping_interval": 0.3, "ping_timeout": 0.15})
+    try:
+        ws = open_ws(edge, "/ns/sigmai")
+        pings: list[float] = []
+        next_event = ws._next_event
+
+        def recording() -> object:
+            event = next_event()
+            if isinstance(event, Ping):
+                pings.append(time.monotonic())
+            return event
+
+        ws._next_event = recording  # type: ignore[method-assign, assignment]
+        ws.sock.settimeout(0.05)
+        end = time.monotonic() + 1.6
+        while time.monotonic() < end:  # idle: reads (answering pings), sends nothing
+            try:
+                ws.recv()
+            except (TimeoutError, socket.timeout):
+                continue
+        gaps = [round(b - a, 2) for a, b in zip(pings, pings[1:])]
+        assert len(pings) >= 4 and max(gaps) < 0.42, gaps  # every 0.3 s (0.45 s before)
+        assert "websocket_session" not in edge.logs()  # the pongs kept it alive
+    finally:
+        edge.close()
+
+
 class DeflatingUpstream(RawUpstream):
     """A WebSocket server that turns permessage-deflate on whether or not it was offered: a
     correct Sec-WebSocket-Accept, then a compressed frame."""
