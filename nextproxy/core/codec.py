@@ -41,7 +41,7 @@ from nextproxy.errors import HttpError
 
 __all__ = [
     "CHUNKED", "UNTIL_CLOSE", "RequestHead", "RequestParser", "ResponseHead", "check_partial", "connection_options",
-    "diagnose", "head_end", "invalid_switch", "parse_response", "trailer_lines", "without_fields",
+    "diagnose", "extension_lines", "head_end", "invalid_switch", "parse_response", "trailer_lines", "without_fields",
 ]  # fmt: skip
 
 _FIELD = TOKEN + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n"
@@ -408,18 +408,37 @@ def _response_body(version: bytes, length: bytes | None, codings: list[bytes]) -
     return int(length) if length is not None else UNTIL_CLOSE
 
 
-def invalid_switch(request: RequestHead, response: ResponseHead) -> str | None:
+def extension_lines(raw: bytes) -> bytes:
+    """A head's Sec-WebSocket-Extensions field lines as received, each ending in CRLF: a tunnel
+    passes the negotiation on (the frame relay strips it, ``_connection``). Rare path."""
+    lines = raw[:-4].split(b"\r\n")[1:]
+    return b"".join(line + b"\r\n" for line in lines if line.partition(b":")[0].lower() == _WS_EXTENSIONS)
+
+
+def _extension_names(lines: bytes) -> frozenset[bytes]:
+    """The extension names in Sec-WebSocket-Extensions lines (RFC 6455 section 9.1), lower-case;
+    b"" among them if an element is empty."""
+    values = b",".join(line.partition(b":")[2] for line in lines.split(b"\r\n") if line)
+    return frozenset(item.partition(b";")[0].strip(b" \t").lower() for item in values.split(b","))
+
+
+def invalid_switch(request: RequestHead, response: ResponseHead, *, tunnel: bool = False) -> str | None:
     """Why a 101 does not complete ``request``'s opening handshake as the upstream received
     it, or None if it does. The proxy is the upstream's client, and RFC 6455 section 4.1 makes
-    the client fail the connection on each of these: a 502, never relayed."""
+    the client fail the connection on each of these: a 502, never relayed. A ``tunnel`` was
+    forwarded the client's extension offer (the client checks the choice, end to end)."""
     if not request.upgrade:
         return "a 101 to a request that did not upgrade"
     if response.accept != websocket_accept(request.websocket_key):
         return "wrong Sec-WebSocket-Accept"
     if response.extensions:
-        # _connection strips Sec-WebSocket-Extensions from every forwarded upgrade, so any
-        # extension in the 101 is one the upstream was never offered.
-        return "an extension the request did not offer"
+        # _connection strips Sec-WebSocket-Extensions from every upgrade the frame relay
+        # forwards, so any extension in the 101 is one the upstream was never offered; a
+        # tunnel forwarded the client's offer, and the choice must be among it.
+        names = _extension_names(extension_lines(request.raw)) if tunnel else frozenset[bytes]()
+        chosen = _extension_names(extension_lines(response.raw))
+        if b"" in chosen or not chosen <= names:
+            return "an extension the request did not offer"
     protocol = response.protocol
     if protocol is not None:
         # Compared exactly, as wsproto's client does: one token the request listed.

@@ -17,7 +17,7 @@ never completed. An ``HttpError`` never escapes: it is turned into a response.
 
 from __future__ import annotations
 
-from nextproxy.config.model import Limits, SniRoute
+from nextproxy.config.model import Limits, SniRoute, WebSocketMode
 from nextproxy.core.actions import (
     Action,
     AuthorizationDenied,
@@ -35,7 +35,7 @@ from nextproxy.core.actions import (
     SendToUpstream,
 )
 from nextproxy.core.buffer import ByteBuffer
-from nextproxy.core.codec import RequestParser
+from nextproxy.core.codec import RequestParser, extension_lines
 from nextproxy.core.headers import ClientInfo
 from nextproxy.core.http1_response import IDEMPOTENT_METHODS, NO_BODY, Exchange, ResponseSide
 from nextproxy.core.request_body import RequestBody
@@ -150,7 +150,12 @@ class HttpSession(ResponseSide):
         line = head.method + b" " + head.target + b" HTTP/1.1\r\n"
         if not head.has_host:
             line += b"host: " + leg.authority.encode("ascii") + b"\r\n"
-        actions: list[Action] = [SendToUpstream(line + head.forward)]
+        forward = head.forward
+        if head.upgrade and exchange.route.websocket is WebSocketMode.TUNNEL:
+            # The codec strips the extension offer (the frame relay could not apply one); a
+            # tunnel relays frames untouched, so the upstream gets the client's offer.
+            forward = extension_lines(head.raw) + forward
+        actions: list[Action] = [SendToUpstream(line + forward)]
         if not self._request_open:
             actions.append(AwaitResponse())
         elif self._buffer:

@@ -27,7 +27,7 @@ from nextproxy.core.actions import (
 )
 from nextproxy.core.buffer import ByteBuffer
 from nextproxy.core.chunked import LAST_CHUNK, encode_chunk
-from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE, RequestHead, ResponseHead, invalid_switch, trailer_lines
+from nextproxy.core.codec import CHUNKED, UNTIL_CLOSE, RequestHead, ResponseHead, extension_lines, invalid_switch, trailer_lines
 from nextproxy.core.request_body import RequestBody
 from nextproxy.core.responses import CONTINUE, client_response, switching_protocols
 from nextproxy.core.upstream_leg import UpstreamLeg
@@ -99,10 +99,13 @@ class ResponseSide:
         return actions
 
     def _switch_protocols(self, leg: UpstreamLeg, exchange: Exchange, head: ResponseHead) -> list[Action]:
-        invalid = invalid_switch(exchange.head, head)
+        tunnel = exchange.route.websocket is WebSocketMode.TUNNEL
+        invalid = invalid_switch(exchange.head, head, tunnel=tunnel)
         if invalid is not None:
             return self._drop_upstream() + self._upstream_error(502, f"upstream sent an invalid 101: {invalid}")
-        data = switching_protocols(head)
+        # A tunnel relays frames untouched: the extensions negotiated end to end (permessage-
+        # deflate) work through it, as through nginx and HAProxy.
+        data = switching_protocols(head, extension_lines(head.raw) if tunnel and head.extensions else b"")
         exchange.response_status = 101
         from_client, from_upstream = self._buffer.take_all(), leg.buffer.take_all()
         self._exchange = None
@@ -110,7 +113,7 @@ class ResponseSide:
         self._closed = True  # the session is done; the relay or tunnel owns both legs now
         completed = self._completed(exchange, 101)
         start: Action
-        if exchange.route.websocket is WebSocketMode.TUNNEL:
+        if tunnel:
             start = StartTunnel(exchange.route, to_upstream=from_client, to_client=from_upstream)
         else:
             start = StartWebSocket(exchange.route, from_client, from_upstream, head.protocol)

@@ -85,9 +85,10 @@ def client_response(head: ResponseHead, request: RequestHead, *, close: bool) ->
     return ClientResponse(data, length, chunked, close)
 
 
-def switching_protocols(head: ResponseHead) -> bytes:
-    """The 101 for the client: the upstream's fields minus hop-by-hop and extensions, ours added."""
-    return b"HTTP/1.1 101 " + head.reason + b"\r\n" + head.lines + _UPGRADE_LINES + b"\r\n"
+def switching_protocols(head: ResponseHead, extensions: bytes = b"") -> bytes:
+    """The 101 for the client: the upstream's fields minus hop-by-hop and extensions, ours added
+    (and ``extensions``, the upstream's Sec-WebSocket-Extensions lines, for a tunnel)."""
+    return b"HTTP/1.1 101 " + head.reason + b"\r\n" + head.lines + extensions + _UPGRADE_LINES + b"\r\n"
 
 
 def authorize(cert: PeerCertificate | None, route: str, allow: tuple[AllowRule, ...]) -> AuthorizationDenied | None:

@@ -240,8 +240,20 @@ SWITCHES: list[tuple[str, bytes]] = [
 ]
 
 
-@pytest.mark.parametrize("path", [b"/ns/sigmai/ws", b"/t"], ids=["frames", "tunnel"])
-@pytest.mark.parametrize("response", [r[1] for r in SWITCHES], ids=[r[0] for r in SWITCHES])
+TUNNEL_MAY_CHOOSE = {"extension-the-proxy-did-not-forward"}
+"""A tunnel forwards the client's extension offer (it relays frames untouched): an extension it
+offered may be chosen; one it never offered, or an empty list, may not."""
+
+
+HOSTILE_SWITCHES = [
+    pytest.param(response, path, id=f"{name}-{mode}")
+    for name, response in SWITCHES
+    for path, mode in ((b"/ns/sigmai/ws", "frames"), (b"/t", "tunnel"))
+    if not (mode == "tunnel" and name in TUNNEL_MAY_CHOOSE)
+]
+
+
+@pytest.mark.parametrize("response, path", HOSTILE_SWITCHES)
 def test_hostile_101s_become_a_generic_502_and_no_websocket(response: bytes, path: bytes) -> None:
     s = session()
     connect(s, UPGRADE.replace(b"/ns/sigmai/ws", path))
@@ -253,6 +265,21 @@ def test_hostile_101s_become_a_generic_502_and_no_websocket(response: bytes, pat
     assert ReleaseUpstream(reusable=False) in out and CloseClient in kinds(out)
     done = next(a for a in out if isinstance(a, RequestCompleted))
     assert done.status == 502 and "invalid 101" in done.reason
+
+
+def test_a_tunnel_passes_the_extension_negotiation_on() -> None:
+    """Found by interop testing (Chromium, node ws): permessage-deflate was stripped in tunnel
+    mode too, so compression never worked through a tunnel, where it works through nginx and
+    HAProxy. A tunnel relays frames untouched: the offer goes up, the choice comes back."""
+    s = session()
+    _, actions = connect(s, UPGRADE.replace(b"/ns/sigmai/ws", b"/t"))
+    assert b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n" in to_upstream(actions)
+    out = s.upstream_data(SWITCH + b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n")
+    assert b"\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n" in to_client(out)
+    assert status_of(to_client(out)) == 101 and any(isinstance(a, StartTunnel) for a in out)
+    # The frame relay re-frames messages: no offer goes up, so none may come back.
+    s = session()
+    assert b"Sec-WebSocket-Extensions" not in to_upstream(connect(s, UPGRADE)[1])
 
 
 def test_a_101_is_checked_against_the_request_the_upstream_received() -> None:

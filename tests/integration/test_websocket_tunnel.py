@@ -286,3 +286,53 @@ def test_frames_and_tunnel_session_lines_have_the_same_fields(tunnel: Edge, edge
     assert frames.keys() == tunneled.keys()
     assert (frames["mode"], tunneled["mode"]) == ("frames", "tunnel")
     assert isinstance(frames["code"], int) and isinstance(frames["messages_from_client"], int)
+
+
+class DeflateAware(RawUpstream):
+    """Turns permessage-deflate on only when the request offers it, then sends "Hello"
+    compressed (RFC 7692 section 7.2.3.1's example frame); plain "Hello" otherwise."""
+
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        if b"\r\nsec-websocket-extensions: permessage-deflate" in head.lower():
+            conn.sendall(self.websocket_101(head, b"Sec-WebSocket-Extensions: permessage-deflate\r\n") + b"\xc1\x07\xf2H\xcd\xc9\xc9\x07\x00")
+        else:
+            conn.sendall(self.websocket_101(head) + b"\x81\x05Hello")
+        conn.recv(1024)  # until the proxy lets go
+
+
+def test_permessage_deflate_is_negotiated_end_to_end_through_a_tunnel(pki: DemoPki) -> None:
+    """Found by interop testing (Chromium, node ws): the offer was stripped in tunnel mode too,
+    so compression never worked through a tunnel (it does through nginx and HAProxy)."""
+    from wsproto.extensions import PerMessageDeflate
+
+    upstream = DeflateAware()
+    edge = Edge.start(pki, websocket=WebSocketMode.TUNNEL, mutate=point_route_at(upstream.address))
+    try:
+        sock = edge.tls_socket()
+        sock.settimeout(WAIT)
+        sock.sendall(
+            f"GET /sfs/sigmai/z HTTP/1.1\r\nHost: {SERVER_NAME}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY.decode()}\r\n"
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode()
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ") and b"\r\nSec-WebSocket-Extensions: permessage-deflate" in head
+        deflate = PerMessageDeflate()
+        deflate.finalize("permessage-deflate")
+        ws = Connection(ConnectionType.CLIENT, extensions=[deflate])
+        ws.receive_data(rest)
+        events = list(ws.events())
+        while not events:
+            ws.receive_data(sock.recv(65536))
+            events = list(ws.events())
+        assert isinstance(events[0], TextMessage) and events[0].data == "Hello"
+        assert b"permessage-deflate" in upstream.requests[0]  # the offer reached the upstream
+        sock.close()
+    finally:
+        edge.close()
+        upstream.close()
