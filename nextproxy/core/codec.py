@@ -288,7 +288,9 @@ def _connection(
     upgrade (only for an ``upgradable`` request: an HTTP/1.1 GET). Returns the forwarded
     lines, keep-alive and whether it upgrades."""
     options, named = connection_options(b",".join(connection))
-    keep_alive = keep_alive and b"close" not in options
+    # HTTP/1.0 persists only if asked to (RFC 9112 section 9.3 and appendix C.2.2), as nginx
+    # honours it (ab -k, old clients); HTTP/1.1 persists unless told otherwise.
+    keep_alive = (keep_alive or b"keep-alive" in options) and b"close" not in options
     is_upgrade = upgradable and b"upgrade" in options and b"websocket" in set(tokens(upgrade))
     if named:
         forward = without_fields(forward, named)

@@ -300,7 +300,9 @@ class HttpSession(ResponseSide):
             if rewritten is not None:
                 return self._start_exchange(rewritten)
         self._set_request_body(head.length)  # known now, so a refusal can skip the body
-        keep = head.keep_alive  # a refusal keeps the connection only if the request would
+        # A refusal keeps the connection only if the request would; an HTTP/1.0 one never (its
+        # short answers carry no connection: keep-alive, so the client would close anyway).
+        keep = head.keep_alive and head.version == b"1.1"
         if head.misdirected:
             return self._refuse(method, target, 421, "misdirected request", keep_alive=keep)
         try:

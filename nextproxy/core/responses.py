@@ -34,6 +34,7 @@ REASONS = {
 GENERIC_BODIES = {502: b"bad gateway\n", 503: b"service unavailable\n", 504: b"gateway timeout\n"}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CLOSE = b"connection: close\r\n"
+_KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CHUNKED_LINE = b"transfer-encoding: chunked\r\n"
 _UPGRADE_LINES = b"connection: upgrade\r\nupgrade: websocket\r\n"
 _VISIBLE = re.compile(rb"[\x21-\x7e]+")
@@ -81,6 +82,8 @@ def client_response(head: ResponseHead, request: RequestHead, *, close: bool) ->
             close = True  # an HTTP/1.0 client reads this body until we close
     if close:
         lines += _CLOSE
+    elif request.version == b"1.0":
+        lines += _KEEP_ALIVE  # HTTP/1.0 closes unless told (it asked: RequestHead.keep_alive)
     data = b"HTTP/1.1 %d " % status + head.reason + b"\r\n" + lines + b"\r\n"
     return ClientResponse(data, length, chunked, close)
 

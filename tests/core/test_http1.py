@@ -247,7 +247,7 @@ def test_404_keeps_the_connection_but_400_closes_it() -> None:
     [
         b"GET /nope HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n",
         b"GET /nope HTTP/1.0\r\n\r\n",
-        b"GET /nope HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",  # we keep only 1.1 connections
+        b"GET /nope HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",  # refusals keep only 1.1 connections
     ],
     ids=["connection-close", "http-1.0", "http-1.0-keep-alive"],
 )
@@ -258,6 +258,28 @@ def test_a_refusal_closes_when_the_request_did_not_ask_to_keep_the_connection(re
     assert status_of(to_client(actions)) == 404
     assert b"connection: close" in to_client(actions).lower()
     assert kinds(actions)[-1] is CloseClient
+
+
+def test_http_1_0_keep_alive_is_honoured_when_the_body_has_a_length() -> None:
+    """Found by interop testing: an HTTP/1.0 request with Connection: keep-alive got
+    connection: close (nginx keeps it, and ab -k and old clients count on it). It is kept, and
+    said to be, when the response has a length; a body that ends at close, or would be chunked
+    (which HTTP/1.0 cannot read), still closes."""
+    request = b"GET /ns/sigmai/a HTTP/1.0\r\nHost: edge.test\r\nConnection: keep-alive\r\n\r\n"
+    s = session()
+    _, actions = connect(s, request)
+    assert b"keep-alive" not in to_upstream(actions).lower()  # hop-by-hop: not forwarded
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert b"\r\nconnection: keep-alive\r\n" in to_client(out) and CloseClient not in kinds(out)
+    assert isinstance(s.client_data(request)[-1], ConnectUpstream)  # the next request, same connection
+    s = session()
+    connect(s, request)
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    assert b"\r\nconnection: close\r\n" in to_client(out) and kinds(out)[-1] is CloseClient
+    s = session()
+    connect(s, request.replace(b"Connection: keep-alive", b"Connection: keep-alive, close"))
+    out = s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert b"\r\nconnection: close\r\n" in to_client(out) and kinds(out)[-1] is CloseClient
 
 
 def test_upstream_unreachable_is_502_and_timeout_504() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import shutil
 import socket
@@ -349,6 +350,28 @@ def test_a_trickled_head_gets_408_and_a_log_line(pki: DemoPki) -> None:
         sock.close()
         assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"request head timed out" in answer
         assert any(r["status"] == 408 and r["reason"] == "request head timed out" for r in _request_lines(edge))
+    finally:
+        edge.close()
+
+
+def test_http_1_0_keep_alive_serves_a_second_request_on_the_connection(pki: DemoPki) -> None:
+    """Found by interop testing (openssl s_client, as ab -k does): the second request of an
+    HTTP/1.0 keep-alive connection got no answer; nginx serves both."""
+    edge = Edge.start(pki)
+    try:
+        sock = edge.tls_socket()
+        sock.sendall(b"GET /ns/sigmai/k1 HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n")
+        first = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+        first.begin()
+        assert first.status == 200 and first.getheader("connection") == "keep-alive"
+        assert json.loads(first.read())["path"] == "/ns/sigmai/k1"
+        sock.sendall(b"GET /ns/sigmai/k2 HTTP/1.0\r\nHost: localhost\r\n\r\n")  # no keep-alive: the last
+        second = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+        second.begin()
+        assert second.status == 200 and second.will_close
+        assert json.loads(second.read())["path"] == "/ns/sigmai/k2"
+        assert sock.recv(1024) == b""
+        sock.close()
     finally:
         edge.close()
 
