@@ -211,8 +211,9 @@ def _configure_client_auth(context: SSL.Context, mode: ClientAuth, cas: tuple[x5
     # message: OpenSSL restores the leaf from the ticket but not the intermediates (measured: a
     # client verified through an intermediate comes back as unknown_ca), and nothing is checked
     # again (expiry, a reloaded CA). A full handshake per connection is the price; client-auth
-    # routes are API traffic, not page loads. pyOpenSSL cannot set num_tickets to 0, so OpenSSL
-    # still sends one stateful ticket; with the session cache off it never resumes anything.
+    # routes are API traffic, not page loads. pyOpenSSL cannot set num_tickets to 0 (nor do
+    # cryptography's bindings expose SSL_CTX_set_num_tickets), so OpenSSL still sends its two
+    # stateful tickets (seen with s_client); with the session cache off none ever resumes.
     context.set_options(SSL.OP_NO_TICKET)
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_session_id(SESSION_ID_CONTEXT)
