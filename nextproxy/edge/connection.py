@@ -118,9 +118,8 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             self.bug(exc)
 
     def eof_received(self) -> bool:
-        if self.closed:  # lingering: the client is done sending, so are we
-            if self._linger is not None:
-                self._linger.close()
+        if self._linger is not None:  # the client is done sending, so are we (our writes are out)
+            self._linger.close()
             return False
         if self._engine is None:
             self._close()
