@@ -252,7 +252,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
         # The alert is already in the engine's out-buffer: flush it, then half-close and linger
         # briefly, or the kernel answers the client's in-flight bytes with a reset.
         self._flush()
-        self._close(linger=True)
+        self._close(alert=True)
 
     def _handshake_failed(self, reason: str, detail: str) -> None:
         self.rt.observer.handshake(reason, detail, self.peer, self._port(), self.server_name)
@@ -297,7 +297,7 @@ class TerminatedConnection(asyncio.BufferedProtocol):
             if transport is not None and not transport.is_closing():
                 self._writes.close(transport)  # the session ends when the phase says it is finished
             return False
-        self._close(lingering=linger)  # the last records and our close_notify leave in one write
+        self._close(linger=linger)  # the last records and our close_notify leave in one write
         return True
 
     def release(self, reusable: bool) -> None:
@@ -370,8 +370,8 @@ class TerminatedConnection(asyncio.BufferedProtocol):
                     HANDLERS[type(action)](self, action)  # the facts only: the reset follows
         self._close(abort=True)
 
-    def _close(self, *, abort: bool = False, linger: bool = False, lingering: bool = False) -> None:
-        """``linger``: an alert is out, half-close and wait ``LINGER``; ``lingering``: the goodbye
+    def _close(self, *, abort: bool = False, alert: bool = False, linger: bool = False) -> None:
+        """``alert``: a TLS alert is out, half-close and wait ``LINGER``; ``linger``: the goodbye
         as always, then a ``Linger`` while the client may still be sending."""
         if self.closed:
             return
@@ -391,12 +391,12 @@ class TerminatedConnection(asyncio.BufferedProtocol):
                 if abort:
                     self._writes.flush()  # what this turn wrote still goes first, as before an abort
                     transport.abort()
-                elif linger:
+                elif alert:
                     self._writes.flush()  # the alert before the half-close
                     linger_close(transport, self.loop)
                 elif self._engine is not None:
-                    write_goodbye(self._engine, transport, self._plaintext, self._writes, established=phase is not None, close=not lingering)
-                    if lingering and not transport.is_closing():
+                    write_goodbye(self._engine, transport, self._plaintext, self._writes, established=phase is not None, close=not linger)
+                    if linger and not transport.is_closing():
                         self._writes.flush()  # the answer and close_notify before the half-close
                         self._linger = Linger(transport, self.loop)
                 else:

@@ -87,10 +87,10 @@ def peer_port(transport: asyncio.Transport | None) -> int | None:
 
 
 def linger_close(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-    """Half-close after the last answer (alert, 400), then close once ``LINGER`` has passed."""
+    """Half-close after the last answer (alert, 400), then close once ``LINGER`` has passed: a
+    ``Linger`` of that fixed length (nobody tells it what still comes)."""
     if transport.can_write_eof():
-        transport.write_eof()
-        loop.call_later(LINGER, transport.close)
+        Linger(transport, loop, quiet=LINGER, most=LINGER)
     else:
         transport.close()
 
