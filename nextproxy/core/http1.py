@@ -409,7 +409,7 @@ class HttpSession(ResponseSide):
         actions: list[Action] = [SendToClient(refusal(status, reason, keep=keep, retry_after=retry_after)), completed]
         if not keep:  # when kept, the caller (_pump_client's loop) reads the next request
             self._closed = True
-            actions.append(CloseClient(linger=linger and (unread or bool(self._buffer))))
+            actions.append(CloseClient(linger=linger and unread))
         return actions
 
     def _skip_request_body(self) -> bool:
